@@ -1,3 +1,28 @@
-//! relay365: a drop-in `sendmail` that queues mail durably and a daemon that
-//! submits the queue to Microsoft 365 (Exchange Online) within the mailbox quotas.
+//! relay365: a drop-in `sendmail` that queues mail durably, and a daemon that
+//! submits the queue to Microsoft 365 (Exchange Online) within the mailbox's quotas.
+//!
+//! ```text
+//! caller (any uid) ─► sendmail (setgid relay365-drop; no secrets; small)
+//!                       writes incoming/tmp/<id>, fsync, rename → incoming/new/, fsync dir
+//! incoming/{tmp,new}    written by the drop group only
+//! relay365 daemon       owns queue/, state/ and the secrets
+//!    pickup → queue → scheduler (backoff, quota) → transport → sent / bounce / hold
+//! ```
+//!
+//! Modules and what each trusts:
+//! - [`sendmail`]: argv, stdin, and the process state a caller hands a setgid program —
+//!   all untrusted. [`sendmail::privilege`] holds the group only around file operations.
+//! - [`message`]: pure parsing of caller-written headers and addresses; untrusted input.
+//! - [`spool`]: the path table, the incoming maildir and the envelope format; readers
+//!   distrust every file.
+//! - [`config`]: the world-readable config file, written by root; validated strictly.
+//! - [`sysexits`]: the one mapping of errors to exit codes.
+#![deny(unsafe_code)]
+
+pub mod admin;
+pub mod config;
+pub mod logging;
+pub mod message;
+pub mod sendmail;
+pub mod spool;
 pub mod sysexits;

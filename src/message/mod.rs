@@ -1,0 +1,5 @@
+//! The message as a caller wrote it: the header block reader, addresses, and the
+//! header completion Postfix's cleanup performs. Pure logic; no I/O.
+pub mod address;
+pub mod complete;
+pub mod header;

@@ -1,0 +1,419 @@
+//! Message intake: read the message from stdin (dot rule, line endings, size limit),
+//! decide the envelope (sender, `-t` and command-line recipients), complete the
+//! headers, and produce the bytes of an incoming file.
+//!
+//! Trusts nothing: stdin and argv come from any local program.
+
+use std::io::{BufRead, BufReader, Read};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::message::address::{self, Address, AddressError, Sender};
+use crate::message::complete::{self, Completion};
+use crate::message::header::{self, HeaderError};
+use crate::spool::QueueId;
+use crate::spool::envelope::Envelope;
+use crate::sysexits::Exit;
+
+use super::options::Options;
+
+/// Why a message was refused; each maps to one exit status.
+#[derive(Debug, thiserror::Error)]
+pub enum IntakeError {
+    #[error(
+        "message too large: it exceeds the limit of {limit} bytes (max_message_size in relay365.toml); nothing was queued"
+    )]
+    TooBig { limit: u64 },
+    #[error(
+        "line {line} contains a NUL byte, which mail cannot carry; remove it or encode the content (base64)"
+    )]
+    Nul { line: usize },
+    #[error("malformed header block: {0}")]
+    Header(#[from] HeaderError),
+    #[error("bad address: {0}")]
+    Address(#[from] AddressError),
+    #[error("no recipients found: {0}")]
+    NoRecipients(&'static str),
+    #[error("cannot read the message from standard input: {0}")]
+    Read(#[from] std::io::Error),
+}
+
+impl IntakeError {
+    pub fn exit(&self) -> Exit {
+        match self {
+            IntakeError::TooBig { .. } | IntakeError::Nul { .. } | IntakeError::Header(_) => {
+                Exit::DataErr
+            }
+            IntakeError::Address(_) => Exit::NoUser,
+            IntakeError::NoRecipients(_) => Exit::Usage,
+            IntakeError::Read(_) => Exit::IoErr,
+        }
+    }
+}
+
+/// Reads a message: LF, CRLF or mixed line endings become CRLF, a missing final
+/// newline is added, and without `-i` a line holding a single dot ends the input.
+/// Everything else is kept byte for byte. Refuses NUL bytes and more than `max` bytes.
+pub fn read_message(input: impl Read, ignore_dots: bool, max: u64) -> Result<Vec<u8>, IntakeError> {
+    // Normalised output is never shorter than the raw input, so reading one byte past
+    // the limit is enough to know it is exceeded, and bounds memory for a hostile input.
+    let mut reader = BufReader::with_capacity(64 * 1024, input.take(max.saturating_add(1)));
+    let mut out = Vec::with_capacity(8 * 1024);
+    let mut line = Vec::with_capacity(1024);
+    let mut line_no = 0;
+    loop {
+        line.clear();
+        if reader.read_until(b'\n', &mut line)? == 0 {
+            break;
+        }
+        line_no += 1;
+        let mut content: &[u8] = &line;
+        if let Some(c) = content.strip_suffix(b"\n") {
+            content = c;
+        }
+        if let Some(c) = content.strip_suffix(b"\r") {
+            content = c;
+        }
+        if !ignore_dots && content == b"." {
+            return finish(out, max);
+        }
+        if content.contains(&0) {
+            return Err(IntakeError::Nul { line: line_no });
+        }
+        out.extend_from_slice(content);
+        out.extend_from_slice(b"\r\n");
+        if out.len() as u64 > max {
+            return Err(IntakeError::TooBig { limit: max });
+        }
+    }
+    finish(out, max)
+}
+
+fn finish(out: Vec<u8>, max: u64) -> Result<Vec<u8>, IntakeError> {
+    if out.len() as u64 > max {
+        return Err(IntakeError::TooBig { limit: max });
+    }
+    Ok(out)
+}
+
+/// Who is sending, as the system knows them.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub uid: u32,
+    /// Login name from the passwd entry (or the numeric uid when there is none).
+    pub login: String,
+    /// The GECOS full name, if any.
+    pub full_name: Option<String>,
+}
+
+impl Caller {
+    /// Looks up the passwd entry of `uid`.
+    pub fn lookup(uid: u32) -> Caller {
+        match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
+            Ok(Some(u)) => {
+                let gecos = u.gecos.to_string_lossy().into_owned();
+                Caller {
+                    uid,
+                    full_name: gecos_name(&gecos, &u.name),
+                    login: u.name,
+                }
+            }
+            _ => Caller {
+                uid,
+                login: uid.to_string(),
+                full_name: None,
+            },
+        }
+    }
+}
+
+/// The full name in a GECOS field: the first comma-separated part, with `&` standing
+/// for the capitalised login name (BSD convention).
+pub fn gecos_name(gecos: &str, login: &str) -> Option<String> {
+    let first = gecos.split(',').next().unwrap_or("").trim();
+    if first.is_empty() {
+        return None;
+    }
+    let mut cap = login.to_string();
+    if let Some(c) = cap.get(..1) {
+        let upper = c.to_ascii_uppercase();
+        cap.replace_range(..1, &upper);
+    }
+    Some(first.replace('&', &cap))
+}
+
+/// The settings intake needs from the config.
+#[derive(Debug, Clone)]
+pub struct IntakeSettings<'a> {
+    pub domain: &'a str,
+    pub max_message_size: u64,
+}
+
+/// A message ready for the spool.
+#[derive(Debug)]
+pub struct Submission {
+    pub envelope: Envelope,
+    pub message: Vec<u8>,
+}
+
+impl Submission {
+    pub fn id(&self) -> &str {
+        &self.envelope.id
+    }
+}
+
+/// The envelope sender: `-f`/`-r` when given, else the caller's login; bare names are
+/// qualified with the configured domain.
+pub fn envelope_sender(
+    opts: &Options,
+    caller: &Caller,
+    domain: &str,
+) -> Result<Sender, IntakeError> {
+    Ok(match &opts.sender {
+        Some(s) => match Sender::parse(s)? {
+            Sender::Address(a) => Sender::Address(a.qualify(domain)),
+            Sender::Null => Sender::Null,
+        },
+        None => Sender::Address(Address::parse(&caller.login)?.qualify(domain)),
+    })
+}
+
+/// The command-line recipients, qualified, in order.
+pub fn argument_recipients(opts: &Options, domain: &str) -> Result<Vec<Address>, IntakeError> {
+    let mut out = Vec::new();
+    for arg in &opts.recipients {
+        out.extend(
+            address::parse_argument(arg)?
+                .into_iter()
+                .map(|a| a.qualify(domain)),
+        );
+    }
+    Ok(out)
+}
+
+/// Turns a raw message and the command line into a submission.
+pub fn build(
+    opts: &Options,
+    settings: &IntakeSettings,
+    caller: &Caller,
+    raw: &[u8],
+    now: SystemTime,
+    id: &QueueId,
+) -> Result<Submission, IntakeError> {
+    let mut msg = header::parse(raw)?;
+    let sender = envelope_sender(opts, caller, settings.domain)?;
+
+    let mut recipients = Vec::new();
+    if opts.extract {
+        recipients.extend(
+            complete::header_recipients(&msg)?
+                .into_iter()
+                .map(|a| a.qualify(settings.domain)),
+        );
+    }
+    // Postfix >= 2.1, dma, msmtp and nullmailer add command-line recipients to -t ones.
+    recipients.extend(argument_recipients(opts, settings.domain)?);
+    dedupe(&mut recipients);
+    if recipients.is_empty() {
+        return Err(IntakeError::NoRecipients(if opts.extract {
+            "the To, Cc and Bcc headers name nobody and no recipient was given on the command line"
+        } else {
+            "give recipients on the command line, or use -t to take them from the headers"
+        }));
+    }
+
+    let login_address = Address::parse(&caller.login)?.qualify(settings.domain);
+    let from = match &sender {
+        Sender::Address(a) => a.clone(),
+        Sender::Null => login_address,
+    };
+    let full_name = opts.full_name.clone().or_else(|| caller.full_name.clone());
+    complete::complete(
+        &mut msg,
+        &Completion {
+            now,
+            queue_id: id.as_str(),
+            domain: settings.domain,
+            from: &from,
+            full_name: full_name.as_deref(),
+        },
+    );
+    let message = msg.to_bytes();
+    if message.len() as u64 > settings.max_message_size {
+        return Err(IntakeError::TooBig {
+            limit: settings.max_message_size,
+        });
+    }
+    let envelope = Envelope {
+        id: id.to_string(),
+        sender: sender.as_str().to_string(),
+        recipients: recipients.into_iter().map(|a| a.to_string()).collect(),
+        uid: caller.uid,
+        arrival_us: now
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64),
+        size: message.len() as u64,
+        notify: opts.notify.clone(),
+        ret: opts.ret,
+        envid: opts.envid.clone(),
+        body: opts.body,
+        queue_only: opts.queue_only,
+    };
+    Ok(Submission { envelope, message })
+}
+
+/// Keeps the first of each recipient, comparing case-insensitively as Postfix's
+/// duplicate filter does for the domain (and, in practice, Exchange for the local part).
+fn dedupe(list: &mut Vec<Address>) {
+    let mut seen = std::collections::HashSet::new();
+    list.retain(|a| seen.insert(a.as_str().to_ascii_lowercase()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sendmail::options;
+    use std::ffi::OsString;
+
+    fn read(input: &[u8], ignore_dots: bool) -> Result<Vec<u8>, IntakeError> {
+        read_message(input, ignore_dots, 1_000_000)
+    }
+
+    #[test]
+    fn line_endings_are_normalised() {
+        assert_eq!(
+            read(b"A: b\n\nx\r\ny", true).unwrap(),
+            b"A: b\r\n\r\nx\r\ny\r\n"
+        );
+        assert_eq!(read(b"", true).unwrap(), b"");
+        assert_eq!(read(b"bare\rcr\n", true).unwrap(), b"bare\rcr\r\n");
+    }
+
+    #[test]
+    fn dot_rule() {
+        assert_eq!(
+            read(b"A: b\n\nx\n.\nafter\n", false).unwrap(),
+            b"A: b\r\n\r\nx\r\n"
+        );
+        assert_eq!(
+            read(b"A: b\n\nx\r\n.\r\nafter\n", false).unwrap(),
+            b"A: b\r\n\r\nx\r\n"
+        );
+        assert_eq!(
+            read(b"A: b\n\nx\n.\nafter\n", true).unwrap(),
+            b"A: b\r\n\r\nx\r\n.\r\nafter\r\n"
+        );
+        assert_eq!(read(b"A: b\n\n..\n", false).unwrap(), b"A: b\r\n\r\n..\r\n");
+    }
+
+    #[test]
+    fn nul_and_size() {
+        assert!(matches!(
+            read(b"A: b\n\nx\0y\n", true),
+            Err(IntakeError::Nul { line: 3 })
+        ));
+        assert!(matches!(
+            read_message(&b"0123456789"[..], true, 5),
+            Err(IntakeError::TooBig { limit: 5 })
+        ));
+        // 5 bytes of LF text become 6 with CRLF.
+        assert!(matches!(
+            read_message(&b"abcd\n"[..], true, 5),
+            Err(IntakeError::TooBig { .. })
+        ));
+        assert!(read_message(&b"abc\n"[..], true, 5).is_ok());
+    }
+
+    #[test]
+    fn gecos() {
+        assert_eq!(
+            gecos_name("Jane Doe,Room 1,,", "jane"),
+            Some("Jane Doe".into())
+        );
+        assert_eq!(gecos_name("& User", "bob"), Some("Bob User".into()));
+        assert_eq!(gecos_name(",,,", "x"), None);
+    }
+
+    fn submit(args: &[&str], raw: &[u8]) -> Result<Submission, IntakeError> {
+        let a: Vec<OsString> = args.iter().map(OsString::from).collect();
+        let opts = options::parse("sendmail", &a).unwrap();
+        let caller = Caller {
+            uid: 33,
+            login: "www-data".into(),
+            full_name: Some("www-data".into()),
+        };
+        let settings = IntakeSettings {
+            domain: "example.com",
+            max_message_size: 1_000_000,
+        };
+        let now = UNIX_EPOCH + std::time::Duration::from_secs(1_795_734_105);
+        build(&opts, &settings, &caller, raw, now, &QueueId::generate(now))
+    }
+
+    #[test]
+    fn recipient_matrix() {
+        let with_hdr = b"To: h@x.org\r\n\r\nb\r\n";
+        let no_hdr = b"Subject: s\r\n\r\nb\r\n";
+        let r = |s: &Submission| s.envelope.recipients.clone();
+        // -t, header and argument: union.
+        assert_eq!(
+            r(&submit(&["-t", "a@x.org"], with_hdr).unwrap()),
+            ["h@x.org", "a@x.org"]
+        );
+        // -t, header only.
+        assert_eq!(r(&submit(&["-t"], with_hdr).unwrap()), ["h@x.org"]);
+        // -t, argument only.
+        assert_eq!(r(&submit(&["-t", "a@x.org"], no_hdr).unwrap()), ["a@x.org"]);
+        // -t, neither.
+        assert!(matches!(
+            submit(&["-t"], no_hdr),
+            Err(IntakeError::NoRecipients(_))
+        ));
+        // no -t: the command line alone.
+        assert_eq!(r(&submit(&["a@x.org"], with_hdr).unwrap()), ["a@x.org"]);
+        assert_eq!(r(&submit(&["a@x.org"], no_hdr).unwrap()), ["a@x.org"]);
+        assert!(matches!(
+            submit(&[], with_hdr),
+            Err(IntakeError::NoRecipients(_))
+        ));
+        assert!(matches!(
+            submit(&[], no_hdr),
+            Err(IntakeError::NoRecipients(_))
+        ));
+    }
+
+    #[test]
+    fn qualification_and_dedupe() {
+        let s = submit(&["-t", "root", "ROOT@example.com"], b"To: root\r\n\r\n").unwrap();
+        assert_eq!(s.envelope.recipients, ["root@example.com"]);
+        assert_eq!(s.envelope.sender, "www-data@example.com");
+    }
+
+    #[test]
+    fn bcc_only_with_t_keeps_recipient_in_envelope_only() {
+        let s = submit(&["-t"], b"Bcc: hidden@x.org\r\nSubject: s\r\n\r\nb\r\n").unwrap();
+        assert_eq!(s.envelope.recipients, ["hidden@x.org"]);
+        assert!(!String::from_utf8_lossy(&s.message).contains("hidden"));
+    }
+
+    #[test]
+    fn null_sender_still_gets_a_from() {
+        let s = submit(&["-f", "<>", "a@x.org"], b"Subject: s\r\n\r\n").unwrap();
+        assert_eq!(s.envelope.sender, "");
+        assert!(
+            String::from_utf8_lossy(&s.message)
+                .contains("From: \"www-data\" <www-data@example.com>")
+        );
+    }
+
+    #[test]
+    fn control_characters_in_addresses_are_refused() {
+        assert!(matches!(
+            submit(&["-f", "a@x\r\nRCPT TO:<y@z>", "a@x.org"], b"S: s\r\n\r\n"),
+            Err(IntakeError::Address(_))
+        ));
+        assert!(matches!(
+            submit(&["a@x.org\nb"], b"S: s\r\n\r\n"),
+            Err(IntakeError::Address(_))
+        ));
+    }
+}

@@ -1,0 +1,130 @@
+//! The setgid front end's privilege handling: sanitise the process the caller handed
+//! us, then hold the drop group only around the file operations that need it.
+//!
+//! Trusts nothing the caller controls: file descriptors, umask, environment, rlimits.
+
+use nix::unistd::{Gid, getegid, getgid, getuid, setegid, setresgid};
+
+use crate::spool::paths;
+
+/// Why privileges could not be handled; always EX_OSERR-class.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot {action}: {source}")]
+pub struct PrivilegeError {
+    action: &'static str,
+    #[source]
+    source: nix::Error,
+}
+
+/// The drop group, when this process was started setgid to it.
+#[derive(Debug)]
+pub struct DropGroup {
+    /// The group we were installed setgid to, if we were; `None` when running as a
+    /// plain program (tests, `-C` for a non-root caller, root).
+    privileged: Option<Gid>,
+    real: Gid,
+}
+
+impl DropGroup {
+    /// Records the setgid group and lowers it at once (kept as the saved gid).
+    pub fn acquire() -> Result<DropGroup, PrivilegeError> {
+        let real = getgid();
+        let effective = getegid();
+        if effective == real {
+            return Ok(DropGroup {
+                privileged: None,
+                real,
+            });
+        }
+        // SECURITY: run as the caller's own group until a file operation needs ours.
+        setresgid(Gid::from_raw(u32::MAX), real, Gid::from_raw(u32::MAX)).map_err(|source| {
+            PrivilegeError {
+                action: "lower the setgid group",
+                source,
+            }
+        })?;
+        Ok(DropGroup {
+            privileged: Some(effective),
+            real,
+        })
+    }
+
+    /// Gives the group up for good (real, effective and saved), e.g. before honouring
+    /// `-C` for a caller who is not root.
+    pub fn drop_permanently(&mut self) -> Result<(), PrivilegeError> {
+        if self.privileged.take().is_some() {
+            // SECURITY: after this the process can do nothing the caller could not.
+            setresgid(self.real, self.real, self.real).map_err(|source| PrivilegeError {
+                action: "drop the setgid group",
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Whether the group is held in reserve.
+    pub fn is_privileged(&self) -> bool {
+        self.privileged.is_some()
+    }
+
+    /// Runs `f` with the drop group as the effective group, then lowers it again.
+    pub fn with<T>(&self, f: impl FnOnce() -> std::io::Result<T>) -> std::io::Result<T> {
+        let Some(gid) = self.privileged else {
+            return f();
+        };
+        // SECURITY: raise the group for this one operation only.
+        setegid(gid).map_err(std::io::Error::from)?;
+        let out = f();
+        // SECURITY: if lowering fails we must not continue with the group held.
+        if setegid(self.real).is_err() {
+            std::process::abort();
+        }
+        out
+    }
+}
+
+/// Puts the process into a known state before anything else runs: fds 0-2 open,
+/// a fixed umask, no inherited environment, no core dumps, a sane file size limit.
+pub fn sanitise_process() {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl, open};
+    use nix::sys::stat::{Mode, umask};
+
+    // SECURITY: a closed 0-2 would let our spool file become the caller's stdout.
+    for fd in 0..3 {
+        if fcntl(fd, FcntlArg::F_GETFD).is_err() {
+            if let Ok(n) = open("/dev/null", OFlag::O_RDWR, Mode::empty()) {
+                if n != fd {
+                    let _ = nix::unistd::dup2(n, fd);
+                    let _ = nix::unistd::close(n);
+                }
+            }
+        }
+    }
+    // SECURITY: files we create get exactly the modes of the path table.
+    umask(Mode::from_bits_truncate(paths::UMASK));
+    clear_environment();
+    // SECURITY: a setgid process must not leave a readable core file behind.
+    let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0);
+    // A lowered file size limit would kill us with SIGXFSZ half-way through a write;
+    // raise the soft limit as far as the caller's hard limit allows.
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_FSIZE) {
+        let _ = setrlimit(Resource::RLIMIT_FSIZE, hard, hard);
+    }
+}
+
+/// SECURITY: nothing the caller put in the environment may steer this process.
+#[allow(unsafe_code)]
+fn clear_environment() {
+    let keys: Vec<std::ffi::OsString> = std::env::vars_os().map(|(k, _)| k).collect();
+    for k in keys {
+        // SAFETY: called first thing in main, before any thread exists, so no other
+        // thread can read the environment concurrently (the only soundness condition).
+        unsafe { std::env::remove_var(&k) };
+    }
+}
+
+/// The calling user's id (the real uid: we are setgid, never setuid).
+pub fn caller_uid() -> u32 {
+    getuid().as_raw()
+}

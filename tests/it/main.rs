@@ -1,0 +1,4 @@
+//! relay365's integration tests: the real binaries against temporary spools and,
+//! for delivery, real servers on 127.0.0.1.
+mod harness;
+mod intake;

@@ -1055,7 +1055,8 @@ Line two.\n";
         i.recipients = vec![r];
         let dsn = build_dsn(&i);
         let text = parse_mail(&dsn).unwrap().subparts[0].get_body().unwrap();
-        assert_eq!(text.matches("User unknown").count(), 1, "{text}");
+        assert_eq!(text.matches("5.1.1").count(), 1, "{text}");
+        assert!(!text.contains("the server said"));
     }
 
     #[test]

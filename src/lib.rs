@@ -16,13 +16,20 @@
 //! - [`spool`]: the path table, the incoming maildir and the envelope format; readers
 //!   distrust every file.
 //! - [`config`]: the world-readable config file, written by root; validated strictly.
+//! - [`daemon`]: pickup, queue runs, bounces and aliases; distrusts incoming files.
+//! - [`transport`]: SMTP submission, OAuth2 tokens and reply classification; trusts
+//!   the server only after TLS verification.
+//! - [`secrets`]: the only module that reads secrets; redacts them everywhere.
 //! - [`sysexits`]: the one mapping of errors to exit codes.
 #![deny(unsafe_code)]
 
 pub mod admin;
 pub mod config;
+pub mod daemon;
 pub mod logging;
 pub mod message;
+pub mod secrets;
 pub mod sendmail;
 pub mod spool;
 pub mod sysexits;
+pub mod transport;

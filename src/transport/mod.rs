@@ -1,4 +1,5 @@
 //! Transport: how the daemon hands queued mail to Microsoft 365 and how it reads the
-//! answers. Everything here trusts the daemon's own queue and treats every byte from the
-//! remote server as untrusted.
+//! answers. Trusts nothing it receives from the network until TLS has verified the
+//! peer, and treats every byte of a server reply as untrusted.
 pub mod classify;
+pub mod oauth;

@@ -7,11 +7,14 @@
 use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 
+use crate::daemon::quota::{Limits, Rate};
 use crate::spool::paths;
+use crate::transport::oauth::OAuthSettings;
 
 /// Errors loading the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +108,136 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
+/// A duration written with a unit: `30s`, `5m`, `1h`, `5d` (a bare number is seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span(pub Duration);
+
+impl Span {
+    /// Parses `N`, `Ns`, `Nm`, `Nh` or `Nd`; at least one second.
+    pub fn parse(s: &str) -> Result<Span, String> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (number, unit) = t.split_at(split);
+        let unit_secs: u64 = match unit {
+            "" | "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            "d" => 86_400,
+            _ => return Err(format!("{s:?}: the unit must be s, m, h or d, as in 30s or 5d")),
+        };
+        let secs = number
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| n.checked_mul(unit_secs))
+            .filter(|&n| n > 0)
+            .ok_or_else(|| format!("{s:?} is not a duration such as 30s, 5m, 1h or 5d"))?;
+        Ok(Span(Duration::from_secs(secs)))
+    }
+}
+
+impl<'de> Deserialize<'de> for Span {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Span::parse(&s).map_err(de::Error::custom)
+    }
+}
+
+/// How the connection to the server is secured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// Plain connect, then STARTTLS (port 587; Microsoft's submission endpoint).
+    Starttls,
+    /// TLS from the first byte (port 465).
+    Tls,
+    /// No TLS: refused unless the host is a loopback address (tests).
+    None,
+}
+
+/// How the account authenticates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    Xoauth2,
+    Login,
+    Plain,
+    None,
+}
+
+/// What happens to the From header of outgoing mail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FromPolicy {
+    /// Replace the address with the mailbox, keep the display name, put the original
+    /// in Reply-To when there was none.
+    Rewrite,
+    /// Leave it (the mailbox needs Send As rights for every From used).
+    Preserve,
+    /// As rewrite, and always set Reply-To to the original From.
+    ReplyTo,
+}
+
+/// Where an account's mail goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transport {
+    /// SMTP submission (the default).
+    Smtp,
+    /// A local Maildir: capture instead of sending (staging servers, the demo).
+    Maildir(PathBuf),
+}
+
+/// One `[[account]]` table as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccount {
+    name: String,
+    mailbox: String,
+    host: Option<String>,
+    port: Option<u16>,
+    tls: Option<TlsMode>,
+    auth: Option<AuthMode>,
+    ca_file: Option<PathBuf>,
+    from: Option<FromPolicy>,
+    #[serde(default)]
+    senders: Vec<String>,
+    #[serde(default)]
+    uids: Vec<u32>,
+    transport: Option<String>,
+    timeout: Option<Span>,
+    helo_name: Option<String>,
+    oauth: Option<OAuthSettings>,
+    message_rate: Option<Rate>,
+    recipient_rate: Option<Rate>,
+    max_recipients: Option<u32>,
+    connections: Option<u32>,
+    reserve: Option<u32>,
+}
+
+/// A validated account: one Microsoft 365 mailbox and how to reach it.
+#[derive(Debug, Clone)]
+pub struct Account {
+    pub name: String,
+    /// The authenticated mailbox; always the envelope sender.
+    pub mailbox: String,
+    pub host: String,
+    pub port: u16,
+    pub tls: TlsMode,
+    pub auth: AuthMode,
+    pub ca_file: Option<PathBuf>,
+    pub from: FromPolicy,
+    /// Envelope-sender or From patterns routed to this account (`*@billing.example.com`,
+    /// `www-data`).
+    pub senders: Vec<String>,
+    /// Caller uids routed to this account.
+    pub uids: Vec<u32>,
+    pub transport: Transport,
+    /// Bound on every network wait (connect, each reply, the token endpoint).
+    pub timeout: Duration,
+    pub helo_name: Option<String>,
+    pub oauth: Option<OAuthSettings>,
+    pub limits: Limits,
+}
+
 /// The file as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -112,6 +245,14 @@ struct RawConfig {
     spool_dir: Option<PathBuf>,
     domain: Option<String>,
     max_message_size: Option<ByteSize>,
+    secrets_file: Option<PathBuf>,
+    aliases: Option<PathBuf>,
+    admin: Option<String>,
+    #[serde(default)]
+    local_domains: Vec<String>,
+    max_queue_lifetime: Option<Span>,
+    #[serde(default, rename = "account")]
+    accounts: Vec<RawAccount>,
 }
 
 /// The validated configuration.
@@ -123,6 +264,15 @@ pub struct Config {
     /// The domain that qualifies bare local names and ends Message-IDs.
     pub domain: String,
     pub max_message_size: ByteSize,
+    pub secrets_file: PathBuf,
+    pub aliases: PathBuf,
+    /// Where mail for local users without an alias goes (nullmailer's adminaddr).
+    pub admin: Option<String>,
+    /// Domains whose recipients are local users (resolved through aliases and admin).
+    pub local_domains: Vec<String>,
+    /// Undeliverable mail older than this bounces.
+    pub max_queue_lifetime: Duration,
+    pub accounts: Vec<Account>,
 }
 
 /// Microsoft's default mailbox limit for a message (35 MB).
@@ -184,11 +334,111 @@ impl Config {
                 message: format!("{max_message_size} is too small to hold a message (at least 1K)"),
             });
         }
+        let invalid = |key: &'static str, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            message,
+        };
+        if let Some(a) = &raw.admin {
+            crate::message::address::Address::parse(a)
+                .ok()
+                .filter(|a| a.is_qualified())
+                .ok_or_else(|| invalid("admin", format!("{a:?} is not a full address such as ops@example.com")))?;
+        }
+        let mut local_domains = Vec::new();
+        for d in raw.local_domains {
+            local_domains.push(validate_domain(&d).map_err(|m| invalid("local_domains", m))?);
+        }
+        for d in [host_fqdn(), Some("localhost".to_string())].into_iter().flatten() {
+            if !local_domains.contains(&d) {
+                local_domains.push(d);
+            }
+        }
+        let mut accounts: Vec<Account> = Vec::new();
+        for raw_account in raw.accounts {
+            let account = Account::validate(raw_account).map_err(|(key, message)| invalid(key, message))?;
+            if accounts.iter().any(|a| a.name == account.name) {
+                return Err(invalid("account.name", format!("two accounts are named {:?}", account.name)));
+            }
+            accounts.push(account);
+        }
         Ok(Config {
             path: path.to_path_buf(),
             spool_dir,
             domain,
             max_message_size,
+            secrets_file: raw.secrets_file.unwrap_or_else(|| PathBuf::from(paths::SECRETS_FILE)),
+            aliases: raw.aliases.unwrap_or_else(|| PathBuf::from(paths::ALIASES_FILE)),
+            admin: raw.admin,
+            local_domains,
+            max_queue_lifetime: raw.max_queue_lifetime.map_or(DEFAULT_QUEUE_LIFETIME, |s| s.0),
+            accounts,
+        })
+    }
+}
+
+/// Bounced after this long in the queue (Postfix's maximal_queue_lifetime).
+pub const DEFAULT_QUEUE_LIFETIME: Duration = Duration::from_secs(5 * 86_400);
+
+fn is_loopback(host: &str) -> bool {
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+impl Account {
+    fn validate(r: RawAccount) -> Result<Account, (&'static str, String)> {
+        let name_ok = !r.name.is_empty()
+            && r.name.len() <= 64
+            && r.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !name_ok {
+            // SECURITY: the name becomes a file name under state/.
+            return Err(("account.name", format!("{:?}: use letters, digits, - and _ only", r.name)));
+        }
+        let mailbox = crate::message::address::Address::parse(&r.mailbox)
+            .ok()
+            .filter(|a| a.is_qualified())
+            .ok_or(("account.mailbox", format!("{:?} is not a mailbox address such as app@contoso.com", r.mailbox)))?;
+        let host = r.host.unwrap_or_else(|| "smtp.office365.com".to_string());
+        let tls = r.tls.unwrap_or(TlsMode::Starttls);
+        if tls == TlsMode::None && !is_loopback(&host) {
+            // SECURITY: credentials and mail never cross a network in plain text.
+            return Err(("account.tls", format!("tls = \"none\" is only allowed for a loopback host, not {host:?}; use starttls")));
+        }
+        let auth = r.auth.unwrap_or(AuthMode::Xoauth2);
+        if auth == AuthMode::Xoauth2 && r.oauth.is_none() {
+            return Err(("account.oauth", format!("account {:?} uses auth = \"xoauth2\" but has no [account.oauth] table with tenant and client_id", r.name)));
+        }
+        let transport = match r.transport.as_deref() {
+            None | Some("smtp") => Transport::Smtp,
+            Some(t) => match t.strip_prefix("maildir:") {
+                Some(p) if Path::new(p).is_absolute() => Transport::Maildir(PathBuf::from(p)),
+                _ => return Err(("account.transport", format!("{t:?}: use smtp or maildir:/absolute/path"))),
+            },
+        };
+        let defaults = Limits::default();
+        let limits = Limits {
+            message_rate: r.message_rate.unwrap_or(defaults.message_rate),
+            recipient_rate: r.recipient_rate.unwrap_or(defaults.recipient_rate),
+            max_recipients: r.max_recipients.unwrap_or(defaults.max_recipients),
+            connections: r.connections.unwrap_or(defaults.connections),
+            reserve: r.reserve.unwrap_or(defaults.reserve),
+        };
+        limits.validate().map_err(|e| ("account limits", e.to_string()))?;
+        Ok(Account {
+            name: r.name,
+            mailbox: mailbox.to_string(),
+            port: r.port.unwrap_or(if tls == TlsMode::Tls { 465 } else { 587 }),
+            host,
+            tls,
+            auth,
+            ca_file: r.ca_file,
+            from: r.from.unwrap_or(FromPolicy::Rewrite),
+            senders: r.senders,
+            uids: r.uids,
+            transport,
+            timeout: r.timeout.map_or(Duration::from_secs(60), |s| s.0),
+            helo_name: r.helo_name,
+            oauth: r.oauth,
+            limits,
         })
     }
 }
@@ -283,6 +533,48 @@ mod tests {
         assert!(e.contains("/t/relay365.toml"), "{e}");
         assert!(e.contains("line 3"), "{e}");
         assert!(e.contains("spool_dri"), "{e}");
+    }
+
+    #[test]
+    fn accounts_with_defaults() {
+        let c = load(
+            "domain = \"a.b\"\nadmin = \"ops@a.b\"\n[[account]]\nname = \"app\"\nmailbox = \"app@contoso.com\"\nmessage_rate = \"30/3s\"\n[account.oauth]\ntenant = \"contoso.onmicrosoft.com\"\nclient_id = \"abc\"\n",
+        )
+        .unwrap();
+        let a = &c.accounts[0];
+        assert_eq!((a.host.as_str(), a.port, a.tls, a.auth), ("smtp.office365.com", 587, TlsMode::Starttls, AuthMode::Xoauth2));
+        assert_eq!(a.from, FromPolicy::Rewrite);
+        assert_eq!(a.limits.message_rate.window, Duration::from_secs(3));
+        assert_eq!(a.limits.recipient_rate.count, 10_000);
+        assert_eq!(c.max_queue_lifetime, DEFAULT_QUEUE_LIFETIME);
+        assert!(c.local_domains.contains(&"localhost".to_string()));
+    }
+
+    #[test]
+    fn account_errors_name_the_key() {
+        let base = "domain = \"a.b\"\n[[account]]\nname = \"app\"\nmailbox = \"app@contoso.com\"\nauth = \"login\"\n";
+        let e = load(&format!("{base}tls = \"none\"\n")).unwrap_err().to_string();
+        assert!(e.contains("account.tls") && e.contains("loopback"), "{e}");
+        let e = load(&format!("{base}hots = \"x\"\n")).unwrap_err().to_string();
+        assert!(e.contains("hots") && e.contains("line 6"), "{e}");
+        let e = load(&format!("{base}message_rate = \"30 per minute\"\n")).unwrap_err().to_string();
+        assert!(e.contains("message_rate"), "{e}");
+        let e = load("domain = \"a.b\"\n[[account]]\nname = \"app\"\nmailbox = \"app@contoso.com\"\n").unwrap_err().to_string();
+        assert!(e.contains("[account.oauth]"), "{e}");
+        let e = load(&format!("{base}transport = \"maildir:rel\"\n")).unwrap_err().to_string();
+        assert!(e.contains("maildir:/absolute/path"), "{e}");
+        let e = load(&format!("{base}[[account]]\nname = \"app\"\nmailbox = \"b@contoso.com\"\nauth = \"login\"\n")).unwrap_err().to_string();
+        assert!(e.contains("two accounts"), "{e}");
+        let ok = load(&format!("{base}host = \"127.0.0.1\"\ntls = \"none\"\n")).unwrap();
+        assert_eq!(ok.accounts[0].tls, TlsMode::None);
+    }
+
+    #[test]
+    fn spans() {
+        assert_eq!(Span::parse("5d"), Ok(Span(Duration::from_secs(432_000))));
+        assert_eq!(Span::parse("90"), Ok(Span(Duration::from_secs(90))));
+        assert!(Span::parse("0s").is_err());
+        assert!(Span::parse("5 days").is_err());
     }
 
     #[test]

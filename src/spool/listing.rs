@@ -8,11 +8,12 @@
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::QueueId;
 use super::envelope::{Envelope, MAGIC, MAX_ENVELOPE_LINE};
 use super::paths::Spool;
+use super::queue::Queue;
 use crate::message::complete::short_date;
 
 /// Where a listed message stands.
@@ -102,9 +103,54 @@ pub fn incoming(spool: &Spool) -> Vec<Listed> {
     out
 }
 
+/// Messages in the daemon's queue that still have recipients to deliver.
+pub fn queued(spool: &Spool) -> Vec<Listed> {
+    let queue = Queue::new(spool);
+    let Ok(ids) = queue.ids() else {
+        return Vec::new();
+    };
+    let now = SystemTime::now();
+    let mut out = Vec::new();
+    for id in ids {
+        let Ok(entry) = queue.read(&id) else {
+            continue;
+        };
+        if !entry.has_pending() {
+            continue;
+        }
+        let state = if entry.held {
+            State::Held
+        } else if queue.is_locked(&id) {
+            State::Active
+        } else {
+            State::Deferred
+        };
+        let next_attempt = (entry.next_attempt() > now && !entry.held)
+            .then(|| crate::message::complete::rfc5322_date(entry.next_attempt()));
+        let recipients = entry
+            .pending()
+            .map(|r| ListedRecipient {
+                address: r.address.clone(),
+                reason: r.reply.clone().or_else(|| entry.reason.clone()),
+            })
+            .collect();
+        out.push(Listed {
+            id,
+            size: entry.size,
+            arrival_us: entry.arrival_us,
+            sender: entry.sender,
+            state,
+            recipients,
+            next_attempt,
+        });
+    }
+    out
+}
+
 /// Everything waiting, oldest first: what `mailq` shows.
 pub fn list(spool: &Spool) -> Vec<Listed> {
     let mut entries = incoming(spool);
+    entries.extend(queued(spool));
     entries.sort_by(|a, b| {
         a.arrival_us
             .cmp(&b.arrival_us)

@@ -5,6 +5,7 @@ pub mod incoming;
 pub mod init;
 pub mod listing;
 pub mod paths;
+pub mod queue;
 
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};

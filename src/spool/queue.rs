@@ -1,0 +1,483 @@
+//! The daemon's queue: `queue/<id>.msg` (the message, daemon only) and
+//! `queue/<id>.env` (envelope plus per-recipient state, readable by all for `mailq`).
+//!
+//! An `.env` file is JSON ([`QueueEntry`]), replaced atomically (write a temporary
+//! file, fsync, rename, fsync the directory) after every transaction, so a crash
+//! leaves either the old or the new state. A message being delivered is locked with
+//! an exclusive flock on its `.msg` file, so a daemon and a `relay365 flush` never
+//! deliver the same message at once. Written only by the daemon; still read with
+//! distrust by `mailq`, which any user runs.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fs2::FileExt;
+use serde::{Deserialize, Serialize};
+
+use super::QueueId;
+use super::envelope::Envelope;
+use super::paths::{self, Spool};
+use crate::sendmail::options::{BodyType, Ret};
+
+/// The format version written into every `.env`.
+pub const VERSION: u32 = 1;
+/// An `.env` larger than this is refused (bounded memory for `mailq`).
+pub const MAX_ENV_SIZE: u64 = 16 << 20;
+
+/// Where one recipient stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RcptStatus {
+    /// Still to be delivered.
+    Pending,
+    /// Accepted by the server.
+    Sent,
+    /// Failed for good; reported in a bounce when the message is finished.
+    Failed,
+}
+
+/// One recipient of a queued message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipient {
+    /// The address the server sees.
+    pub address: String,
+    /// What the caller wrote, when an alias or the admin address replaced it (ORCPT).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original: Option<String>,
+    pub status: RcptStatus,
+    /// The last reply or error for this recipient.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply: Option<String>,
+}
+
+/// A queued message's envelope and state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueEntry {
+    pub version: u32,
+    pub id: String,
+    /// Empty for the null sender.
+    pub sender: String,
+    /// The caller, from the incoming file's owner (never from its content).
+    pub uid: u32,
+    pub arrival_us: u64,
+    pub size: u64,
+    pub recipients: Vec<Recipient>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ret: Option<Ret>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<BodyType>,
+    /// Delivery attempts so far (drives the backoff).
+    #[serde(default)]
+    pub attempts: u32,
+    /// Not before this moment (µs since the epoch); 0 = now.
+    #[serde(default)]
+    pub next_attempt_us: u64,
+    /// Held by an administrator: never attempted until released.
+    #[serde(default)]
+    pub held: bool,
+    /// `-odq`: wait for an explicit queue run.
+    #[serde(default)]
+    pub queue_only: bool,
+    /// A bounce we generated: it is never bounced itself.
+    #[serde(default)]
+    pub is_bounce: bool,
+    /// The account it goes out through, as routed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+    /// Why it waits, for mailq ("quota: ...", the last error).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Errors reading or writing the queue.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}: not a valid queue entry: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("no message {0} in the queue")]
+    NotFound(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> QueueError + '_ {
+    move |source| QueueError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl QueueEntry {
+    /// A queue entry for a picked-up incoming message.
+    pub fn from_envelope(env: &Envelope, uid: u32, recipients: Vec<Recipient>) -> QueueEntry {
+        QueueEntry {
+            version: VERSION,
+            id: env.id.clone(),
+            sender: env.sender.clone(),
+            uid,
+            arrival_us: env.arrival_us,
+            size: env.size,
+            recipients,
+            notify: env.notify.clone(),
+            ret: env.ret,
+            envid: env.envid.clone(),
+            body: env.body,
+            attempts: 0,
+            next_attempt_us: 0,
+            held: false,
+            queue_only: env.queue_only,
+            is_bounce: false,
+            account: None,
+            reason: None,
+        }
+    }
+
+    pub fn queue_id(&self) -> Option<QueueId> {
+        QueueId::parse(&self.id).ok()
+    }
+
+    pub fn pending(&self) -> impl Iterator<Item = &Recipient> {
+        self.recipients.iter().filter(|r| r.status == RcptStatus::Pending)
+    }
+
+    pub fn has_pending(&self) -> bool {
+        self.pending().next().is_some()
+    }
+
+    pub fn arrival(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_micros(self.arrival_us)
+    }
+
+    pub fn next_attempt(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_micros(self.next_attempt_us)
+    }
+
+    pub fn set_next_attempt(&mut self, t: SystemTime) {
+        self.next_attempt_us = micros(t);
+    }
+
+    /// Whether a queue run at `now` should attempt it (`explicit`: a flush or -q).
+    pub fn is_due(&self, now: SystemTime, explicit: bool) -> bool {
+        if self.held || !self.has_pending() {
+            return false;
+        }
+        if self.queue_only && !explicit && self.attempts == 0 {
+            return false;
+        }
+        explicit || self.next_attempt_us <= micros(now)
+    }
+}
+
+/// Microseconds since the epoch.
+pub fn micros(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
+/// The queue directory of a spool.
+#[derive(Debug, Clone)]
+pub struct Queue {
+    dir: PathBuf,
+}
+
+/// A message locked for delivery; the lock goes with the value.
+#[derive(Debug)]
+pub struct Locked {
+    file: File,
+    pub entry: QueueEntry,
+}
+
+impl Locked {
+    /// The message bytes.
+    pub fn message(&mut self) -> Result<Vec<u8>, io::Error> {
+        use std::io::Seek;
+        self.file.seek(io::SeekFrom::Start(0))?;
+        let mut buf = Vec::with_capacity(self.entry.size as usize);
+        self.file.read_to_end(&mut buf)?;
+        Ok(buf)
+    }
+}
+
+impl Queue {
+    pub fn new(spool: &Spool) -> Queue {
+        Queue { dir: spool.queue() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn msg_path(&self, id: &QueueId) -> PathBuf {
+        self.dir.join(format!("{id}.msg"))
+    }
+
+    pub fn env_path(&self, id: &QueueId) -> PathBuf {
+        self.dir.join(format!("{id}.env"))
+    }
+
+    /// Whether a message with this id is queued.
+    pub fn contains(&self, id: &QueueId) -> bool {
+        self.env_path(id).exists()
+    }
+
+    /// Queues a new message: the message file first, then its entry, each synced, then
+    /// the directory. A crash in between leaves a `.msg` without `.env`, which
+    /// [`Queue::ids`] ignores and the pickup overwrites on its retry.
+    pub fn insert(&self, entry: &QueueEntry, message: &[u8]) -> Result<(), QueueError> {
+        let id = QueueId::parse(&entry.id).map_err(|e| QueueError::Corrupt {
+            path: self.dir.clone(),
+            reason: e.to_string(),
+        })?;
+        let msg = self.msg_path(&id);
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(paths::QUEUE_MESSAGE_MODE)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&msg)
+            .map_err(io_err(&msg))?;
+        f.write_all(message).map_err(io_err(&msg))?;
+        f.sync_all().map_err(io_err(&msg))?;
+        self.write_entry_nosync(entry)?;
+        self.sync_dir()
+    }
+
+    fn write_entry_nosync(&self, entry: &QueueEntry) -> Result<(), QueueError> {
+        let env = self.dir.join(format!("{}.env", entry.id));
+        let tmp = self.dir.join(format!(".{}.env.tmp", entry.id));
+        let json = serde_json::to_vec(entry).map_err(|e| QueueError::Corrupt {
+            path: env.clone(),
+            reason: e.to_string(),
+        })?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(paths::QUEUE_ENVELOPE_MODE)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&tmp)
+            .map_err(io_err(&tmp))?;
+        f.write_all(&json).map_err(io_err(&tmp))?;
+        f.sync_all().map_err(io_err(&tmp))?;
+        fs::rename(&tmp, &env).map_err(io_err(&env))
+    }
+
+    /// Replaces an entry's state durably.
+    pub fn update(&self, entry: &QueueEntry) -> Result<(), QueueError> {
+        self.write_entry_nosync(entry)?;
+        self.sync_dir()
+    }
+
+    fn sync_dir(&self) -> Result<(), QueueError> {
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(&self.dir))
+    }
+
+    /// Removes a finished message: the entry first, so a crash leaves at worst an
+    /// orphan `.msg` (swept later), never an entry without its message.
+    pub fn remove(&self, id: &QueueId) -> Result<(), QueueError> {
+        let env = self.env_path(id);
+        match fs::remove_file(&env) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&env)(e)),
+        }
+        let msg = self.msg_path(id);
+        let _ = fs::remove_file(&msg);
+        self.sync_dir()
+    }
+
+    /// Reads an entry without locking (listings, scheduling decisions).
+    pub fn read(&self, id: &QueueId) -> Result<QueueEntry, QueueError> {
+        read_entry(&self.env_path(id))
+    }
+
+    /// Every queued id (entries with an `.env`), in arrival order.
+    pub fn ids(&self) -> Result<Vec<QueueId>, QueueError> {
+        let mut ids = Vec::new();
+        for e in fs::read_dir(&self.dir).map_err(io_err(&self.dir))? {
+            let e = e.map_err(io_err(&self.dir))?;
+            let name = e.file_name();
+            let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".env")) else {
+                continue;
+            };
+            if let Ok(id) = QueueId::parse(stem) {
+                ids.push(id);
+            }
+        }
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Locks a message for delivery, or `None` if another process holds it (or it was
+    /// finished meanwhile). The entry is re-read under the lock.
+    pub fn lock(&self, id: &QueueId) -> Result<Option<Locked>, QueueError> {
+        let msg = self.msg_path(id);
+        let file = match OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&msg)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&msg)(e)),
+        };
+        match file.try_lock_exclusive() {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(nix::libc::EWOULDBLOCK) => return Ok(None),
+            Err(e) => return Err(io_err(&msg)(e)),
+        }
+        // Another flusher may have finished it between our listing and the lock.
+        match self.read(id) {
+            Ok(entry) => Ok(Some(Locked { file, entry })),
+            Err(QueueError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether another process holds the delivery lock (for `mailq`'s `*`).
+    pub fn is_locked(&self, id: &QueueId) -> bool {
+        match File::open(self.msg_path(id)) {
+            Ok(f) => match f.try_lock_shared() {
+                Ok(()) => {
+                    let _ = FileExt::unlock(&f);
+                    false
+                }
+                Err(_) => true,
+            },
+            Err(_) => false,
+        }
+    }
+}
+
+/// Reads and validates one `.env` file.
+pub fn read_entry(path: &Path) -> Result<QueueEntry, QueueError> {
+    // SECURITY: no symlinks, bounded size: mailq runs as any user over this directory.
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)
+        .map_err(io_err(path))?;
+    let mut buf = Vec::new();
+    f.take(MAX_ENV_SIZE).read_to_end(&mut buf).map_err(io_err(path))?;
+    let entry: QueueEntry = serde_json::from_slice(&buf).map_err(|e| QueueError::Corrupt {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    if entry.version != VERSION || QueueId::parse(&entry.id).is_err() {
+        return Err(QueueError::Corrupt {
+            path: path.to_path_buf(),
+            reason: format!("version {} / id {:?}", entry.version, entry.id),
+        });
+    }
+    Ok(entry)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &QueueId) -> QueueEntry {
+        QueueEntry {
+            version: VERSION,
+            id: id.to_string(),
+            sender: "a@b.c".into(),
+            uid: 1000,
+            arrival_us: 5,
+            size: 4,
+            recipients: vec![Recipient {
+                address: "x@y.z".into(),
+                original: None,
+                status: RcptStatus::Pending,
+                reply: None,
+            }],
+            notify: None,
+            ret: None,
+            envid: None,
+            body: None,
+            attempts: 0,
+            next_attempt_us: 0,
+            held: false,
+            queue_only: false,
+            is_bounce: false,
+            account: None,
+            reason: None,
+        }
+    }
+
+    fn queue() -> (tempfile::TempDir, Queue) {
+        let d = tempfile::tempdir().unwrap();
+        fs::create_dir(d.path().join("queue")).unwrap();
+        let q = Queue::new(&Spool::new(d.path()));
+        (d, q)
+    }
+
+    #[test]
+    fn insert_read_update_remove() {
+        let (_d, q) = queue();
+        let id = QueueId::generate(SystemTime::now());
+        let mut e = entry(&id);
+        q.insert(&e, b"abcd").unwrap();
+        assert_eq!(q.ids().unwrap(), vec![id.clone()]);
+        assert_eq!(q.read(&id).unwrap(), e);
+        e.recipients[0].status = RcptStatus::Sent;
+        q.update(&e).unwrap();
+        assert!(!q.read(&id).unwrap().has_pending());
+        q.remove(&id).unwrap();
+        assert!(q.ids().unwrap().is_empty());
+        assert!(!q.msg_path(&id).exists());
+    }
+
+    #[test]
+    fn a_locked_message_cannot_be_locked_twice() {
+        let (_d, q) = queue();
+        let id = QueueId::generate(SystemTime::now());
+        q.insert(&entry(&id), b"abcd").unwrap();
+        let mut first = q.lock(&id).unwrap().unwrap();
+        assert_eq!(first.message().unwrap(), b"abcd");
+        assert!(q.lock(&id).unwrap().is_none());
+        assert!(q.is_locked(&id));
+        drop(first);
+        assert!(q.lock(&id).unwrap().is_some());
+    }
+
+    #[test]
+    fn due_rules() {
+        let id = QueueId::generate(SystemTime::now());
+        let mut e = entry(&id);
+        let now = SystemTime::now();
+        assert!(e.is_due(now, false));
+        e.set_next_attempt(now + Duration::from_secs(60));
+        assert!(!e.is_due(now, false));
+        assert!(e.is_due(now, true));
+        e.held = true;
+        assert!(!e.is_due(now, true));
+        e.held = false;
+        e.queue_only = true;
+        e.next_attempt_us = 0;
+        assert!(!e.is_due(now, false));
+        assert!(e.is_due(now, true));
+    }
+
+    #[test]
+    fn corrupt_entries_are_errors() {
+        let (_d, q) = queue();
+        let p = q.dir().join("0000000000000000000000AA.env");
+        fs::write(&p, b"{not json").unwrap();
+        assert!(matches!(read_entry(&p), Err(QueueError::Corrupt { .. })));
+    }
+}

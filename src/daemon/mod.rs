@@ -1,0 +1,3 @@
+//! The daemon: pickup, scheduler, quota governor and bounce generation.
+
+pub mod quota;

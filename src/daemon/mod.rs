@@ -1,5 +1,6 @@
-//! The daemon's pure logic around the queue: bounces (RFC 3464 delivery status
-//! notifications) and local-recipient mapping through /etc/aliases. Inputs come from the
-//! daemon's own queue and root-owned configuration; remote text is sanitised where it is used.
+//! The daemon: pickup of incoming files, queue runs, the quota governor, bounces and
+//! local-recipient mapping. It owns the queue and the secrets; it distrusts every file
+//! in `incoming/` and every byte from the network.
 pub mod aliases;
 pub mod bounce;
+pub mod quota;

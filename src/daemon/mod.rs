@@ -3,4 +3,6 @@
 //! in `incoming/` and every byte from the network.
 pub mod aliases;
 pub mod bounce;
+pub mod deliver;
+pub mod pickup;
 pub mod quota;

@@ -3,3 +3,4 @@
 pub mod address;
 pub mod complete;
 pub mod header;
+pub mod rewrite;

@@ -1,0 +1,891 @@
+//! Delivery of one queued message through one account: quota reservation, the SMTP
+//! transaction (or the capture Maildir), per-recipient results, the verdict for each
+//! reply (exchange-online.md's table), retries, account holds and bounces.
+//!
+//! Trusts the queue (the daemon's own files, locked while in use) and the config.
+//! Every reply from the server goes through [`classify`]. Secrets are only touched
+//! to build the AUTH exchange and never appear in a log line.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Account, AuthMode, Config, Transport};
+use crate::daemon::aliases::Aliases;
+use crate::daemon::bounce::{self, DsnAction, DsnInput, DsnRecipient, Return};
+use crate::daemon::pickup::Locals;
+use crate::daemon::quota::{Grant, Ledger};
+use crate::logging::Log;
+use crate::message::rewrite;
+use crate::secrets::{AccountSecrets, Secret};
+use crate::sendmail::options::Ret;
+use crate::spool::QueueId;
+use crate::spool::paths::Spool;
+use crate::spool::queue::{Locked, Queue, QueueEntry, RcptStatus, Recipient, micros};
+use crate::transport::capture;
+use crate::transport::classify::{
+    self, Action, HOLD_PROBE_INTERVAL, HoldUntil, Quota, Reply, Verdict, backoff, pause_for,
+};
+use crate::transport::oauth::{ClientCredential, TokenSource};
+use crate::transport::smtp::{Endpoint, Failure, Login, Session, xtext};
+
+/// Longest the worker sleeps for the quota window inside one delivery; longer waits
+/// defer the message and free the worker for other work (SIGTERM, other messages).
+const PACE_WAIT_MAX: Duration = Duration::from_secs(120);
+
+/// Shared stop signal with an interruptible sleep.
+#[derive(Debug, Default)]
+pub struct Stop {
+    flag: AtomicBool,
+    lock: Mutex<()>,
+    cv: Condvar,
+}
+
+impl Stop {
+    pub fn set(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        self.cv.notify_all();
+    }
+    pub fn is_set(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+    /// Sleeps until `t` (exactly, not past it) unless stopped; true if `t` was reached.
+    pub fn sleep_until(&self, t: SystemTime) -> bool {
+        let Ok(mut guard) = self.lock.lock() else {
+            return false;
+        };
+        loop {
+            if self.is_set() {
+                return false;
+            }
+            let Ok(left) = t.duration_since(SystemTime::now()) else {
+                return true;
+            };
+            if left.is_zero() {
+                return true;
+            }
+            match self.cv.wait_timeout(guard, left) {
+                Ok((g, _)) => guard = g,
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+/// An account held for a problem only an administrator can fix (bad credentials,
+/// SMTP AUTH disabled, mailbox blocked): persisted so flush and daemon agree.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Hold {
+    pub until_us: u64,
+    pub reason: String,
+}
+
+/// Where an account's hold is kept.
+pub fn hold_path(spool: &Spool, account: &str) -> PathBuf {
+    spool.state().join(format!("{account}.hold"))
+}
+
+/// Reads an account's hold, if any.
+pub fn read_hold(spool: &Spool, account: &str) -> Option<Hold> {
+    let text = std::fs::read(hold_path(spool, account)).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
+/// What happened to a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every recipient is final; the message left the queue.
+    Finished,
+    /// Some recipients wait until then.
+    Deferred(SystemTime),
+    /// Not attempted: locked by another process, not due, or gone.
+    Skipped,
+}
+
+/// A delivery's outcome plus any bounce it queued.
+#[derive(Debug)]
+pub struct Report {
+    pub outcome: Outcome,
+    pub spawned: Vec<QueueId>,
+}
+
+/// Logged once per process: Microsoft's basic-auth timeline.
+static BASIC_AUTH_WARNED: AtomicBool = AtomicBool::new(false);
+
+/// Everything needed to deliver through one account; one per worker thread.
+pub struct Runner {
+    pub account: Account,
+    config: Arc<Config>,
+    aliases: Arc<Aliases>,
+    spool: Spool,
+    queue: Queue,
+    ledger: Ledger,
+    secrets: Option<AccountSecrets>,
+    tokens: Option<TokenSource>,
+    session: Option<Session>,
+    log: Arc<Mutex<Log>>,
+    host: String,
+    pauses: u32,
+    /// After a failed connection: no new attempt before this (one error line a retry).
+    retry_after: Option<(SystemTime, String)>,
+    /// Set by a verdict that closes the connection while a transaction holds it.
+    discard_session: bool,
+    pub stop: Arc<Stop>,
+}
+
+/// Why a runner could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    #[error("account {account}: {message}")]
+    Setup { account: String, message: String },
+}
+
+/// The short host name, for display names and the DSN's reporting MTA.
+pub fn host_name() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+/// What one transaction attempt ended with.
+enum Flow {
+    /// Go on with the next batch.
+    Continue,
+    /// Stop working on this message now.
+    Stop,
+}
+
+impl Runner {
+    pub fn new(
+        account: Account,
+        config: Arc<Config>,
+        aliases: Arc<Aliases>,
+        secrets: Option<AccountSecrets>,
+        log: Arc<Mutex<Log>>,
+        stop: Arc<Stop>,
+    ) -> Result<Runner, RunnerError> {
+        let spool = Spool::new(&config.spool_dir);
+        let ledger_path = spool.state().join(format!("{}.ledger", account.name));
+        let ledger = Ledger::open(&ledger_path).map_err(|e| RunnerError::Setup {
+            account: account.name.clone(),
+            message: e.to_string(),
+        })?;
+        if matches!(account.auth, AuthMode::Login | AuthMode::Plain)
+            && account.transport == Transport::Smtp
+            && !BASIC_AUTH_WARNED.swap(true, Ordering::SeqCst)
+        {
+            if let Ok(mut l) = log.lock() {
+                l.warning(&format!(
+                    "account {}: basic authentication (AUTH {}) is deprecated: Microsoft disables it by default for existing tenants at the end of December 2026 and will remove it in 2027; switch to auth = \"xoauth2\"",
+                    account.name,
+                    if account.auth == AuthMode::Login { "LOGIN" } else { "PLAIN" }
+                ));
+            }
+        }
+        Ok(Runner {
+            queue: Queue::new(&spool),
+            spool,
+            ledger,
+            secrets,
+            tokens: None,
+            session: None,
+            log,
+            host: host_name(),
+            pauses: 0,
+            retry_after: None,
+            discard_session: false,
+            stop,
+            account,
+            config,
+            aliases,
+        })
+    }
+
+    fn log(&self, level: crate::logging::Level, line: &str) {
+        if let Ok(mut l) = self.log.lock() {
+            l.log(level, line);
+        }
+    }
+
+    /// Closes the SMTP connection politely.
+    pub fn close(&mut self) {
+        self.discard_session = true;
+        if let Some(s) = self.session.take() {
+            s.quit();
+        }
+    }
+
+    /// Why the account cannot send now, if it cannot, and until when.
+    fn blocked(&mut self, now: SystemTime, explicit: bool) -> Option<(SystemTime, String)> {
+        if !explicit {
+            if let Some((until, why)) = &self.retry_after {
+                if *until > now {
+                    return Some((*until, why.clone()));
+                }
+            }
+            if let Some(h) = read_hold(&self.spool, &self.account.name) {
+                let until = UNIX_EPOCH + Duration::from_micros(h.until_us);
+                if until > now {
+                    return Some((until, format!("account {} held: {}", self.account.name, h.reason)));
+                }
+            }
+        }
+        match self.ledger.frozen(now) {
+            Ok(Some(f)) => Some((f.until, format!("quota: account {} frozen: {}", self.account.name, f.reason))),
+            _ => None,
+        }
+    }
+
+    /// Delivers what is pending of message `id`. `explicit`: a flush or `sendmail -q`,
+    /// which ignores backoff and account holds (but never a quota freeze).
+    pub fn deliver(&mut self, id: &QueueId, explicit: bool) -> Report {
+        let now = SystemTime::now();
+        let mut spawned = Vec::new();
+        let mut locked = match self.queue.lock(id) {
+            Ok(Some(l)) => l,
+            Ok(None) => return Report { outcome: Outcome::Skipped, spawned },
+            Err(e) => {
+                self.log(crate::logging::Level::Error, &format!("{id}: cannot lock: {e}"));
+                return Report { outcome: Outcome::Skipped, spawned };
+            }
+        };
+        if !locked.entry.is_due(now, explicit) {
+            let outcome = if locked.entry.has_pending() {
+                Outcome::Deferred(locked.entry.next_attempt())
+            } else {
+                Outcome::Skipped
+            };
+            return Report { outcome, spawned };
+        }
+        let age = now.duration_since(locked.entry.arrival()).unwrap_or_default();
+        if age > self.config.max_queue_lifetime {
+            let days = self.config.max_queue_lifetime.as_secs_f64() / 86_400.0;
+            for r in locked.entry.recipients.iter_mut().filter(|r| r.status == RcptStatus::Pending) {
+                let last = r.reply.take().unwrap_or_else(|| "no attempt succeeded".into());
+                r.reply = Some(format!("4.4.7 message expired after {days:.1} days in the queue: {last}"));
+                r.status = RcptStatus::Failed;
+            }
+        } else if let Some((until, why)) = self.blocked(now, explicit) {
+            let e = &mut locked.entry;
+            if e.reason.as_deref() != Some(why.as_str()) || e.next_attempt_us != micros(until) {
+                e.reason = Some(why);
+                e.set_next_attempt(until);
+                e.account = Some(self.account.name.clone());
+                let _ = self.queue.update(e);
+            }
+            return Report {
+                outcome: Outcome::Deferred(until),
+                spawned,
+            };
+        } else {
+            self.attempt(&mut locked, now);
+        }
+        let outcome = self.settle(&mut locked, now, &mut spawned);
+        Report { outcome, spawned }
+    }
+
+    /// Works through the pending recipients in batches until done or stopped.
+    fn attempt(&mut self, locked: &mut Locked, started: SystemTime) {
+        let message = match locked.message() {
+            Ok(m) => m,
+            Err(e) => {
+                self.log(crate::logging::Level::Error, &format!("{}: cannot read the queued message: {e}", locked.entry.id));
+                return;
+            }
+        };
+        let outgoing = rewrite::apply(&message, &self.account.mailbox, self.account.from, &self.host);
+        locked.entry.account = Some(self.account.name.clone());
+        locked.entry.reason = None;
+        let mut tried: HashSet<usize> = HashSet::new();
+        let mut batch_cap = self.account.limits.max_recipients.max(1) as usize;
+        loop {
+            if self.stop.is_set() {
+                break;
+            }
+            let mut batch: Vec<usize> = locked
+                .entry
+                .recipients
+                .iter()
+                .enumerate()
+                .filter(|(i, r)| r.status == RcptStatus::Pending && !tried.contains(i))
+                .map(|(i, _)| i)
+                .take(batch_cap)
+                .collect();
+            if batch.is_empty() {
+                break;
+            }
+            let now = SystemTime::now();
+            match self.ledger.reserve_some(now, batch.len() as u32, &self.account.limits) {
+                Ok(Grant::Go(n)) => batch.truncate(n as usize),
+                Ok(Grant::WaitUntil(t)) => {
+                    let wait = t.duration_since(now).unwrap_or_default();
+                    if wait <= PACE_WAIT_MAX && self.ledger.frozen(now).ok().flatten().is_none() {
+                        if self.stop.sleep_until(t) {
+                            continue;
+                        }
+                        break;
+                    }
+                    let reason = self
+                        .ledger
+                        .usage(now, &self.account.limits)
+                        .ok()
+                        .and_then(|u| u.reason())
+                        .unwrap_or_else(|| "quota: waiting for room".to_string());
+                    locked.entry.reason = Some(reason);
+                    locked.entry.set_next_attempt(t);
+                    break;
+                }
+                Err(e) => {
+                    self.log(crate::logging::Level::Error, &format!("{}: quota ledger: {e}", locked.entry.id));
+                    locked.entry.reason = Some(format!("quota ledger error: {e}"));
+                    break;
+                }
+            }
+            tried.extend(batch.iter().copied());
+            let flow = match &self.account.transport {
+                Transport::Maildir(dir) => self.capture(locked, &batch, &outgoing, dir.clone(), started),
+                Transport::Smtp => self.transaction(locked, &batch, &outgoing, started, &mut tried, &mut batch_cap),
+            };
+            if let Err(e) = self.queue.update(&locked.entry) {
+                self.log(crate::logging::Level::Error, &format!("{}: cannot record the result: {e}", locked.entry.id));
+            }
+            if let Flow::Stop = flow {
+                break;
+            }
+        }
+    }
+
+    fn capture(&mut self, locked: &mut Locked, batch: &[usize], outgoing: &[u8], dir: PathBuf, started: SystemTime) -> Flow {
+        let rcpts: Vec<String> = batch.iter().map(|&i| locked.entry.recipients[i].address.clone()).collect();
+        match capture::deliver(&dir, &locked.entry.id, &self.account.mailbox, &rcpts, outgoing) {
+            Ok(path) => {
+                let text = format!("250 2.0.0 captured as {}", path.display());
+                for &i in batch {
+                    self.mark_sent(locked, i, &format!("maildir:{}", dir.display()), &text, started);
+                }
+                Flow::Continue
+            }
+            Err(e) => {
+                let text = format!("cannot write to {}: {e}", dir.display());
+                for &i in batch {
+                    locked.entry.recipients[i].reply = Some(text.clone());
+                }
+                Flow::Stop
+            }
+        }
+    }
+
+    fn mark_sent(&mut self, locked: &mut Locked, i: usize, relay: &str, reply: &str, started: SystemTime) {
+        let delay = SystemTime::now().duration_since(locked.entry.arrival()).unwrap_or_default();
+        let _ = started;
+        let r = &mut locked.entry.recipients[i];
+        r.status = RcptStatus::Sent;
+        r.reply = Some(reply.to_string());
+        let orig = r.original.as_deref().map(|o| format!(", orig_to=<{o}>")).unwrap_or_default();
+        let line = format!(
+            "{}: to=<{}>{orig}, relay={relay}, delay={:.2}, status=sent ({reply})",
+            locked.entry.id,
+            r.address,
+            delay.as_secs_f64()
+        );
+        self.log(crate::logging::Level::Info, &line);
+    }
+
+    /// The credential for AUTH, fetching an OAuth2 token when needed.
+    fn login_secret(&mut self, now: SystemTime) -> Result<Option<Secret>, Verdict> {
+        let hold = |fix: String| Verdict {
+            action: Action::HoldAccount {
+                until: HoldUntil::Release,
+                fix: fix.clone(),
+            },
+            reason: fix,
+        };
+        match self.account.auth {
+            AuthMode::None => Ok(None),
+            AuthMode::Login | AuthMode::Plain => self
+                .secrets
+                .as_ref()
+                .and_then(|s| s.password())
+                .cloned()
+                .map(Some)
+                .ok_or_else(|| hold(format!("no password for account {} in the secrets file: add [{}] password = \"...\" to {}", self.account.name, self.account.name, self.config.secrets_file.display()))),
+            AuthMode::Xoauth2 => {
+                if self.tokens.is_none() {
+                    let Some(settings) = self.account.oauth.clone() else {
+                        return Err(hold(format!("account {} has no [account.oauth] settings", self.account.name)));
+                    };
+                    let Some(cred) = self.secrets.as_ref().and_then(ClientCredential::from_account) else {
+                        return Err(hold(format!("no client_secret or certificate for account {} in the secrets file: add [{}] client_secret = \"...\" to {}", self.account.name, self.account.name, self.config.secrets_file.display())));
+                    };
+                    let ts = TokenSource::new(settings, cred, self.account.ca_file.as_deref(), self.account.timeout)
+                        .map_err(|e| hold(e.to_string()))?;
+                    self.tokens = Some(ts);
+                }
+                let Some(ts) = self.tokens.as_mut() else {
+                    return Ok(None);
+                };
+                match ts.token(now) {
+                    Ok(t) => Ok(Some(t.secret().clone())),
+                    Err(e) if e.is_temporary() => Err(Verdict {
+                        action: Action::Defer { hint: None },
+                        reason: format!("cannot get an OAuth2 token: {e}"),
+                    }),
+                    Err(e) => Err(hold(format!("cannot get an OAuth2 token: {e}"))),
+                }
+            }
+        }
+    }
+
+    /// Opens and authenticates a session, refreshing an OAuth2 token once on 535.
+    fn open_session(&mut self, now: SystemTime) -> Result<(), Verdict> {
+        let helo = self.account.helo_name.clone().unwrap_or_else(|| self.host.clone());
+        let host = self.account.host.clone();
+        let ca_file = self.account.ca_file.clone();
+        let ep = Endpoint {
+            host: &host,
+            port: self.account.port,
+            tls: self.account.tls,
+            ca_file: ca_file.as_deref(),
+            timeout: self.account.timeout,
+            helo_name: &helo,
+        };
+        let mut refreshed = false;
+        loop {
+            let secret = self.login_secret(now)?;
+            let mut session = Session::open(&ep).map_err(|f| verdict_for(&f))?;
+            let user = self.account.mailbox.clone();
+            let login = match (&self.account.auth, &secret) {
+                (AuthMode::Login, Some(s)) => Login::Login { user: &user, password: s },
+                (AuthMode::Plain, Some(s)) => Login::Plain { user: &user, password: s },
+                (AuthMode::Xoauth2, Some(s)) => Login::Xoauth2 { user: &user, token: s },
+                _ => Login::None,
+            };
+            match session.authenticate(&login) {
+                Ok(()) => {
+                    self.session = Some(session);
+                    return Ok(());
+                }
+                Err(f) => {
+                    let v = verdict_for(&f);
+                    if v.action == Action::AuthFailed && self.account.auth == AuthMode::Xoauth2 && !refreshed {
+                        refreshed = true;
+                        if let Some(t) = self.tokens.as_mut() {
+                            t.invalidate();
+                        }
+                        continue;
+                    }
+                    return Err(v);
+                }
+            }
+        }
+    }
+
+    /// One SMTP transaction for `batch`, on the account's connection (opened if needed).
+    fn transaction(
+        &mut self,
+        locked: &mut Locked,
+        batch: &[usize],
+        outgoing: &[u8],
+        started: SystemTime,
+        tried: &mut HashSet<usize>,
+        batch_cap: &mut usize,
+    ) -> Flow {
+        let now = SystemTime::now();
+        if self.session.as_ref().is_some_and(|s| !s.is_usable()) {
+            self.session = None;
+        }
+        if self.session.is_none() {
+            if let Err(v) = self.open_session(now) {
+                self.retry_after = Some((now + Duration::from_secs(60), v.reason.clone()));
+                return self.apply(locked, batch, &v, now);
+            }
+            self.retry_after = None;
+        }
+        let Some(mut session) = self.session.take() else {
+            return Flow::Stop;
+        };
+        self.discard_session = false;
+        let (flow, keep) = self.converse(&mut session, locked, batch, outgoing, started, tried, batch_cap, now);
+        if keep && !self.discard_session {
+            self.session = Some(session);
+        } else {
+            session.quit();
+        }
+        self.discard_session = false;
+        flow
+    }
+
+    /// MAIL, RCPT for each recipient, DATA. Returns the flow and whether the
+    /// connection can carry another transaction.
+    #[allow(clippy::too_many_arguments)]
+    fn converse(
+        &mut self,
+        session: &mut Session,
+        locked: &mut Locked,
+        batch: &[usize],
+        outgoing: &[u8],
+        started: SystemTime,
+        tried: &mut HashSet<usize>,
+        batch_cap: &mut usize,
+        now: SystemTime,
+    ) -> (Flow, bool) {
+        let relay = session.relay.clone();
+        if let Some(limit) = session.offer.size {
+            if outgoing.len() as u64 > limit {
+                let v = Verdict {
+                    action: Action::BounceMessage,
+                    reason: format!("552 5.3.4 message size {} exceeds the server's limit of {limit} bytes", outgoing.len()),
+                };
+                return (self.apply(locked, batch, &v, now), true);
+            }
+        }
+        let e = &locked.entry;
+        let mut params = vec![format!("SIZE={}", outgoing.len())];
+        let eight_bit = !outgoing.is_ascii() || e.body == Some(crate::sendmail::options::BodyType::EightBitMime);
+        if eight_bit && session.offer.eight_bit {
+            params.push("BODY=8BITMIME".into());
+        }
+        let utf8 = !self.account.mailbox.is_ascii() || batch.iter().any(|&i| !e.recipients[i].address.is_ascii());
+        if utf8 && session.offer.smtputf8 {
+            params.push("SMTPUTF8".into());
+        }
+        if session.offer.dsn {
+            if let Some(ret) = e.ret {
+                params.push(format!("RET={}", if ret == Ret::Full { "FULL" } else { "HDRS" }));
+            }
+            if let Some(envid) = &e.envid {
+                params.push(format!("ENVID={}", xtext(envid)));
+            }
+        }
+        if let Err(f) = session.mail(&self.account.mailbox, &params) {
+            let keep = f.reply.is_some() && session.rset();
+            return (self.apply(locked, batch, &verdict_for(&f), now), keep);
+        }
+        let mut accepted = Vec::new();
+        for &i in batch {
+            let r = &locked.entry.recipients[i];
+            let mut rp = Vec::new();
+            if session.offer.dsn {
+                if let Some(n) = &locked.entry.notify {
+                    rp.push(format!("NOTIFY={}", n.to_ascii_uppercase()));
+                }
+                if let Some(o) = &r.original {
+                    rp.push(format!("ORCPT=rfc822;{}", xtext(o)));
+                }
+            }
+            match session.rcpt(&r.address, &rp) {
+                Ok(_) => accepted.push(i),
+                Err(f) if f.reply.is_none() => {
+                    return (self.apply(locked, batch, &verdict_for(&f), now), false);
+                }
+                Err(f) => {
+                    let v = verdict_for(&f);
+                    match v.action {
+                        Action::SplitRecipients => {
+                            // Not tried yet: it goes in the next, smaller transaction.
+                            tried.remove(&i);
+                            *batch_cap = accepted.len().max(1);
+                        }
+                        Action::BounceRecipient | Action::BounceMessage => {
+                            self.fail(locked, i, &f.to_string(), &relay);
+                        }
+                        Action::Defer { .. } => {
+                            locked.entry.recipients[i].reply = Some(f.to_string());
+                            self.log_deferred(locked, i, &relay, &f.to_string());
+                        }
+                        _ => {
+                            let keep = session.rset();
+                            return (self.apply(locked, &[i], &v, now), keep);
+                        }
+                    }
+                }
+            }
+        }
+        if accepted.is_empty() {
+            return (Flow::Continue, session.rset());
+        }
+        match session.data(outgoing) {
+            Ok(reply) => {
+                let text = reply.to_string();
+                for &i in &accepted {
+                    self.mark_sent(locked, i, &relay, &text, started);
+                }
+                (Flow::Continue, true)
+            }
+            Err(f) => {
+                let keep = f.reply.is_some();
+                let v = verdict_for(&f);
+                if v.action == Action::SplitRecipients {
+                    for i in &accepted {
+                        tried.remove(i);
+                    }
+                    *batch_cap = (accepted.len() / 2).max(1);
+                    return (Flow::Continue, keep);
+                }
+                (self.apply(locked, &accepted, &v, now), keep)
+            }
+        }
+    }
+
+    fn fail(&mut self, locked: &mut Locked, i: usize, text: &str, relay: &str) {
+        let r = &mut locked.entry.recipients[i];
+        r.status = RcptStatus::Failed;
+        r.reply = Some(text.to_string());
+        let line = format!("{}: to=<{}>, relay={relay}, status=bounced ({text})", locked.entry.id, r.address);
+        self.log(crate::logging::Level::Warning, &line);
+    }
+
+    fn log_deferred(&self, locked: &Locked, i: usize, relay: &str, text: &str) {
+        let r = &locked.entry.recipients[i];
+        let delay = SystemTime::now().duration_since(locked.entry.arrival()).unwrap_or_default();
+        self.log(
+            crate::logging::Level::Info,
+            &format!(
+                "{}: to=<{}>, relay={relay}, delay={:.2}, status=deferred ({text})",
+                locked.entry.id,
+                r.address,
+                delay.as_secs_f64()
+            ),
+        );
+    }
+
+    fn hold_account(&mut self, until: SystemTime, reason: &str) {
+        let hold = Hold {
+            until_us: micros(until),
+            reason: reason.to_string(),
+        };
+        let path = hold_path(&self.spool, &self.account.name);
+        let tmp = path.with_extension("hold.tmp");
+        let ok = serde_json::to_vec(&hold)
+            .ok()
+            .map(|b| std::fs::write(&tmp, b).and_then(|_| std::fs::rename(&tmp, &path)).is_ok())
+            .unwrap_or(false);
+        if !ok {
+            self.log(crate::logging::Level::Error, &format!("account {}: cannot record the hold in {}", self.account.name, path.display()));
+        }
+    }
+
+    /// Applies a verdict to `indices` (the recipients it concerns).
+    fn apply(&mut self, locked: &mut Locked, indices: &[usize], v: &Verdict, now: SystemTime) -> Flow {
+        let id = locked.entry.id.clone();
+        let relay = format!("{}:{}", self.account.host, self.account.port);
+        let name = self.account.name.clone();
+        let note = |e: &mut QueueEntry, text: &str| {
+            for &i in indices {
+                e.recipients[i].reply = Some(text.to_string());
+            }
+        };
+        match &v.action {
+            Action::Accepted => Flow::Continue,
+            Action::BounceRecipient => {
+                for &i in indices {
+                    self.fail(locked, i, &v.reason, &relay);
+                }
+                Flow::Continue
+            }
+            Action::BounceMessage => {
+                let pending: Vec<usize> = locked
+                    .entry
+                    .recipients
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| r.status == RcptStatus::Pending)
+                    .map(|(i, _)| i)
+                    .collect();
+                for i in pending {
+                    self.fail(locked, i, &v.reason, &relay);
+                }
+                Flow::Stop
+            }
+            Action::Defer { hint } => {
+                note(&mut locked.entry, &v.reason);
+                for &i in indices {
+                    self.log_deferred(locked, i, &relay, &v.reason);
+                }
+                if let Some(h) = hint {
+                    self.log(crate::logging::Level::Warning, &format!("account {name}: {h}"));
+                }
+                Flow::Stop
+            }
+            Action::SplitRecipients => Flow::Continue,
+            Action::FreezeAccount(q) => {
+                let until = match q {
+                    Quota::Daily => self
+                        .ledger
+                        .quota_reply_until(now, &self.account.limits)
+                        .unwrap_or(now + q.fallback_retry()),
+                    Quota::Tenant => now + q.fallback_retry(),
+                };
+                let _ = self.ledger.freeze(until, &v.reason);
+                note(&mut locked.entry, &v.reason);
+                locked.entry.set_next_attempt(until);
+                locked.entry.reason = Some(format!("quota: account {name} frozen by the server: {}", v.reason));
+                self.log(
+                    crate::logging::Level::Warning,
+                    &format!("{id}: account {name} frozen until {} after a quota reply; nothing is bounced: {}", crate::message::complete::rfc5322_date(until), v.reason),
+                );
+                Flow::Stop
+            }
+            Action::ReduceConnections => {
+                self.close();
+                let until = now + classify::CONNECTION_RETRY_MIN + Duration::from_secs(15);
+                self.retry_after = Some((until, v.reason.clone()));
+                note(&mut locked.entry, &v.reason);
+                locked.entry.set_next_attempt(until);
+                self.log(crate::logging::Level::Warning, &format!("account {name}: too many connections, closing this one and retrying later: {}", v.reason));
+                Flow::Stop
+            }
+            Action::PauseAccount => {
+                self.pauses += 1;
+                let until = now + pause_for(self.pauses);
+                let _ = self.ledger.freeze(until, &v.reason);
+                note(&mut locked.entry, &v.reason);
+                locked.entry.set_next_attempt(until);
+                self.log(crate::logging::Level::Error, &format!("account {name} paused until {}: {}", crate::message::complete::rfc5322_date(until), v.reason));
+                Flow::Stop
+            }
+            Action::AuthFailed | Action::HoldAccount { .. } => {
+                let until = match &v.action {
+                    Action::HoldAccount { until: HoldUntil::NextUtcDay, .. } => {
+                        let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                        UNIX_EPOCH + Duration::from_secs((secs / 86_400 + 1) * 86_400)
+                    }
+                    _ => now + HOLD_PROBE_INTERVAL,
+                };
+                self.close();
+                self.hold_account(until, &v.reason);
+                note(&mut locked.entry, &v.reason);
+                locked.entry.set_next_attempt(until);
+                locked.entry.reason = Some(format!("account {name} held: {}", v.reason));
+                self.log(
+                    crate::logging::Level::Error,
+                    &format!("account {name} held until {} (nothing is bounced; relay365 flush retries at once): {}", crate::message::complete::rfc5322_date(until), v.reason),
+                );
+                Flow::Stop
+            }
+        }
+    }
+
+    /// After an attempt: finish the message or schedule its next attempt.
+    fn settle(&mut self, locked: &mut Locked, now: SystemTime, spawned: &mut Vec<QueueId>) -> Outcome {
+        let Some(id) = locked.entry.queue_id() else {
+            return Outcome::Skipped;
+        };
+        if locked.entry.has_pending() {
+            if locked.entry.next_attempt_us <= micros(now) {
+                locked.entry.attempts += 1;
+                locked.entry.set_next_attempt(now + backoff(locked.entry.attempts));
+            }
+            if let Err(e) = self.queue.update(&locked.entry) {
+                self.log(crate::logging::Level::Error, &format!("{id}: cannot record the result: {e}"));
+            }
+            return Outcome::Deferred(locked.entry.next_attempt());
+        }
+        if locked.entry.recipients.iter().any(|r| r.status == RcptStatus::Failed) {
+            if let Some(b) = self.bounce(locked, now) {
+                spawned.push(b);
+            }
+        }
+        if let Err(e) = self.queue.remove(&id) {
+            self.log(crate::logging::Level::Error, &format!("{id}: cannot remove the finished message: {e}"));
+        } else {
+            self.log(crate::logging::Level::Info, &format!("{id}: removed"));
+        }
+        Outcome::Finished
+    }
+
+    /// Queues a DSN for the failed recipients, unless the message is a bounce itself,
+    /// has the null sender, or asked for no failure notices.
+    fn bounce(&mut self, locked: &mut Locked, now: SystemTime) -> Option<QueueId> {
+        let e = &locked.entry;
+        let wants = e.notify.as_deref().is_none_or(|n| n.split(',').any(|w| w == "failure"));
+        if e.is_bounce || bounce::is_bounce_sender(&e.sender) || !wants {
+            return None;
+        }
+        let original = locked.message().ok()?;
+        let e = &locked.entry;
+        let recipients: Vec<DsnRecipient> = e
+            .recipients
+            .iter()
+            .filter(|r| r.status == RcptStatus::Failed)
+            .map(|r| {
+                let text = r.reply.clone().unwrap_or_default();
+                let reply = Reply::parse(&text).ok();
+                DsnRecipient {
+                    final_recipient: r.address.clone(),
+                    original_recipient: r.original.clone(),
+                    action: DsnAction::Failed,
+                    status: reply.as_ref().map_or_else(|| "5.0.0".to_string(), Reply::dsn_status),
+                    diagnostic: reply.as_ref().map(Reply::diagnostic_code),
+                    remote_mta: Some(self.account.host.clone()),
+                    last_attempt: Some(now),
+                    will_retry_until: None,
+                    reason: Some(text),
+                }
+            })
+            .collect();
+        let locals = Locals::new(&self.config, &self.aliases);
+        let to: Vec<Recipient> = locals.resolve(&e.sender);
+        let dsn = bounce::build_dsn(&DsnInput {
+            reporting_mta: self.host.clone(),
+            from: format!("MAILER-DAEMON@{}", self.config.domain),
+            to: e.sender.clone(),
+            envid: e.envid.clone(),
+            arrival: e.arrival(),
+            queue_id: e.id.clone(),
+            recipients,
+            original: &original,
+            ret: if e.ret == Some(Ret::Hdrs) { Return::Headers } else { Return::Full },
+            return_limit: bounce::DEFAULT_RETURN_LIMIT,
+            now,
+        });
+        let bid = QueueId::generate(SystemTime::now());
+        let entry = QueueEntry {
+            version: crate::spool::queue::VERSION,
+            id: bid.to_string(),
+            sender: String::new(),
+            uid: nix::unistd::getuid().as_raw(),
+            arrival_us: micros(now),
+            size: dsn.len() as u64,
+            recipients: to,
+            notify: None,
+            ret: None,
+            envid: None,
+            body: None,
+            attempts: 0,
+            next_attempt_us: 0,
+            held: false,
+            queue_only: false,
+            is_bounce: true,
+            account: None,
+            reason: None,
+        };
+        if !entry.has_pending() {
+            self.log(crate::logging::Level::Warning, &format!("{}: the bounce to <{}> has nowhere to go; dropped", e.id, e.sender));
+            return None;
+        }
+        match self.queue.insert(&entry, &dsn) {
+            Ok(()) => {
+                self.log(crate::logging::Level::Info, &format!("{}: sender non-delivery notification: {bid}", e.id));
+                Some(bid)
+            }
+            Err(err) => {
+                self.log(crate::logging::Level::Error, &format!("{}: cannot queue the bounce: {err}", e.id));
+                None
+            }
+        }
+    }
+}
+
+/// The verdict for a failed step.
+fn verdict_for(f: &Failure) -> Verdict {
+    match &f.reply {
+        Some(r) => classify::classify(r, f.stage),
+        None => classify::classify_no_reply(f.stage, &f.detail),
+    }
+}

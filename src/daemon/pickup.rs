@@ -1,0 +1,239 @@
+//! Pickup: moves complete messages from `incoming/new` into the daemon's queue.
+//!
+//! SECURITY: every incoming file is distrusted. It must be a regular file (no
+//! symlink, opened with O_NOFOLLOW), have one link (no hard link to someone else's
+//! file), be no larger than the size bound, and parse as a version-1 envelope whose
+//! size matches. The caller is the file's owner uid, never what the envelope says.
+//! Anything else goes to `quarantine/` and is never bounced (its "sender" is
+//! unauthenticated). The queue copy is synced before the incoming file is removed, so
+//! a crash at any point leaves the message in one place or (briefly) both — never none.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use crate::config::Config;
+use crate::daemon::aliases::{self, Aliases, Domains};
+use crate::logging::Log;
+use crate::spool::QueueId;
+use crate::spool::envelope::{Envelope, MAX_ENVELOPE_LINE};
+use crate::spool::paths::Spool;
+use crate::spool::queue::{Queue, QueueEntry, RcptStatus, Recipient};
+
+/// How old a leftover in `incoming/tmp` must be before it is swept (maildir's rule).
+const TMP_MAX_AGE: Duration = Duration::from_secs(36 * 3600);
+
+/// What the pickup needs to resolve local recipients.
+#[derive(Debug)]
+pub struct Locals<'a> {
+    pub aliases: &'a Aliases,
+    pub admin: Option<&'a str>,
+    pub domains: Domains,
+}
+
+impl<'a> Locals<'a> {
+    pub fn new(config: &'a Config, aliases: &'a Aliases) -> Locals<'a> {
+        Locals {
+            aliases,
+            admin: config.admin.as_deref(),
+            domains: Domains {
+                qualify: config.domain.clone(),
+                local: config.local_domains.clone(),
+            },
+        }
+    }
+
+    /// Whether `address` is a user of this host: unqualified, in a local domain, or in
+    /// the configured domain with a local part that is an alias or a passwd account
+    /// (intake qualified `root` to `root@<domain>`).
+    pub fn is_local(&self, address: &str) -> bool {
+        if self.domains.is_local(address) {
+            return true;
+        }
+        match address.rsplit_once('@') {
+            Some((local, domain)) if domain.eq_ignore_ascii_case(&self.domains.qualify) => {
+                self.aliases.get(local).is_some() || nix::unistd::User::from_name(local).ok().flatten().is_some()
+            }
+            _ => false,
+        }
+    }
+
+    /// The queue recipients for one envelope recipient.
+    pub fn resolve(&self, address: &str) -> Vec<Recipient> {
+        if !self.is_local(address) {
+            return vec![Recipient {
+                address: address.to_string(),
+                original: None,
+                status: RcptStatus::Pending,
+                reply: None,
+            }];
+        }
+        let local = address.rsplit_once('@').map_or(address, |(l, _)| l);
+        match aliases::resolve(local, self.aliases, self.admin, &self.domains) {
+            Ok(res) => res
+                .recipients
+                .into_iter()
+                .map(|r| Recipient {
+                    original: (r != address).then(|| address.to_string()),
+                    address: r,
+                    status: RcptStatus::Pending,
+                    reply: None,
+                })
+                .collect(),
+            Err(e) => vec![Recipient {
+                address: address.to_string(),
+                original: None,
+                status: RcptStatus::Failed,
+                reply: Some(format!("550 5.1.1 {e}")),
+            }],
+        }
+    }
+}
+
+/// Why one incoming file was refused.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error("not a regular file")]
+    NotRegular,
+    #[error("has {0} links (a hard link planted in incoming/)")]
+    Links(u64),
+    #[error("is {size} bytes, over the bound of {bound}")]
+    TooBig { size: u64, bound: u64 },
+    #[error("{0}")]
+    Envelope(String),
+}
+
+/// Result of one pickup pass.
+#[derive(Debug, Default)]
+pub struct Picked {
+    /// Messages now in the queue.
+    pub queued: Vec<QueueId>,
+    pub quarantined: usize,
+}
+
+/// Moves everything in `incoming/new` into the queue.
+pub fn pickup(spool: &Spool, queue: &Queue, config: &Config, locals: &Locals, log: &mut Log) -> Picked {
+    let mut picked = Picked::default();
+    let dir = spool.incoming_new();
+    let Ok(entries) = fs::read_dir(&dir) else {
+        return picked;
+    };
+    let mut names: Vec<_> = entries.flatten().map(|e| e.file_name()).collect();
+    names.sort();
+    let bound = config.max_message_size.0 + MAX_ENVELOPE_LINE as u64 + 64;
+    let mut removed_any = false;
+    for name in names {
+        let path = dir.join(&name);
+        let Some(id) = name.to_str().and_then(|n| QueueId::parse(n).ok()) else {
+            quarantine(spool, &path, "a file name that is not a queue id", log);
+            picked.quarantined += 1;
+            continue;
+        };
+        match take(&path, bound) {
+            Ok((uid, env, message)) => {
+                if env.id != id.as_str() {
+                    quarantine(spool, &path, "its envelope names another queue id", log);
+                    picked.quarantined += 1;
+                    continue;
+                }
+                // A crash after queueing but before the unlink leaves both; the queue wins.
+                if !queue.contains(&id) {
+                    let recipients: Vec<Recipient> = env.recipients.iter().flat_map(|r| locals.resolve(r)).collect();
+                    let entry = QueueEntry::from_envelope(&env, uid, recipients);
+                    if let Err(e) = queue.insert(&entry, &message) {
+                        // Leave it in incoming/ for the next pass: nothing is lost.
+                        log.error(&format!("{id}: cannot queue: {e}"));
+                        continue;
+                    }
+                    log.info(&format!(
+                        "{id}: uid={uid} from=<{}> size={} nrcpt={} (queue active)",
+                        env.sender,
+                        env.size,
+                        env.recipients.len()
+                    ));
+                    for r in entry.recipients.iter().filter(|r| r.status == RcptStatus::Failed) {
+                        log.warning(&format!("{id}: to=<{}>, status=bounced ({})", r.address, r.reply.as_deref().unwrap_or("")));
+                    }
+                }
+                if fs::remove_file(&path).is_ok() {
+                    removed_any = true;
+                }
+                picked.queued.push(id);
+            }
+            Err(e) => {
+                quarantine(spool, &path, &e.to_string(), log);
+                picked.quarantined += 1;
+            }
+        }
+    }
+    if removed_any {
+        // The unlinks need not be durable: a resurrected file is recognised as queued.
+        let _ = File::open(&dir).and_then(|d| d.sync_all());
+    }
+    sweep_tmp(spool);
+    picked
+}
+
+/// Opens and validates one incoming file.
+fn take(path: &Path, bound: u64) -> Result<(u32, Envelope, Vec<u8>), Refusal> {
+    // SECURITY: O_NOFOLLOW refuses a symlink; O_NONBLOCK keeps a planted FIFO from
+    // blocking the daemon; fstat on the open file avoids a check-then-open race.
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| Refusal::Envelope(format!("cannot open: {e}")))?;
+    let meta = file.metadata().map_err(|e| Refusal::Envelope(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(Refusal::NotRegular);
+    }
+    if meta.nlink() != 1 {
+        return Err(Refusal::Links(meta.nlink()));
+    }
+    if meta.len() > bound {
+        return Err(Refusal::TooBig { size: meta.len(), bound });
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(bound + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Refusal::Envelope(e.to_string()))?;
+    let (mut env, message) = Envelope::from_file_bytes(&bytes).map_err(|e| Refusal::Envelope(e.to_string()))?;
+    // SECURITY: the caller is whoever owns the file, whatever the envelope claims.
+    env.uid = meta.uid();
+    Ok((meta.uid(), env.clone(), message.to_vec()))
+}
+
+fn quarantine(spool: &Spool, path: &Path, why: &str, log: &mut Log) {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let safe: String = name.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '.' || *c == '-').take(64).collect();
+    let target = spool.quarantine().join(format!("{safe}.{}", std::process::id()));
+    // rename moves the directory entry only: a symlink stays a symlink, never followed.
+    match fs::rename(path, &target) {
+        Ok(()) => log.warning(&format!(
+            "incoming file {name:?} quarantined as {}: {why}; it was not delivered or bounced",
+            target.display()
+        )),
+        Err(e) => log.error(&format!("incoming file {name:?} refused ({why}) and cannot be quarantined: {e}")),
+    }
+}
+
+/// Removes leftovers of killed `sendmail` runs from `incoming/tmp`.
+fn sweep_tmp(spool: &Spool) {
+    let Ok(entries) = fs::read_dir(spool.incoming_tmp()) else {
+        return;
+    };
+    let now = SystemTime::now();
+    for e in entries.flatten() {
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|m| now.duration_since(m).ok())
+            .is_some_and(|age| age > TMP_MAX_AGE);
+        if old {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}

@@ -106,7 +106,13 @@ mod tests {
 
     #[test]
     fn epoch_and_leap_day() {
-        assert_eq!(Civil::from_unix(0, 0).rfc2822(), "Thu, 1 Jan 1970 00:00:00 +0000");
-        assert_eq!(Civil::from_unix(951_782_400, 0).iso_millis(), "2000-02-29T00:00:00.000Z");
+        assert_eq!(
+            Civil::from_unix(0, 0).rfc2822(),
+            "Thu, 1 Jan 1970 00:00:00 +0000"
+        );
+        assert_eq!(
+            Civil::from_unix(951_782_400, 0).iso_millis(),
+            "2000-02-29T00:00:00.000Z"
+        );
     }
 }

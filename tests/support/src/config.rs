@@ -57,7 +57,11 @@ pub struct Mailbox {
 
 impl Mailbox {
     pub fn new(address: &str) -> Mailbox {
-        Mailbox { address: address.to_owned(), password: None, send_as: Vec::new() }
+        Mailbox {
+            address: address.to_owned(),
+            password: None,
+            send_as: Vec::new(),
+        }
     }
 
     pub fn with_password(address: &str, password: &str) -> Mailbox {
@@ -190,12 +194,25 @@ impl fmt::Debug for Config {
             .field("cert", &self.cert)
             .field("port", &self.port)
             .field("hostname", &self.hostname)
-            .field("mailboxes", &self.mailboxes.iter().map(|m| &m.address).collect::<Vec<_>>())
+            .field(
+                "mailboxes",
+                &self
+                    .mailboxes
+                    .iter()
+                    .map(|m| &m.address)
+                    .collect::<Vec<_>>(),
+            )
             .field("auth_required", &self.auth_required)
             .field("message_rate", &self.message_rate)
             .field("recipient_rate", &self.recipient_rate)
-            .field("max_recipients_per_message", &self.max_recipients_per_message)
-            .field("max_connections_per_mailbox", &self.max_connections_per_mailbox)
+            .field(
+                "max_recipients_per_message",
+                &self.max_recipients_per_message,
+            )
+            .field(
+                "max_connections_per_mailbox",
+                &self.max_connections_per_mailbox,
+            )
             .field("max_size", &self.max_size)
             .field("over_rate", &self.over_rate)
             .field("reply_delay", &self.reply_delay)
@@ -345,6 +362,8 @@ impl Config {
     }
 
     pub(crate) fn find_mailbox(&self, address: &str) -> Option<&Mailbox> {
-        self.mailboxes.iter().find(|m| m.address.eq_ignore_ascii_case(address))
+        self.mailboxes
+            .iter()
+            .find(|m| m.address.eq_ignore_ascii_case(address))
     }
 }

@@ -67,7 +67,11 @@ pub struct Fault {
 impl Fault {
     /// A fault that fires once.
     pub fn new(stage: Stage, action: Action) -> Fault {
-        Fault { stage, action, times: Some(1) }
+        Fault {
+            stage,
+            action,
+            times: Some(1),
+        }
     }
 
     pub fn times(mut self, n: u32) -> Fault {
@@ -88,7 +92,9 @@ impl Fault {
     fn matches(&self, stage: &Stage, rcpt: Option<&str>) -> bool {
         match (&self.stage, stage) {
             (Stage::Rcpt(None), Stage::Rcpt(_)) => true,
-            (Stage::Rcpt(Some(want)), Stage::Rcpt(_)) => rcpt.is_some_and(|r| r.eq_ignore_ascii_case(want)),
+            (Stage::Rcpt(Some(want)), Stage::Rcpt(_)) => {
+                rcpt.is_some_and(|r| r.eq_ignore_ascii_case(want))
+            }
             (a, b) => a == b,
         }
     }

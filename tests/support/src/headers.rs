@@ -20,10 +20,16 @@ pub(crate) fn header_value(data: &[u8], name: &str) -> Option<String> {
         if line.is_empty() {
             return None;
         }
-        let Some(colon) = line.iter().position(|&b| b == b':') else { continue };
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
         let key = String::from_utf8_lossy(&line[..colon]);
         if key.trim_end().eq_ignore_ascii_case(name) {
-            found = Some(String::from_utf8_lossy(&line[colon + 1..]).trim().to_owned());
+            found = Some(
+                String::from_utf8_lossy(&line[colon + 1..])
+                    .trim()
+                    .to_owned(),
+            );
         }
     }
     found
@@ -94,7 +100,10 @@ mod tests {
     #[test]
     fn finds_folded_headers() {
         let msg = b"Subject: hi\r\nFrom: \"Doe, <John>\"\r\n <j@x.example>\r\nMessage-ID: <1@x>\r\n\r\nFrom: body@x\r\n";
-        assert_eq!(header_value(msg, "from").as_deref(), Some("\"Doe, <John>\" <j@x.example>"));
+        assert_eq!(
+            header_value(msg, "from").as_deref(),
+            Some("\"Doe, <John>\" <j@x.example>")
+        );
         assert_eq!(header_value(msg, "Message-Id").as_deref(), Some("<1@x>"));
         assert_eq!(header_value(msg, "To"), None);
         assert_eq!(header_value(b"\r\nFrom: a@b\r\n", "From"), None);
@@ -102,7 +111,10 @@ mod tests {
 
     #[test]
     fn extracts_addresses() {
-        assert_eq!(first_address("\"Doe, <John>\" <j@x.example>").as_deref(), Some("j@x.example"));
+        assert_eq!(
+            first_address("\"Doe, <John>\" <j@x.example>").as_deref(),
+            Some("j@x.example")
+        );
         assert_eq!(first_address("a@x (Mr A), b@y").as_deref(), Some("a@x"));
         assert_eq!(first_address("Name <a@x>").as_deref(), Some("a@x"));
         assert_eq!(first_address("undisclosed-recipients:;"), None);
@@ -117,7 +129,10 @@ mod tests {
             Some(("a@x".into(), vec!["SIZE=10".into(), "BODY=8BITMIME".into()]))
         );
         assert_eq!(parse_path(" <>"), Some((String::new(), vec![])));
-        assert_eq!(parse_path("a@x NOTIFY=NEVER"), Some(("a@x".into(), vec!["NOTIFY=NEVER".into()])));
+        assert_eq!(
+            parse_path("a@x NOTIFY=NEVER"),
+            Some(("a@x".into(), vec!["NOTIFY=NEVER".into()]))
+        );
         assert_eq!(parse_path("<@r:a@x>"), Some(("a@x".into(), vec![])));
         assert_eq!(parse_path("<a@x"), None);
         assert_eq!(parse_path("<a b@x>"), None);

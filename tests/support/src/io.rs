@@ -52,11 +52,18 @@ pub(crate) struct Io {
 }
 
 fn is_timeout(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 impl Io {
-    pub(crate) fn new(sock: TcpStream, shutdown: Arc<AtomicBool>, idle: Duration) -> io::Result<Io> {
+    pub(crate) fn new(
+        sock: TcpStream,
+        shutdown: Arc<AtomicBool>,
+        idle: Duration,
+    ) -> io::Result<Io> {
         sock.set_nodelay(true)?;
         sock.set_read_timeout(Some(TICK))?;
         // A client that never reads must not pin a thread forever.
@@ -81,20 +88,29 @@ impl Io {
         // SECURITY: plaintext pipelined after STARTTLS is dropped, never read as if it came over TLS.
         self.start = 0;
         self.end = 0;
-        let Transport::Plain(mut sock) = std::mem::replace(&mut self.transport, Transport::Gone) else {
-            return Err(io::Error::other("STARTTLS on a connection that is not plain"));
+        let Transport::Plain(mut sock) = std::mem::replace(&mut self.transport, Transport::Gone)
+        else {
+            return Err(io::Error::other(
+                "STARTTLS on a connection that is not plain",
+            ));
         };
         let mut conn = ServerConnection::new(config).map_err(io::Error::other)?;
         let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
         while conn.is_handshaking() {
             match conn.complete_io(&mut sock) {
                 Ok((0, 0)) if conn.wants_read() => {
-                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "client left during TLS handshake"));
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "client left during TLS handshake",
+                    ));
                 }
                 Ok(_) => {}
                 Err(e) if is_timeout(&e) => {
                     if self.shutdown.load(Ordering::Relaxed) || Instant::now() > deadline {
-                        return Err(io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"));
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "TLS handshake timed out",
+                        ));
                     }
                 }
                 Err(e) => {
@@ -204,7 +220,11 @@ impl Io {
     }
 
     /// Exactly `n` bytes (BDAT), handed to `sink` piecewise.
-    pub(crate) fn read_exact_to(&mut self, mut n: u64, mut sink: impl FnMut(&[u8])) -> Result<(), ReadStop> {
+    pub(crate) fn read_exact_to(
+        &mut self,
+        mut n: u64,
+        mut sink: impl FnMut(&[u8]),
+    ) -> Result<(), ReadStop> {
         while n > 0 {
             if self.start == self.end {
                 self.fill()?;

@@ -18,7 +18,9 @@ pub enum AssertionError {
     Malformed(String),
     #[error("the client assertion uses algorithm {0}; Entra ID accepts RS256 or PS256")]
     Algorithm(String),
-    #[error("the certificate named by the assertion's thumbprint ({0}) is not registered on the application")]
+    #[error(
+        "the certificate named by the assertion's thumbprint ({0}) is not registered on the application"
+    )]
     UnknownKey(String),
     #[error("the client assertion's signature does not verify against the registered key")]
     Signature,
@@ -32,7 +34,9 @@ pub enum AssertionError {
     Issuer(String),
     #[error("the client assertion has no {0} claim")]
     Missing(&'static str),
-    #[error("the registered key is unusable: {0}; register an RSA certificate or SubjectPublicKeyInfo")]
+    #[error(
+        "the registered key is unusable: {0}; register an RSA certificate or SubjectPublicKeyInfo"
+    )]
     BadRegisteredKey(String),
 }
 
@@ -56,7 +60,9 @@ fn der_next(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
         if n == 0 || n > 4 || rest.len() < n {
             return None;
         }
-        let len = rest[..n].iter().fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
         (len, &rest[n..])
     };
     if rest.len() < len {
@@ -65,7 +71,9 @@ fn der_next(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     Some((tag, &rest[..len], &rest[len..]))
 }
 
-const RSA_ENCRYPTION_OID: &[u8] = &[0x06, 0x09, 0x2A, 0x86, 0x48, 0x86, 0xF7, 0x0D, 0x01, 0x01, 0x01];
+const RSA_ENCRYPTION_OID: &[u8] = &[
+    0x06, 0x09, 0x2A, 0x86, 0x48, 0x86, 0xF7, 0x0D, 0x01, 0x01, 0x01,
+];
 
 /// The PKCS#1 RSA key inside a SubjectPublicKeyInfo.
 fn spki_rsa_key(spki: &[u8]) -> Result<Vec<u8>, AssertionError> {
@@ -106,7 +114,10 @@ fn cert_spki(cert: &[u8]) -> Option<&[u8]> {
 pub(crate) fn pem_cert_der(pem: &str) -> Option<Vec<u8>> {
     let start = pem.find("-----BEGIN CERTIFICATE-----")? + "-----BEGIN CERTIFICATE-----".len();
     let end = start + pem[start..].find("-----END CERTIFICATE-----")?;
-    let b64: String = pem[start..end].chars().filter(|c| !c.is_whitespace()).collect();
+    let b64: String = pem[start..end]
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
     STANDARD.decode(b64).ok()
 }
 
@@ -114,17 +125,25 @@ impl RegisteredKey {
     pub(crate) fn from_credential(c: &Credential) -> Result<Option<RegisteredKey>, AssertionError> {
         match c {
             Credential::Secret(_) => Ok(None),
-            Credential::PublicKeyDer(spki) => Ok(Some(RegisteredKey { rsa_public_key: spki_rsa_key(spki)?, thumbprints: None })),
+            Credential::PublicKeyDer(spki) => Ok(Some(RegisteredKey {
+                rsa_public_key: spki_rsa_key(spki)?,
+                thumbprints: None,
+            })),
             Credential::CertificatePem(pem) => {
-                let der = pem_cert_der(pem)
-                    .ok_or_else(|| AssertionError::BadRegisteredKey("no CERTIFICATE in the PEM".into()))?;
-                let spki = cert_spki(&der)
-                    .ok_or_else(|| AssertionError::BadRegisteredKey("certificate is not DER".into()))?;
+                let der = pem_cert_der(pem).ok_or_else(|| {
+                    AssertionError::BadRegisteredKey("no CERTIFICATE in the PEM".into())
+                })?;
+                let spki = cert_spki(&der).ok_or_else(|| {
+                    AssertionError::BadRegisteredKey("certificate is not DER".into())
+                })?;
                 let sha1 = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, &der);
                 let sha256 = ring::digest::digest(&ring::digest::SHA256, &der);
                 Ok(Some(RegisteredKey {
                     rsa_public_key: spki_rsa_key(spki)?,
-                    thumbprints: Some((URL_SAFE_NO_PAD.encode(sha1), URL_SAFE_NO_PAD.encode(sha256))),
+                    thumbprints: Some((
+                        URL_SAFE_NO_PAD.encode(sha1),
+                        URL_SAFE_NO_PAD.encode(sha256),
+                    )),
                 }))
             }
         }
@@ -135,7 +154,8 @@ fn b64_json(part: &str, what: &str) -> Result<serde_json::Value, AssertionError>
     let bytes = URL_SAFE_NO_PAD
         .decode(part.trim_end_matches('='))
         .map_err(|_| AssertionError::Malformed(format!("{what} is not base64url")))?;
-    serde_json::from_slice(&bytes).map_err(|_| AssertionError::Malformed(format!("{what} is not JSON")))
+    serde_json::from_slice(&bytes)
+        .map_err(|_| AssertionError::Malformed(format!("{what} is not JSON")))
 }
 
 /// Verifies a client assertion for `client_id` at `tenant`'s token endpoint at time `now`
@@ -148,8 +168,12 @@ pub(crate) fn verify_assertion(
     now: i64,
 ) -> Result<(), AssertionError> {
     let mut parts = jwt.split('.');
-    let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
-        return Err(AssertionError::Malformed("expected three dot-separated parts".into()));
+    let (Some(h), Some(p), Some(s), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(AssertionError::Malformed(
+            "expected three dot-separated parts".into(),
+        ));
     };
     let header = b64_json(h, "header")?;
     let claims = b64_json(p, "payload")?;
@@ -164,7 +188,10 @@ pub(crate) fn verify_assertion(
         other => return Err(AssertionError::Algorithm(other.to_owned())),
     };
     if let Some((sha1, sha256)) = &key.thumbprints {
-        let named = header.get("x5t#S256").or_else(|| header.get("x5t")).and_then(|v| v.as_str());
+        let named = header
+            .get("x5t#S256")
+            .or_else(|| header.get("x5t"))
+            .and_then(|v| v.as_str());
         match named {
             Some(t) if t == sha1 || t == sha256 => {}
             Some(t) => return Err(AssertionError::UnknownKey(t.to_owned())),
@@ -178,7 +205,10 @@ pub(crate) fn verify_assertion(
         .map_err(|_| AssertionError::Signature)?;
 
     for claim in ["iss", "sub"] {
-        let v = claims.get(claim).and_then(|v| v.as_str()).ok_or(AssertionError::Missing(claim))?;
+        let v = claims
+            .get(claim)
+            .and_then(|v| v.as_str())
+            .ok_or(AssertionError::Missing(claim))?;
         if v != client_id {
             return Err(AssertionError::Issuer(v.to_owned()));
         }
@@ -191,10 +221,16 @@ pub(crate) fn verify_assertion(
     // The host is the test's token endpoint, not login.microsoftonline.com: check the path only.
     let token_path = format!("/{tenant}/oauth2/v2.0/token");
     let v2_issuer = format!("https://login.microsoftonline.com/{tenant}/v2.0");
-    if !auds.iter().any(|a| a.ends_with(&token_path) || *a == v2_issuer) {
+    if !auds
+        .iter()
+        .any(|a| a.ends_with(&token_path) || *a == v2_issuer)
+    {
         return Err(AssertionError::Audience(auds.join(" ")));
     }
-    let exp = claims.get("exp").and_then(|v| v.as_i64()).ok_or(AssertionError::Missing("exp"))?;
+    let exp = claims
+        .get("exp")
+        .and_then(|v| v.as_i64())
+        .ok_or(AssertionError::Missing("exp"))?;
     if exp <= now {
         return Err(AssertionError::Expired { exp, now });
     }
@@ -210,10 +246,17 @@ pub(crate) fn verify_assertion(
 /// A self-signed certificate (PEM) for [`crate::testkey::TEST_RSA_KEY_PEM`], to register on a
 /// test app.
 pub fn test_certificate_pem() -> std::io::Result<String> {
-    let key = rcgen::KeyPair::from_pem(crate::testkey::TEST_RSA_KEY_PEM).map_err(std::io::Error::other)?;
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(std::io::Error::other)?;
-    params.distinguished_name.push(rcgen::DnType::CommonName, "relay365 test app");
-    Ok(params.self_signed(&key).map_err(std::io::Error::other)?.pem())
+    let key = rcgen::KeyPair::from_pem(crate::testkey::TEST_RSA_KEY_PEM)
+        .map_err(std::io::Error::other)?;
+    let mut params =
+        rcgen::CertificateParams::new(Vec::<String>::new()).map_err(std::io::Error::other)?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "relay365 test app");
+    Ok(params
+        .self_signed(&key)
+        .map_err(std::io::Error::other)?
+        .pem())
 }
 
 /// Signs a client assertion the way an Entra ID client does (RS256, `x5t` of `cert_pem`), for
@@ -229,13 +272,26 @@ pub fn sign_client_assertion(
         let begin = format!("-----BEGIN {label}-----");
         let start = pem.find(&begin)? + begin.len();
         let end = start + pem[start..].find("-----END")?;
-        STANDARD.decode(pem[start..end].chars().filter(|c| !c.is_whitespace()).collect::<String>()).ok()
+        STANDARD
+            .decode(
+                pem[start..end]
+                    .chars()
+                    .filter(|c| !c.is_whitespace())
+                    .collect::<String>(),
+            )
+            .ok()
     };
     let bad = |w: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, w.to_owned());
-    let key_der = der_of(key_pem, "PRIVATE KEY").ok_or_else(|| bad("key_pem has no PRIVATE KEY block"))?;
-    let cert_der = pem_cert_der(cert_pem).ok_or_else(|| bad("cert_pem has no CERTIFICATE block"))?;
-    let key = signature::RsaKeyPair::from_pkcs8(&key_der).map_err(|e| bad(&format!("not an RSA PKCS#8 key: {e}")))?;
-    let x5t = URL_SAFE_NO_PAD.encode(ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, &cert_der));
+    let key_der =
+        der_of(key_pem, "PRIVATE KEY").ok_or_else(|| bad("key_pem has no PRIVATE KEY block"))?;
+    let cert_der =
+        pem_cert_der(cert_pem).ok_or_else(|| bad("cert_pem has no CERTIFICATE block"))?;
+    let key = signature::RsaKeyPair::from_pkcs8(&key_der)
+        .map_err(|e| bad(&format!("not an RSA PKCS#8 key: {e}")))?;
+    let x5t = URL_SAFE_NO_PAD.encode(ring::digest::digest(
+        &ring::digest::SHA1_FOR_LEGACY_USE_ONLY,
+        &cert_der,
+    ));
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
@@ -252,8 +308,13 @@ pub fn sign_client_assertion(
         URL_SAFE_NO_PAD.encode(claims.to_string())
     );
     let mut sig = vec![0; key.public().modulus_len()];
-    key.sign(&signature::RSA_PKCS1_SHA256, &ring::rand::SystemRandom::new(), signing_input.as_bytes(), &mut sig)
-        .map_err(|_| std::io::Error::other("RSA signing failed"))?;
+    key.sign(
+        &signature::RSA_PKCS1_SHA256,
+        &ring::rand::SystemRandom::new(),
+        signing_input.as_bytes(),
+        &mut sig,
+    )
+    .map_err(|_| std::io::Error::other("RSA signing failed"))?;
     Ok(format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(sig)))
 }
 
@@ -265,12 +326,17 @@ mod tests {
     const AUD: &str = "https://localhost:1/t1/oauth2/v2.0/token";
 
     fn now() -> i64 {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
     }
 
     fn registered() -> (String, RegisteredKey) {
         let cert = test_certificate_pem().unwrap();
-        let key = RegisteredKey::from_credential(&Credential::CertificatePem(cert.clone())).unwrap().unwrap();
+        let key = RegisteredKey::from_credential(&Credential::CertificatePem(cert.clone()))
+            .unwrap()
+            .unwrap();
         (cert, key)
     }
 
@@ -279,16 +345,32 @@ mod tests {
         let (cert, key) = registered();
         let jwt = sign_client_assertion(TEST_RSA_KEY_PEM, &cert, "app1", AUD, 600).unwrap();
         assert_eq!(verify_assertion(&jwt, &key, "app1", "t1", now()), Ok(()));
-        assert_eq!(verify_assertion(&jwt, &key, "app2", "t1", now()), Err(AssertionError::Issuer("app1".into())));
-        assert!(matches!(verify_assertion(&jwt, &key, "app1", "t2", now()), Err(AssertionError::Audience(_))));
-        assert!(matches!(verify_assertion(&jwt, &key, "app1", "t1", now() + 601), Err(AssertionError::Expired { .. })));
+        assert_eq!(
+            verify_assertion(&jwt, &key, "app2", "t1", now()),
+            Err(AssertionError::Issuer("app1".into()))
+        );
+        assert!(matches!(
+            verify_assertion(&jwt, &key, "app1", "t2", now()),
+            Err(AssertionError::Audience(_))
+        ));
+        assert!(matches!(
+            verify_assertion(&jwt, &key, "app1", "t1", now() + 601),
+            Err(AssertionError::Expired { .. })
+        ));
         let mut parts: Vec<&str> = jwt.split('.').collect();
         let forged = URL_SAFE_NO_PAD.encode(
-            serde_json::json!({"aud": AUD, "iss": "app1", "sub": "app1", "exp": now() + 99999}).to_string(),
+            serde_json::json!({"aud": AUD, "iss": "app1", "sub": "app1", "exp": now() + 99999})
+                .to_string(),
         );
         parts[1] = &forged;
-        assert_eq!(verify_assertion(&parts.join("."), &key, "app1", "t1", now()), Err(AssertionError::Signature));
-        assert!(matches!(verify_assertion("a.b", &key, "app1", "t1", now()), Err(AssertionError::Malformed(_))));
+        assert_eq!(
+            verify_assertion(&parts.join("."), &key, "app1", "t1", now()),
+            Err(AssertionError::Signature)
+        );
+        assert!(matches!(
+            verify_assertion("a.b", &key, "app1", "t1", now()),
+            Err(AssertionError::Malformed(_))
+        ));
     }
 
     #[test]
@@ -296,19 +378,33 @@ mod tests {
         let (cert, key) = registered();
         let der = pem_cert_der(&cert).unwrap();
         let spki = cert_spki(&der).unwrap().to_vec();
-        let by_spki = RegisteredKey::from_credential(&Credential::PublicKeyDer(spki)).unwrap().unwrap();
+        let by_spki = RegisteredKey::from_credential(&Credential::PublicKeyDer(spki))
+            .unwrap()
+            .unwrap();
         assert_eq!(by_spki.rsa_public_key, key.rsa_public_key);
         let other = crate::pki::Pki::new().unwrap().ca_pem();
         let jwt = sign_client_assertion(TEST_RSA_KEY_PEM, &other, "app1", AUD, 600).unwrap();
-        assert_eq!(verify_assertion(&jwt, &by_spki, "app1", "t1", now()), Ok(()));
-        assert!(matches!(verify_assertion(&jwt, &key, "app1", "t1", now()), Err(AssertionError::UnknownKey(_))));
+        assert_eq!(
+            verify_assertion(&jwt, &by_spki, "app1", "t1", now()),
+            Ok(())
+        );
+        assert!(matches!(
+            verify_assertion(&jwt, &key, "app1", "t1", now()),
+            Err(AssertionError::UnknownKey(_))
+        ));
         // An EC certificate cannot be registered for RS256 assertions.
         assert!(RegisteredKey::from_credential(&Credential::CertificatePem(other)).is_err());
     }
 
     #[test]
     fn der_reader_is_total() {
-        for input in [&[][..], &[0x30], &[0x30, 0x85, 1, 1, 1, 1, 1], &[0x30, 0x82, 0xff], &[0x30, 0x02, 0x01]] {
+        for input in [
+            &[][..],
+            &[0x30],
+            &[0x30, 0x85, 1, 1, 1, 1, 1],
+            &[0x30, 0x82, 0xff],
+            &[0x30, 0x02, 0x01],
+        ] {
             assert!(der_next(input).is_none());
         }
         assert!(cert_spki(&[0x30, 0x03, 0x30, 0x01, 0x00]).is_none());

@@ -37,7 +37,9 @@ use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
-pub use config::{App, CertKind, Config, Credential, EXCHANGE_MAX_SIZE, Mailbox, MessageHook, OverRate, TlsMode};
+pub use config::{
+    App, CertKind, Config, Credential, EXCHANGE_MAX_SIZE, Mailbox, MessageHook, OverRate, TlsMode,
+};
 pub use faults::{Action, Fault, Stage};
 pub use jwt::{sign_client_assertion, test_certificate_pem};
 pub use store::Received;
@@ -81,7 +83,13 @@ impl Emulator {
         let accept = std::thread::Builder::new()
             .name("smtp-accept".into())
             .spawn(move || server::accept_loop(s, listener))?;
-        Ok(Emulator { shared, addr, ca_pem: pki.ca_pem(), token, accept: Some(accept) })
+        Ok(Emulator {
+            shared,
+            addr,
+            ca_pem: pki.ca_pem(),
+            token,
+            accept: Some(accept),
+        })
     }
 
     /// The SMTP listener address (127.0.0.1:port).
@@ -103,8 +111,8 @@ impl Emulator {
         self.ca_pem.clone()
     }
 
-    pub fn write_ca(&self, path: &Path) -> std::io::Result<()> {
-        std::fs::write(path, &self.ca_pem)
+    pub fn write_ca(&self, path: impl AsRef<Path>) -> std::io::Result<()> {
+        std::fs::write(path.as_ref(), &self.ca_pem)
     }
 
     /// The token endpoint, unless `Config::token_endpoint` was off.
@@ -173,7 +181,10 @@ impl Emulator {
 
     /// Connections open right now.
     pub fn connections_current(&self) -> u64 {
-        self.shared.store.connections_current.load(Ordering::Relaxed)
+        self.shared
+            .store
+            .connections_current
+            .load(Ordering::Relaxed)
     }
 
     /// The most connections ever open at once.
@@ -221,7 +232,9 @@ impl Emulator {
 
     /// As `max_in_window`, for one authenticated mailbox.
     pub fn max_in_window_for(&self, mailbox: &str, window: Duration) -> u32 {
-        self.shared.store.max_in_window(window, Some(mailbox), false)
+        self.shared
+            .store
+            .max_in_window(window, Some(mailbox), false)
     }
 
     pub fn max_recipients_in_window_for(&self, mailbox: &str, window: Duration) -> u32 {
@@ -251,5 +264,16 @@ impl Emulator {
 impl Drop for Emulator {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn handles_can_be_shared_across_test_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<super::Emulator>();
+        assert_send_sync::<super::TokenEndpoint>();
+        assert_send_sync::<super::Config>();
     }
 }

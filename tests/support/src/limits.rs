@@ -44,7 +44,10 @@ fn key(mailbox: Option<&str>) -> Option<String> {
 }
 
 impl Limits {
-    pub(crate) fn new(message_rate: Option<(u32, Duration)>, recipient_rate: Option<(u32, Duration)>) -> Limits {
+    pub(crate) fn new(
+        message_rate: Option<(u32, Duration)>,
+        recipient_rate: Option<(u32, Duration)>,
+    ) -> Limits {
         Limits {
             message_rate,
             recipient_rate,
@@ -55,7 +58,12 @@ impl Limits {
 
     /// Checks both rolling windows and, if the message fits, records it, atomically so that
     /// parallel connections of one mailbox cannot both take the last slot.
-    pub(crate) fn admit(&self, mailbox: Option<&str>, rcpts: u32, now: Instant) -> Result<(), Denial> {
+    pub(crate) fn admit(
+        &self,
+        mailbox: Option<&str>,
+        rcpts: u32,
+        now: Instant,
+    ) -> Result<(), Denial> {
         if self.message_rate.is_none() && self.recipient_rate.is_none() {
             return Ok(());
         }
@@ -95,7 +103,10 @@ impl Limits {
 
     /// Forgets all rate and quota history.
     pub(crate) fn reset(&self) {
-        self.ledgers.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.ledgers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     /// Registers an authenticated connection; returns its sequence number for `rank`/`leave`.
@@ -130,12 +141,19 @@ impl Limits {
 
     pub(crate) fn max_concurrent(&self, mailbox: &str) -> u32 {
         let c = self.concurrency.lock().unwrap_or_else(|e| e.into_inner());
-        c.max_seen.get(&mailbox.to_ascii_lowercase()).copied().unwrap_or(0)
+        c.max_seen
+            .get(&mailbox.to_ascii_lowercase())
+            .copied()
+            .unwrap_or(0)
     }
 
     pub(crate) fn clear_max_concurrent(&self) {
         let mut c = self.concurrency.lock().unwrap_or_else(|e| e.into_inner());
-        let current: HashMap<String, u32> = c.open.iter().map(|(k, v)| (k.clone(), v.len() as u32)).collect();
+        let current: HashMap<String, u32> = c
+            .open
+            .iter()
+            .map(|(k, v)| (k.clone(), v.len() as u32))
+            .collect();
         c.max_seen = current;
     }
 }
@@ -152,10 +170,15 @@ mod tests {
         assert_eq!(l.admit(Some("a@x"), 1, t0 + Duration::from_secs(1)), Ok(()));
         assert_eq!(
             l.admit(Some("a@x"), 1, t0 + Duration::from_secs(2)),
-            Err(Denial::Rate { until: t0 + Duration::from_secs(60) })
+            Err(Denial::Rate {
+                until: t0 + Duration::from_secs(60)
+            })
         );
         assert_eq!(l.admit(Some("b@x"), 1, t0), Ok(()));
-        assert_eq!(l.admit(Some("a@x"), 1, t0 + Duration::from_secs(60)), Ok(()));
+        assert_eq!(
+            l.admit(Some("a@x"), 1, t0 + Duration::from_secs(60)),
+            Ok(())
+        );
     }
 
     #[test]
@@ -166,7 +189,10 @@ mod tests {
         assert_eq!(l.admit(Some("a@x"), 5, t0), Err(Denial::RecipientQuota));
         assert_eq!(l.admit(Some("a@x"), 4, t0), Ok(()));
         assert_eq!(l.admit(Some("a@x"), 1, t0), Err(Denial::RecipientQuota));
-        assert_eq!(l.admit(Some("a@x"), 6, t0 + Duration::from_secs(100)), Ok(()));
+        assert_eq!(
+            l.admit(Some("a@x"), 6, t0 + Duration::from_secs(100)),
+            Ok(())
+        );
     }
 
     #[test]
@@ -175,7 +201,10 @@ mod tests {
         let a = l.enter("m@x");
         let b = l.enter("M@x");
         let c = l.enter("m@x");
-        assert_eq!((l.rank("m@x", a), l.rank("m@x", b), l.rank("m@x", c)), (0, 1, 2));
+        assert_eq!(
+            (l.rank("m@x", a), l.rank("m@x", b), l.rank("m@x", c)),
+            (0, 1, 2)
+        );
         l.leave("m@x", a);
         assert_eq!(l.rank("m@x", c), 1);
         assert_eq!(l.max_concurrent("m@X"), 3);

@@ -106,22 +106,38 @@ struct Args {
 #[derive(Debug, thiserror::Error)]
 enum CliError {
     #[error("{what} {value:?} is not valid: {why}")]
-    Value { what: &'static str, value: String, why: &'static str },
+    Value {
+        what: &'static str,
+        value: String,
+        why: &'static str,
+    },
     #[error("cannot read {path}: {source}; give a readable PEM certificate file")]
-    ReadCert { path: String, source: std::io::Error },
+    ReadCert {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot write {path}: {source}; check that --dir exists and is writable")]
-    Write { path: String, source: std::io::Error },
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot start the emulator: {0}; is the port already in use?")]
     Start(std::io::Error),
 }
 
 fn bad(what: &'static str, value: &str, why: &'static str) -> CliError {
-    CliError::Value { what, value: value.to_owned(), why }
+    CliError::Value {
+        what,
+        value: value.to_owned(),
+        why,
+    }
 }
 
 /// `60s`, `1m`, `24h`, `500ms`, or bare seconds.
 fn parse_duration(s: &str) -> Option<Duration> {
-    let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, ""), |i| s.split_at(i));
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, ""), |i| s.split_at(i));
     let n: u64 = num.parse().ok()?;
     Some(match unit {
         "" | "s" => Duration::from_secs(n),
@@ -138,9 +154,14 @@ fn parse_rate(what: &'static str, s: &str) -> Result<Option<(u32, Duration)>, Cl
     if s == "off" {
         return Ok(None);
     }
-    let (n, w) = s.split_once('/').ok_or_else(|| bad(what, s, "expected COUNT/WINDOW such as 30/60s, or off"))?;
-    let n = n.parse().map_err(|_| bad(what, s, "COUNT must be a number"))?;
-    let w = parse_duration(w).ok_or_else(|| bad(what, s, "WINDOW must look like 60s, 1m, 24h or 500ms"))?;
+    let (n, w) = s
+        .split_once('/')
+        .ok_or_else(|| bad(what, s, "expected COUNT/WINDOW such as 30/60s, or off"))?;
+    let n = n
+        .parse()
+        .map_err(|_| bad(what, s, "COUNT must be a number"))?;
+    let w = parse_duration(w)
+        .ok_or_else(|| bad(what, s, "WINDOW must look like 60s, 1m, 24h or 500ms"))?;
     Ok(Some((n, w)))
 }
 
@@ -150,14 +171,21 @@ fn split_app(s: &str) -> Result<(&str, &str, &str, &str), CliError> {
     let (tenant, rest) = s.split_once(':').ok_or_else(|| bad("--app", s, why))?;
     let (client, rest) = rest.split_once(':').ok_or_else(|| bad("--app", s, why))?;
     let (middle, mailbox) = rest.rsplit_once(':').ok_or_else(|| bad("--app", s, why))?;
-    if [tenant, client, middle, mailbox].iter().any(|p| p.is_empty()) {
+    if [tenant, client, middle, mailbox]
+        .iter()
+        .any(|p| p.is_empty())
+    {
         return Err(bad("--app", s, why));
     }
     Ok((tenant, client, middle, mailbox))
 }
 
 fn config(args: &Args) -> Result<Config, CliError> {
-    let mut cfg = if args.sink { Config::sink() } else { Config::default() };
+    let mut cfg = if args.sink {
+        Config::sink()
+    } else {
+        Config::default()
+    };
     if !args.sink {
         cfg.tls = match args.tls {
             TlsArg::Starttls => TlsMode::StartTls,
@@ -181,27 +209,44 @@ fn config(args: &Args) -> Result<Config, CliError> {
             None => Mailbox::new(m),
         };
         if !mailbox.address.contains('@') {
-            return Err(bad("--mailbox", m, "expected ADDRESS[:PASSWORD] with an @ in the address"));
+            return Err(bad(
+                "--mailbox",
+                m,
+                "expected ADDRESS[:PASSWORD] with an @ in the address",
+            ));
         }
         cfg.mailboxes.push(mailbox);
     }
     for s in &args.send_as {
-        let (owner, addr) = s.split_once(':').ok_or_else(|| bad("--send-as", s, "expected MAILBOX:ADDRESS"))?;
+        let (owner, addr) = s
+            .split_once(':')
+            .ok_or_else(|| bad("--send-as", s, "expected MAILBOX:ADDRESS"))?;
         let mailbox = cfg
             .mailboxes
             .iter_mut()
             .find(|m| m.address.eq_ignore_ascii_case(owner))
-            .ok_or_else(|| bad("--send-as", s, "the MAILBOX must be given with --mailbox first"))?;
+            .ok_or_else(|| {
+                bad(
+                    "--send-as",
+                    s,
+                    "the MAILBOX must be given with --mailbox first",
+                )
+            })?;
         mailbox.send_as.push(addr.to_owned());
     }
     for a in &args.apps {
         let (tenant, client, secret, mailbox) = split_app(a)?;
-        cfg.apps.push(App::with_secret(tenant, client, secret, mailbox));
+        cfg.apps
+            .push(App::with_secret(tenant, client, secret, mailbox));
     }
     for a in &args.app_certs {
         let (tenant, client, path, mailbox) = split_app(a)?;
-        let pem = std::fs::read_to_string(path).map_err(|source| CliError::ReadCert { path: path.to_owned(), source })?;
-        cfg.apps.push(App::with_certificate(tenant, client, &pem, mailbox));
+        let pem = std::fs::read_to_string(path).map_err(|source| CliError::ReadCert {
+            path: path.to_owned(),
+            source,
+        })?;
+        cfg.apps
+            .push(App::with_certificate(tenant, client, &pem, mailbox));
     }
     if args.no_auth {
         cfg.auth_required = false;
@@ -247,7 +292,10 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CliError> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, bytes)
         .and_then(|_| std::fs::rename(&tmp, path))
-        .map_err(|source| CliError::Write { path: path.display().to_string(), source })
+        .map_err(|source| CliError::Write {
+            path: path.display().to_string(),
+            source,
+        })
 }
 
 fn envelope_json(m: &Received) -> String {
@@ -270,15 +318,18 @@ fn run(args: &Args) -> Result<(), CliError> {
     let mut cfg = config(args)?;
     if let Some(dir) = &args.dir {
         let messages = dir.join("messages");
-        std::fs::create_dir_all(&messages)
-            .map_err(|source| CliError::Write { path: messages.display().to_string(), source })?;
+        std::fs::create_dir_all(&messages).map_err(|source| CliError::Write {
+            path: messages.display().to_string(),
+            source,
+        })?;
         let counter = Arc::new(AtomicU64::new(0));
         cfg.on_message = Some(Arc::new(move |m: &Received| {
             let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
             let eml = messages.join(format!("{n:06}.eml"));
             let json = messages.join(format!("{n:06}.json"));
             // The .json comes last: its presence means the message is complete.
-            let res = write_atomic(&eml, &m.data).and_then(|_| write_atomic(&json, envelope_json(m).as_bytes()));
+            let res = write_atomic(&eml, &m.data)
+                .and_then(|_| write_atomic(&json, envelope_json(m).as_bytes()));
             if let Err(e) = res {
                 eprintln!("relay365-emulator: {e}");
             }
@@ -291,7 +342,10 @@ fn run(args: &Args) -> Result<(), CliError> {
             write_atomic(&dir.join("token.port"), format!("{p}\n").as_bytes())?;
         }
         // smtp.port last: once it exists, everything else is in place.
-        write_atomic(&dir.join("smtp.port"), format!("{}\n", emu.port()).as_bytes())?;
+        write_atomic(
+            &dir.join("smtp.port"),
+            format!("{}\n", emu.port()).as_bytes(),
+        )?;
     }
     println!(
         "relay365-emulator: smtp=127.0.0.1:{} token={}",
@@ -320,21 +374,41 @@ mod tests {
 
     #[test]
     fn parses_rates_and_apps() {
-        assert_eq!(parse_rate("r", "30/60s").unwrap(), Some((30, Duration::from_secs(60))));
-        assert_eq!(parse_rate("r", "10000/24h").unwrap(), Some((10000, Duration::from_secs(86400))));
+        assert_eq!(
+            parse_rate("r", "30/60s").unwrap(),
+            Some((30, Duration::from_secs(60)))
+        );
+        assert_eq!(
+            parse_rate("r", "10000/24h").unwrap(),
+            Some((10000, Duration::from_secs(86400)))
+        );
         assert_eq!(parse_rate("r", "off").unwrap(), None);
         assert!(parse_rate("r", "30").is_err());
         assert!(parse_rate("r", "x/1s").is_err());
         assert!(parse_rate("r", "3/1y").is_err());
-        assert_eq!(split_app("t:c:s:e:cr:m@x").unwrap(), ("t", "c", "s:e:cr", "m@x"));
+        assert_eq!(
+            split_app("t:c:s:e:cr:m@x").unwrap(),
+            ("t", "c", "s:e:cr", "m@x")
+        );
         assert!(split_app("t:c:m@x").is_err());
     }
 
     #[test]
     fn builds_a_config() {
         let args = Args::parse_from([
-            "x", "--mailbox", "a@x:p:w", "--send-as", "a@x:b@x", "--app", "t:c:s:a@x", "--message-rate", "5/1s",
-            "--tls", "implicit", "--over-rate", "throttle",
+            "x",
+            "--mailbox",
+            "a@x:p:w",
+            "--send-as",
+            "a@x:b@x",
+            "--app",
+            "t:c:s:a@x",
+            "--message-rate",
+            "5/1s",
+            "--tls",
+            "implicit",
+            "--over-rate",
+            "throttle",
         ]);
         let cfg = config(&args).unwrap();
         assert_eq!(cfg.mailboxes[0].password.as_deref(), Some("p:w"));

@@ -17,9 +17,13 @@ use crate::config::CertKind;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
-    #[error("cannot generate the emulator certificates: {0}; this is a bug in the emulator's rcgen use")]
+    #[error(
+        "cannot generate the emulator certificates: {0}; this is a bug in the emulator's rcgen use"
+    )]
     Generate(#[from] rcgen::Error),
-    #[error("rustls refused the emulator's server configuration: {0}; check the rustls ring provider")]
+    #[error(
+        "rustls refused the emulator's server configuration: {0}; check the rustls ring provider"
+    )]
     Tls(#[from] rustls::Error),
 }
 
@@ -44,8 +48,11 @@ impl Pki {
         dn.push(DnType::OrganizationName, "relay365 tests");
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages =
-            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         let ca_cert = params.self_signed(&ca_key)?;
         Ok(Pki { ca_cert, ca_key })
     }
@@ -67,13 +74,18 @@ impl Pki {
         };
         let mut params = CertificateParams::new(vec![name.clone()])?;
         if matches!(kind, CertKind::Valid | CertKind::Expired) {
-            params.subject_alt_names.push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+            params
+                .subject_alt_names
+                .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
         }
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, name);
         params.distinguished_name = dn;
         params.use_authority_key_identifier_extension = true;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         if *kind == CertKind::Expired {
             params.not_before = rcgen::date_time_ymd(2019, 1, 1);
@@ -111,7 +123,12 @@ mod tests {
     fn builds_every_kind() {
         let pki = Pki::new().unwrap();
         assert!(pki.ca_pem().starts_with("-----BEGIN CERTIFICATE-----"));
-        for kind in [CertKind::Valid, CertKind::WrongName, CertKind::Expired, CertKind::ForName("a.test".into())] {
+        for kind in [
+            CertKind::Valid,
+            CertKind::WrongName,
+            CertKind::Expired,
+            CertKind::ForName("a.test".into()),
+        ] {
             pki.server_config(&kind).unwrap();
         }
     }

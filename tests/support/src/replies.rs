@@ -16,7 +16,10 @@ static RNG: AtomicU64 = AtomicU64::new(0);
 pub(crate) fn random_u64() -> u64 {
     let mut seed = RNG.load(Ordering::Relaxed);
     if seed == 0 {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as u64;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64;
         let _ = RNG.compare_exchange(0, now | 1, Ordering::Relaxed, Ordering::Relaxed);
     }
     seed = RNG.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
@@ -51,7 +54,12 @@ pub(crate) struct Replies<'a> {
 impl Replies<'_> {
     /// `[SY5P282CA0097.outlook.office365.com 2025-11-23T11:12:20.123Z 08DE2A6028D26C22]`
     pub(crate) fn tail(&self) -> String {
-        format!("[{} {} {}]", self.hostname, Civil::now().iso_millis(), self.session_id)
+        format!(
+            "[{} {} {}]",
+            self.hostname,
+            Civil::now().iso_millis(),
+            self.session_id
+        )
     }
 
     /// An error reply with the modern tail.
@@ -73,7 +81,13 @@ impl Replies<'_> {
         if !esmtp {
             return format!("250 {first}");
         }
-        let mut lines = vec![first, format!("SIZE {max_size}"), "PIPELINING".into(), "DSN".into(), "ENHANCEDSTATUSCODES".into()];
+        let mut lines = vec![
+            first,
+            format!("SIZE {max_size}"),
+            "PIPELINING".into(),
+            "DSN".into(),
+            "ENHANCEDSTATUSCODES".into(),
+        ];
         match tls_ext {
             TlsExt::StartTls => lines.push("STARTTLS".into()),
             TlsExt::Auth => lines.push("AUTH LOGIN XOAUTH2".into()),
@@ -91,7 +105,10 @@ impl Replies<'_> {
 
     /// `250 2.0.0 OK <id> [Hostname=...]`
     pub(crate) fn queued(&self, message_id: &str) -> String {
-        format!("250 2.0.0 OK {message_id} [Hostname={}]", self.mailbox_server)
+        format!(
+            "250 2.0.0 OK {message_id} [Hostname={}]",
+            self.mailbox_server
+        )
     }
 
     fn storedrv(&self, head: &str, diag: &str) -> String {
@@ -137,7 +154,12 @@ impl Replies<'_> {
     }
 
     pub(crate) fn generated_message_id(&self) -> String {
-        format!("<{:016X}{:016X}@{}>", random_u64(), random_u64(), self.mailbox_server)
+        format!(
+            "<{:016X}{:016X}@{}>",
+            random_u64(),
+            random_u64(),
+            self.mailbox_server
+        )
     }
 }
 
@@ -154,7 +176,11 @@ mod tests {
     use super::*;
 
     fn r() -> Replies<'static> {
-        Replies { hostname: "H.example", mailbox_server: "MB.EXAMPLE", session_id: "08DE2A6028D26C22" }
+        Replies {
+            hostname: "H.example",
+            mailbox_server: "MB.EXAMPLE",
+            session_id: "08DE2A6028D26C22",
+        }
     }
 
     #[test]
@@ -167,7 +193,10 @@ mod tests {
         let after = r().ehlo("127.0.0.1", true, TlsExt::Auth, 157_286_400);
         assert!(after.contains("250-AUTH LOGIN XOAUTH2\n250-8BITMIME"));
         assert!(!after.contains("STARTTLS"));
-        assert_eq!(r().ehlo("127.0.0.1", false, TlsExt::Auth, 1), "250 H.example Hello [127.0.0.1]");
+        assert_eq!(
+            r().ehlo("127.0.0.1", false, TlsExt::Auth, 1),
+            "250 H.example Hello [127.0.0.1]"
+        );
     }
 
     #[test]
@@ -176,10 +205,15 @@ mod tests {
         assert!(t.starts_with("535 5.7.3 Authentication unsuccessful [H.example 20"));
         assert!(t.ends_with("Z 08DE2A6028D26C22]"));
         let q = r().quota_exceeded();
-        assert!(q.starts_with("554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException; Failed"));
+        assert!(q.starts_with(
+            "554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException; Failed"
+        ));
         assert!(q.contains("[BeginDiagnosticData]Cannot submit message."));
         assert!(q.contains("[EndDiagnosticData] [Hostname=MB.EXAMPLE] [H.example "));
-        assert!(r().greeting().starts_with("220 H.example Microsoft ESMTP MAIL Service ready at "));
+        assert!(
+            r().greeting()
+                .starts_with("220 H.example Microsoft ESMTP MAIL Service ready at ")
+        );
         assert!(r().greeting().ends_with(" +0000 [08DE2A6028D26C22]"));
         assert_eq!(echo("a\r\n250 ok"), "a250 ok");
         assert_ne!(session_id(), session_id());

@@ -31,7 +31,11 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(cfg: Config, smtp_tls: Option<Arc<ServerConfig>>, tokens: Option<Arc<TokenRegistry>>) -> Shared {
+    pub(crate) fn new(
+        cfg: Config,
+        smtp_tls: Option<Arc<ServerConfig>>,
+        tokens: Option<Arc<TokenRegistry>>,
+    ) -> Shared {
         let limits = Limits::new(cfg.message_rate, cfg.recipient_rate);
         Shared {
             cfg,
@@ -67,17 +71,25 @@ pub(crate) fn accept_loop(sh: Arc<Shared>, listener: TcpListener) {
         };
         let id = sh.next_conn.fetch_add(1, Ordering::Relaxed);
         if let Ok(clone) = sock.try_clone() {
-            sh.live.lock().unwrap_or_else(|e| e.into_inner()).insert(id, clone);
+            sh.live
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id, clone);
         }
         sh.store.connection_opened();
         let s = Arc::clone(&sh);
-        let spawned = std::thread::Builder::new().name(format!("smtp-{id}")).spawn(move || {
-            crate::session::run(&s, sock, id);
-            s.live.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
-            s.store.connection_closed();
-        });
+        let spawned = std::thread::Builder::new()
+            .name(format!("smtp-{id}"))
+            .spawn(move || {
+                crate::session::run(&s, sock, id);
+                s.live.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+                s.store.connection_closed();
+            });
         if spawned.is_err() {
-            sh.live.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+            sh.live
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
             sh.store.connection_closed();
         }
     }

@@ -73,9 +73,24 @@ struct Session<'a> {
 
 /// Runs a session to its end; all errors end in closing the socket.
 pub(crate) fn run(sh: &Shared, sock: TcpStream, id: u64) {
-    let peer = sock.peer_addr().map(|a| a.ip().to_string()).unwrap_or_else(|_| "127.0.0.1".into());
-    let Ok(io) = Io::new(sock, sh.shutdown.clone(), sh.cfg.idle_timeout) else { return };
-    let mut s = Session { sh, io, id, sid: session_id(), peer, upgraded: false, greeted: false, auth: None, txn: None };
+    let peer = sock
+        .peer_addr()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_else(|_| "127.0.0.1".into());
+    let Ok(io) = Io::new(sock, sh.shutdown.clone(), sh.cfg.idle_timeout) else {
+        return;
+    };
+    let mut s = Session {
+        sh,
+        io,
+        id,
+        sid: session_id(),
+        peer,
+        upgraded: false,
+        greeted: false,
+        auth: None,
+        txn: None,
+    };
     s.serve();
     s.io.close();
     if let Some(a) = s.auth.take() {
@@ -93,7 +108,11 @@ fn is_positive(reply: &str) -> bool {
 
 impl Session<'_> {
     fn replies(&self) -> Replies<'_> {
-        Replies { hostname: &self.sh.cfg.hostname, mailbox_server: &self.sh.cfg.mailbox_server, session_id: &self.sid }
+        Replies {
+            hostname: &self.sh.cfg.hostname,
+            mailbox_server: &self.sh.cfg.mailbox_server,
+            session_id: &self.sid,
+        }
     }
 
     fn err(&self, text: &str) -> String {
@@ -126,12 +145,18 @@ impl Session<'_> {
     }
 
     fn fault(&mut self, stage: Stage, rcpt: Option<&str>) -> std::io::Result<Flow> {
-        let Some(action) = self.sh.faults.take(&stage, rcpt) else { return Ok(Flow::Go(None)) };
+        let Some(action) = self.sh.faults.take(&stage, rcpt) else {
+            return Ok(Flow::Go(None));
+        };
         Ok(match action {
             Action::Reply(text) if is_positive(&text) => Flow::Go(Some(text)),
             Action::Reply(text) => {
                 self.reply(&text)?;
-                if text.starts_with("421") { Flow::Close } else { Flow::Stop }
+                if text.starts_with("421") {
+                    Flow::Close
+                } else {
+                    Flow::Stop
+                }
             }
             Action::AcceptThenDrop if stage == Stage::AfterDot => Flow::AcceptThenDrop,
             Action::Drop | Action::AcceptThenDrop => {
@@ -140,7 +165,11 @@ impl Session<'_> {
             }
             Action::Stall(d) => {
                 self.io.flush()?;
-                if self.io.sleep(d) { Flow::Go(None) } else { Flow::Close }
+                if self.io.sleep(d) {
+                    Flow::Go(None)
+                } else {
+                    Flow::Close
+                }
             }
             Action::Garbage => {
                 self.io.write(GARBAGE);
@@ -159,7 +188,9 @@ impl Session<'_> {
         }
         loop {
             let line = match self.io.read_line(MAX_COMMAND) {
-                Ok(l) => String::from_utf8_lossy(l).trim_end_matches(['\r', '\n']).to_owned(),
+                Ok(l) => String::from_utf8_lossy(l)
+                    .trim_end_matches(['\r', '\n'])
+                    .to_owned(),
                 Err(ReadStop::TooLong) => {
                     let r = self.err("500 5.3.3 Line too long");
                     if self.reply(&r).is_err() {
@@ -233,7 +264,8 @@ impl Session<'_> {
             }
             "QUIT" => {
                 let text = match self.fault(Stage::Quit, None)? {
-                    Flow::Go(over) => over.unwrap_or_else(|| "221 2.0.0 Service closing transmission channel".into()),
+                    Flow::Go(over) => over
+                        .unwrap_or_else(|| "221 2.0.0 Service closing transmission channel".into()),
                     Flow::Stop => return Ok(Next::Continue),
                     _ => return Ok(Next::Close),
                 };
@@ -259,7 +291,11 @@ impl Session<'_> {
         match cfg.tls {
             TlsMode::StartTls if !self.io.is_tls() => TlsExt::StartTls,
             // A plaintext sink with nobody to authenticate offers no AUTH at all.
-            TlsMode::None if !cfg.auth_required && cfg.mailboxes.is_empty() && cfg.apps.is_empty() => TlsExt::Nothing,
+            TlsMode::None
+                if !cfg.auth_required && cfg.mailboxes.is_empty() && cfg.apps.is_empty() =>
+            {
+                TlsExt::Nothing
+            }
             _ => TlsExt::Auth,
         }
     }
@@ -270,7 +306,11 @@ impl Session<'_> {
             self.reply(&r)?;
             return Ok(Next::Continue);
         }
-        let stage = if self.upgraded { Stage::AfterTls } else { Stage::Ehlo };
+        let stage = if self.upgraded {
+            Stage::AfterTls
+        } else {
+            Stage::Ehlo
+        };
         let over = match self.fault(stage, None)? {
             Flow::Go(over) => over,
             Flow::Stop => return Ok(Next::Continue),
@@ -278,7 +318,9 @@ impl Session<'_> {
         };
         self.greeted = true;
         self.txn = None;
-        let text = self.replies().ehlo(&self.peer, esmtp, self.tls_ext(), self.sh.cfg.max_size);
+        let text = self
+            .replies()
+            .ehlo(&self.peer, esmtp, self.tls_ext(), self.sh.cfg.max_size);
         self.answer(over, text)
     }
 
@@ -321,7 +363,10 @@ impl Session<'_> {
                 Ok((s != "*").then_some(s))
             }
             Err(ReadStop::Io(e)) => Err(e),
-            Err(_) => Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "client left during AUTH")),
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "client left during AUTH",
+            )),
         }
     }
 
@@ -377,11 +422,17 @@ impl Session<'_> {
 
     fn decode(&self, b64: &str) -> Option<String> {
         let b64 = if b64 == "=" { "" } else { b64 };
-        STANDARD.decode(b64).ok().map(|b| String::from_utf8_lossy(&b).into_owned())
+        STANDARD
+            .decode(b64)
+            .ok()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
     }
 
     /// `None` = cancelled; `Some(Ok(mailbox))` or `Some(Err(reply))`.
-    fn auth_login(&mut self, initial: Option<String>) -> std::io::Result<Option<Result<String, String>>> {
+    fn auth_login(
+        &mut self,
+        initial: Option<String>,
+    ) -> std::io::Result<Option<Result<String, String>>> {
         let user_b64 = match initial {
             Some(i) => i,
             None => {
@@ -393,12 +444,18 @@ impl Session<'_> {
             }
         };
         let Some(user) = self.decode(&user_b64) else {
-            return Ok(Some(Err(self.err("501 5.5.2 Cannot Base64-decode Client responses"))));
+            return Ok(Some(Err(
+                self.err("501 5.5.2 Cannot Base64-decode Client responses")
+            )));
         };
         self.reply("334 UGFzc3dvcmQ6")?;
-        let Some(pass_b64) = self.sasl_line()? else { return Ok(None) };
+        let Some(pass_b64) = self.sasl_line()? else {
+            return Ok(None);
+        };
         let Some(pass) = self.decode(&pass_b64) else {
-            return Ok(Some(Err(self.err("501 5.5.2 Cannot Base64-decode Client responses"))));
+            return Ok(Some(Err(
+                self.err("501 5.5.2 Cannot Base64-decode Client responses")
+            )));
         };
         if !self.sh.cfg.basic_auth {
             return Ok(Some(Err(self.err(
@@ -406,15 +463,26 @@ impl Session<'_> {
             ))));
         }
         // SECURITY: basic auth succeeds only for a configured mailbox with exactly this password.
-        let ok = self.sh.cfg.find_mailbox(&user).is_some_and(|m| m.password.as_deref() == Some(pass.as_str()));
+        let ok = self
+            .sh
+            .cfg
+            .find_mailbox(&user)
+            .is_some_and(|m| m.password.as_deref() == Some(pass.as_str()));
         Ok(Some(if ok {
-            Ok(self.sh.cfg.find_mailbox(&user).map_or(user, |m| m.address.clone()))
+            Ok(self
+                .sh
+                .cfg
+                .find_mailbox(&user)
+                .map_or(user, |m| m.address.clone()))
         } else {
             Err(self.err("535 5.7.3 Authentication unsuccessful"))
         }))
     }
 
-    fn auth_xoauth2(&mut self, initial: Option<String>) -> std::io::Result<Option<Result<String, String>>> {
+    fn auth_xoauth2(
+        &mut self,
+        initial: Option<String>,
+    ) -> std::io::Result<Option<Result<String, String>>> {
         let b64 = match initial {
             Some(i) => i,
             None => {
@@ -426,7 +494,9 @@ impl Session<'_> {
             }
         };
         let fail = self.err("535 5.7.3 Authentication unsuccessful");
-        let Some(payload) = self.decode(&b64) else { return Ok(Some(Err(fail))) };
+        let Some(payload) = self.decode(&b64) else {
+            return Ok(Some(Err(fail)));
+        };
         let mut user = None;
         let mut token = None;
         for field in payload.split('\x01') {
@@ -436,10 +506,24 @@ impl Session<'_> {
                 token = Some(t.to_owned());
             }
         }
-        let (Some(user), Some(token)) = (user, token) else { return Ok(Some(Err(fail))) };
+        let (Some(user), Some(token)) = (user, token) else {
+            return Ok(Some(Err(fail)));
+        };
         // SECURITY: only a live token issued by our endpoint to an app allowed on this mailbox.
-        let ok = self.sh.tokens.as_ref().is_some_and(|t| t.check(&token, &user));
-        Ok(Some(if ok { Ok(self.sh.cfg.find_mailbox(&user).map_or(user, |m| m.address.clone())) } else { Err(fail) }))
+        let ok = self
+            .sh
+            .tokens
+            .as_ref()
+            .is_some_and(|t| t.check(&token, &user));
+        Ok(Some(if ok {
+            Ok(self
+                .sh
+                .cfg
+                .find_mailbox(&user)
+                .map_or(user, |m| m.address.clone()))
+        } else {
+            Err(fail)
+        }))
     }
 
     fn mail(&mut self, line: &str) -> std::io::Result<Next> {
@@ -458,7 +542,11 @@ impl Session<'_> {
             let r = self.err("503 5.5.2 Sender already specified");
             return self.answer(None, r);
         }
-        let Some(arg) = line.get(..10).filter(|p| p.eq_ignore_ascii_case("MAIL FROM:")).map(|_| &line[10..]) else {
+        let Some(arg) = line
+            .get(..10)
+            .filter(|p| p.eq_ignore_ascii_case("MAIL FROM:"))
+            .map(|_| &line[10..])
+        else {
             let r = self.err("501 5.5.4 Invalid arguments");
             return self.answer(None, r);
         };
@@ -477,7 +565,9 @@ impl Session<'_> {
                     Ok(_) => true,
                     Err(_) => false,
                 },
-                "BODY" => ["7BIT", "8BITMIME", "BINARYMIME"].iter().any(|b| b.eq_ignore_ascii_case(v)),
+                "BODY" => ["7BIT", "8BITMIME", "BINARYMIME"]
+                    .iter()
+                    .any(|b| b.eq_ignore_ascii_case(v)),
                 "RET" => v.eq_ignore_ascii_case("FULL") || v.eq_ignore_ascii_case("HDRS"),
                 "SMTPUTF8" => v.is_empty(),
                 "ENVID" | "AUTH" => !v.is_empty(),
@@ -493,7 +583,13 @@ impl Session<'_> {
             Flow::Stop => return Ok(Next::Continue),
             _ => return Ok(Next::Close),
         };
-        self.txn = Some(Txn { from, params, rcpts: Vec::new(), rcpt_params: Vec::new(), bdat: None });
+        self.txn = Some(Txn {
+            from,
+            params,
+            rcpts: Vec::new(),
+            rcpt_params: Vec::new(),
+            bdat: None,
+        });
         self.answer(over, "250 2.1.0 Sender OK".into())
     }
 
@@ -503,7 +599,11 @@ impl Session<'_> {
             return self.answer(None, r);
         };
         let count = txn.rcpts.len();
-        let Some(arg) = line.get(..8).filter(|p| p.eq_ignore_ascii_case("RCPT TO:")).map(|_| &line[8..]) else {
+        let Some(arg) = line
+            .get(..8)
+            .filter(|p| p.eq_ignore_ascii_case("RCPT TO:"))
+            .map(|_| &line[8..])
+        else {
             let r = self.err("501 5.5.4 Invalid arguments");
             return self.answer(None, r);
         };
@@ -518,7 +618,12 @@ impl Session<'_> {
                 return self.answer(None, r);
             }
         }
-        if self.sh.cfg.max_recipients_per_message.is_some_and(|max| count >= max as usize) {
+        if self
+            .sh
+            .cfg
+            .max_recipients_per_message
+            .is_some_and(|max| count >= max as usize)
+        {
             let r = self.err("452 4.5.3 Too many recipients");
             return self.answer(None, r);
         }
@@ -576,7 +681,11 @@ impl Session<'_> {
                 break;
             }
             // Dot-unstuffing: a leading dot on a body line was added by the client.
-            let body = if at_line_start && piece.first() == Some(&b'.') { &piece[1..] } else { piece };
+            let body = if at_line_start && piece.first() == Some(&b'.') {
+                &piece[1..]
+            } else {
+                piece
+            };
             if data.len() + body.len() <= limit {
                 data.extend_from_slice(body);
             } else {
@@ -596,7 +705,9 @@ impl Session<'_> {
     /// A fault while the body arrives. Replies here leave the client out of step (it is still
     /// sending), so after one the connection closes, as Exchange does. False = close.
     fn mid_data_fault(&mut self) -> std::io::Result<bool> {
-        let Some(action) = self.sh.faults.take(&Stage::MidData, None) else { return Ok(true) };
+        let Some(action) = self.sh.faults.take(&Stage::MidData, None) else {
+            return Ok(true);
+        };
         match action {
             Action::Reply(text) => {
                 self.reply(&text)?;
@@ -656,7 +767,9 @@ impl Session<'_> {
         if let Some(r) = not_ready {
             return self.answer(None, r);
         }
-        let Some(txn) = &mut self.txn else { return Ok(Next::Close) };
+        let Some(txn) = &mut self.txn else {
+            return Ok(Next::Close);
+        };
         let (buf, too_big) = txn.bdat.get_or_insert_with(|| (Vec::new(), false));
         if overflow || buf.len() + chunk.len() > limit {
             *too_big = true;
@@ -672,7 +785,9 @@ impl Session<'_> {
 
     /// Everything Exchange decides once the whole message is in.
     fn after_dot(&mut self, data: Vec<u8>, too_big: bool) -> std::io::Result<Next> {
-        let Some(txn) = self.txn.take() else { return Ok(Next::Close) };
+        let Some(txn) = self.txn.take() else {
+            return Ok(Next::Close);
+        };
         let mut over = None;
         let mut drop_after = false;
         match self.fault(Stage::AfterDot, None)? {
@@ -733,7 +848,9 @@ impl Session<'_> {
         }
         if let (Some(auth), true) = (&self.auth, cfg.check_send_as) {
             let mailbox = cfg.find_mailbox(&auth.mailbox);
-            let allowed = |a: &str| a.eq_ignore_ascii_case(&auth.mailbox) || mailbox.is_some_and(|m| m.may_send_as(a));
+            let allowed = |a: &str| {
+                a.eq_ignore_ascii_case(&auth.mailbox) || mailbox.is_some_and(|m| m.may_send_as(a))
+            };
             let from = header_value(data, "From").and_then(|v| first_address(&v));
             // SECURITY: the From header must be the mailbox or one it has SendAs on.
             if let Some(from) = &from {
@@ -749,14 +866,22 @@ impl Session<'_> {
         let mailbox = self.auth.as_ref().map(|a| a.mailbox.clone());
         let rcpts = txn.rcpts.len() as u32;
         loop {
-            match self.sh.limits.admit(mailbox.as_deref(), rcpts, Instant::now()) {
+            match self
+                .sh
+                .limits
+                .admit(mailbox.as_deref(), rcpts, Instant::now())
+            {
                 Ok(()) => return None,
                 Err(Denial::RecipientQuota) => return Some(self.replies().quota_exceeded()),
                 Err(Denial::Rate { until }) => match cfg.over_rate {
                     OverRate::Reject => return Some(self.replies().quota_exceeded()),
                     OverRate::Throttle => {
-                        self.sh.store.throttled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let wait = until.saturating_duration_since(Instant::now()) + Duration::from_millis(1);
+                        self.sh
+                            .store
+                            .throttled
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let wait = until.saturating_duration_since(Instant::now())
+                            + Duration::from_millis(1);
                         if self.io.flush().is_err() || !self.io.sleep(wait) {
                             return Some(self.err("421 4.3.2 Service not active"));
                         }

@@ -118,7 +118,11 @@ impl Store {
 
     pub(crate) fn record(&self, msg: Received, at: Instant) {
         let mut inner = self.lock();
-        inner.stamps.push(Stamp { at, wall: msg.accepted_at, rcpts: msg.rcpts.len() as u32 });
+        inner.stamps.push(Stamp {
+            at,
+            wall: msg.accepted_at,
+            rcpts: msg.rcpts.len() as u32,
+        });
         inner.stamp_mailbox.push(msg.mailbox.clone());
         inner.messages.push(msg);
         drop(inner);
@@ -182,7 +186,9 @@ impl Store {
     }
 
     pub(crate) fn reply_count(&self, code: u16) -> u64 {
-        self.replies.get(usize::from(code)).map_or(0, |c| c.load(Ordering::Relaxed))
+        self.replies
+            .get(usize::from(code))
+            .map_or(0, |c| c.load(Ordering::Relaxed))
     }
 
     pub(crate) fn reply_counts(&self) -> BTreeMap<u16, u64> {
@@ -211,7 +217,8 @@ impl Store {
             .iter()
             .zip(&inner.stamp_mailbox)
             .filter(|(_, m)| {
-                mailbox.is_none_or(|want| m.as_deref().is_some_and(|m| m.eq_ignore_ascii_case(want)))
+                mailbox
+                    .is_none_or(|want| m.as_deref().is_some_and(|m| m.eq_ignore_ascii_case(want)))
             })
             .map(|(s, _)| (s.at, if rcpts { s.rcpts } else { 1 }))
             .collect();
@@ -220,7 +227,12 @@ impl Store {
         v
     }
 
-    pub(crate) fn max_in_window(&self, window: Duration, mailbox: Option<&str>, rcpts: bool) -> u32 {
+    pub(crate) fn max_in_window(
+        &self,
+        window: Duration,
+        mailbox: Option<&str>,
+        rcpts: bool,
+    ) -> u32 {
         max_in_window(&self.sorted_stamps(mailbox, rcpts), window)
     }
 }

@@ -80,7 +80,10 @@ fn uuid() -> String {
 }
 
 fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs() as i64
 }
 
 impl TokenRegistry {
@@ -105,9 +108,9 @@ impl TokenRegistry {
     }
 
     fn app(&self, tenant: &str, client_id: &str) -> Option<&(App, Option<RegisteredKey>)> {
-        self.apps
-            .iter()
-            .find(|(a, _)| a.tenant.eq_ignore_ascii_case(tenant) && a.client_id.eq_ignore_ascii_case(client_id))
+        self.apps.iter().find(|(a, _)| {
+            a.tenant.eq_ignore_ascii_case(tenant) && a.client_id.eq_ignore_ascii_case(client_id)
+        })
     }
 
     /// A fresh access token for `app`, shaped like an Entra ID v1 access token (about 2 KB).
@@ -149,8 +152,14 @@ impl TokenRegistry {
             // SECURITY: 256 unpredictable bytes, so a client cannot guess a token it was not issued.
             URL_SAFE_NO_PAD.encode(random_bytes(&self.rng, 256))
         );
-        let issued = Issued { mailboxes: app.mailboxes.clone(), expires: Instant::now() + lifetime };
-        self.tokens.lock().unwrap_or_else(|e| e.into_inner()).insert(token.clone(), issued);
+        let issued = Issued {
+            mailboxes: app.mailboxes.clone(),
+            expires: Instant::now() + lifetime,
+        };
+        self.tokens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(token.clone(), issued);
         self.issued.fetch_add(1, Ordering::Relaxed);
         (token, lifetime.as_secs())
     }
@@ -160,7 +169,8 @@ impl TokenRegistry {
         let tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
         // SECURITY: only tokens this endpoint issued, before expiry, for a permitted mailbox.
         tokens.get(token).is_some_and(|t| {
-            Instant::now() < t.expires && t.mailboxes.iter().any(|m| m.eq_ignore_ascii_case(mailbox))
+            Instant::now() < t.expires
+                && t.mailboxes.iter().any(|m| m.eq_ignore_ascii_case(mailbox))
         })
     }
 
@@ -190,10 +200,17 @@ impl TokenRegistry {
                 400,
                 "invalid_request",
                 900561,
-                &format!("The endpoint only accepts POST requests. Received a {} request.", crate::replies::echo(method)),
+                &format!(
+                    "The endpoint only accepts POST requests. Received a {} request.",
+                    crate::replies::echo(method)
+                ),
             );
         }
-        if !self.apps.iter().any(|(a, _)| a.tenant.eq_ignore_ascii_case(tenant)) {
+        if !self
+            .apps
+            .iter()
+            .any(|(a, _)| a.tenant.eq_ignore_ascii_case(tenant))
+        {
             return entra_error(
                 400,
                 "invalid_request",
@@ -207,18 +224,30 @@ impl TokenRegistry {
         let form = parse_form(body);
         let get = |k: &str| form.get(k).map(String::as_str);
         let missing = |p: &str| {
-            entra_error(400, "invalid_request", 900144, &format!("The request body must contain the following parameter: '{p}'."))
+            entra_error(
+                400,
+                "invalid_request",
+                900144,
+                &format!("The request body must contain the following parameter: '{p}'."),
+            )
         };
-        let Some(grant) = get("grant_type") else { return missing("grant_type") };
+        let Some(grant) = get("grant_type") else {
+            return missing("grant_type");
+        };
         if grant != "client_credentials" {
             return entra_error(
                 400,
                 "unsupported_grant_type",
                 70003,
-                &format!("The app requested an unsupported grant type '{}'.", crate::replies::echo(grant)),
+                &format!(
+                    "The app requested an unsupported grant type '{}'.",
+                    crate::replies::echo(grant)
+                ),
             );
         }
-        let Some(client_id) = get("client_id") else { return missing("client_id") };
+        let Some(client_id) = get("client_id") else {
+            return missing("client_id");
+        };
         let Some((app, key)) = self.app(tenant, client_id) else {
             return entra_error(
                 400,
@@ -231,12 +260,26 @@ impl TokenRegistry {
                 ),
             );
         };
-        let Some(scope) = get("scope") else { return missing("scope") };
+        let Some(scope) = get("scope") else {
+            return missing("scope");
+        };
         if scope != SCOPE {
             let (code, text) = if scope.ends_with("/.default") {
-                (70011, format!("The provided request must include a 'scope' input parameter. The provided value for the input parameter 'scope' is not valid. The scope {} is not valid.", crate::replies::echo(scope)))
+                (
+                    70011,
+                    format!(
+                        "The provided request must include a 'scope' input parameter. The provided value for the input parameter 'scope' is not valid. The scope {} is not valid.",
+                        crate::replies::echo(scope)
+                    ),
+                )
             } else {
-                (1002012, format!("The provided value for scope {} is not valid. Client credential flows must have a scope value with /.default suffixed to the resource identifier (application ID URI).", crate::replies::echo(scope)))
+                (
+                    1002012,
+                    format!(
+                        "The provided value for scope {} is not valid. Client credential flows must have a scope value with /.default suffixed to the resource identifier (application ID URI).",
+                        crate::replies::echo(scope)
+                    ),
+                )
             };
             return entra_error(400, "invalid_scope", code, &text);
         }
@@ -248,7 +291,10 @@ impl TokenRegistry {
                         401,
                         "invalid_client",
                         7000215,
-                        &format!("Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID, for a secret added to app '{}'.", app.client_id),
+                        &format!(
+                            "Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID, for a secret added to app '{}'.",
+                            app.client_id
+                        ),
                     );
                 }
             }
@@ -256,7 +302,12 @@ impl TokenRegistry {
                 match get("client_assertion_type") {
                     None => return missing("client_assertion_type"),
                     Some(t) if t != JWT_BEARER => {
-                        return entra_error(400, "invalid_request", 50027, "JWT token is invalid or malformed. The client_assertion_type is not supported.");
+                        return entra_error(
+                            400,
+                            "invalid_request",
+                            50027,
+                            "JWT token is invalid or malformed. The client_assertion_type is not supported.",
+                        );
                     }
                     Some(_) => {}
                 }
@@ -265,15 +316,24 @@ impl TokenRegistry {
                         401,
                         "invalid_client",
                         700027,
-                        &format!("Client assertion contains an invalid signature. [Reason - The key was not found., Please visit the Azure Portal, Graph Explorer or directly use MS Graph to see configured keys for app Id '{}'.]", app.client_id),
+                        &format!(
+                            "Client assertion contains an invalid signature. [Reason - The key was not found., Please visit the Azure Portal, Graph Explorer or directly use MS Graph to see configured keys for app Id '{}'.]",
+                            app.client_id
+                        ),
                     );
                 };
-                if let Err(e) = verify_assertion(assertion, key, &app.client_id, tenant, unix_now()) {
+                if let Err(e) = verify_assertion(assertion, key, &app.client_id, tenant, unix_now())
+                {
                     return assertion_error(&e, &app.client_id);
                 }
             }
             (None, None) => {
-                return entra_error(401, "invalid_client", 7000218, "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.");
+                return entra_error(
+                    401,
+                    "invalid_client",
+                    7000218,
+                    "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.",
+                );
             }
         }
         let (token, expires_in) = self.issue(app);
@@ -289,22 +349,36 @@ impl TokenRegistry {
 
 fn assertion_error(e: &AssertionError, client_id: &str) -> (u16, String) {
     match e {
-        AssertionError::Expired { .. } | AssertionError::NotYetValid { .. } => {
-            entra_error(401, "invalid_client", 700024, &format!("Client assertion is not within its valid time range. ({e})"))
-        }
-        AssertionError::Signature | AssertionError::UnknownKey(_) | AssertionError::Missing("x5t") => entra_error(
+        AssertionError::Expired { .. } | AssertionError::NotYetValid { .. } => entra_error(
+            401,
+            "invalid_client",
+            700024,
+            &format!("Client assertion is not within its valid time range. ({e})"),
+        ),
+        AssertionError::Signature
+        | AssertionError::UnknownKey(_)
+        | AssertionError::Missing("x5t") => entra_error(
             401,
             "invalid_client",
             700027,
-            &format!("Client assertion contains an invalid signature. [Reason - {e}, Please visit the Azure Portal, Graph Explorer or directly use MS Graph to see configured keys for app Id '{client_id}'.]"),
+            &format!(
+                "Client assertion contains an invalid signature. [Reason - {e}, Please visit the Azure Portal, Graph Explorer or directly use MS Graph to see configured keys for app Id '{client_id}'.]"
+            ),
         ),
         AssertionError::Issuer(_) => entra_error(
             401,
             "invalid_client",
             700021,
-            &format!("Client assertion application identifier doesn't match 'client_id' parameter. ({e})"),
+            &format!(
+                "Client assertion application identifier doesn't match 'client_id' parameter. ({e})"
+            ),
         ),
-        _ => entra_error(400, "invalid_request", 50027, &format!("JWT token is invalid or malformed. ({e})")),
+        _ => entra_error(
+            400,
+            "invalid_request",
+            50027,
+            &format!("JWT token is invalid or malformed. ({e})"),
+        ),
     }
 }
 
@@ -330,7 +404,11 @@ fn percent_decode(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        let hex = b.get(i + 1..i + 3).filter(|h| h.iter().all(u8::is_ascii_hexdigit)).and_then(|h| std::str::from_utf8(h).ok()).and_then(|h| u8::from_str_radix(h, 16).ok());
+        let hex = b
+            .get(i + 1..i + 3)
+            .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
         match (b[i], hex) {
             (b'+', _) => out.push(b' '),
             (b'%', Some(v)) => {
@@ -352,7 +430,8 @@ fn parse_form(body: &[u8]) -> HashMap<String, String> {
             continue;
         }
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        form.entry(percent_decode(k)).or_insert_with(|| percent_decode(v));
+        form.entry(percent_decode(k))
+            .or_insert_with(|| percent_decode(v));
     }
     form
 }
@@ -378,21 +457,31 @@ pub struct TokenEndpoint {
 }
 
 impl TokenEndpoint {
-    pub(crate) fn start(registry: Arc<TokenRegistry>, tls: Arc<ServerConfig>, port: u16) -> io::Result<TokenEndpoint> {
+    pub(crate) fn start(
+        registry: Arc<TokenRegistry>,
+        tls: Arc<ServerConfig>,
+        port: u16,
+    ) -> io::Result<TokenEndpoint> {
         let listener = TcpListener::bind(("127.0.0.1", port))?;
         let shared = Arc::new(Shared {
             registry,
             tls,
             addr: listener.local_addr()?,
             shutdown: Arc::new(AtomicBool::new(false)),
-            state: Mutex::new(ListenState { down: false, listening: true }),
+            state: Mutex::new(ListenState {
+                down: false,
+                listening: true,
+            }),
             changed: Condvar::new(),
         });
         let s = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("token-accept".into())
             .spawn(move || accept_loop(&s, listener))?;
-        Ok(TokenEndpoint { shared, thread: Some(thread) })
+        Ok(TokenEndpoint {
+            shared,
+            thread: Some(thread),
+        })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -425,11 +514,21 @@ impl TokenEndpoint {
 
     /// Applies `fault` to the next `times` requests (`None` = all).
     pub fn inject(&self, fault: TokenFault, times: Option<u32>) {
-        self.shared.registry.faults.lock().unwrap_or_else(|e| e.into_inner()).push((fault, times));
+        self.shared
+            .registry
+            .faults
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((fault, times));
     }
 
     pub fn clear_faults(&self) {
-        self.shared.registry.faults.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.shared
+            .registry
+            .faults
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     /// Closes (true) or reopens (false) the listening socket: while down, connections are
@@ -456,13 +555,25 @@ impl TokenEndpoint {
 
     /// Sets `expires_in` for tokens issued from now on.
     pub fn set_lifetime(&self, lifetime: Duration) {
-        *self.shared.registry.lifetime.lock().unwrap_or_else(|e| e.into_inner()) = lifetime;
+        *self
+            .shared
+            .registry
+            .lifetime
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = lifetime;
     }
 
     /// Makes every token issued so far expired (as after their `expires_in`).
     pub fn expire_all(&self) {
         let past = Instant::now();
-        for t in self.shared.registry.tokens.lock().unwrap_or_else(|e| e.into_inner()).values_mut() {
+        for t in self
+            .shared
+            .registry
+            .tokens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values_mut()
+        {
             t.expires = past;
         }
     }
@@ -527,11 +638,15 @@ fn accept_loop(sh: &Arc<Shared>, first: TcpListener) {
         let Some(l) = &listener else { continue };
         match l.accept() {
             Ok((sock, _)) => {
-                if sh.shutdown.load(Ordering::SeqCst) || sh.state.lock().unwrap_or_else(|e| e.into_inner()).down {
+                if sh.shutdown.load(Ordering::SeqCst)
+                    || sh.state.lock().unwrap_or_else(|e| e.into_inner()).down
+                {
                     continue;
                 }
                 let s = Arc::clone(sh);
-                let _ = std::thread::Builder::new().name("token-conn".into()).spawn(move || serve(&s, sock));
+                let _ = std::thread::Builder::new()
+                    .name("token-conn".into())
+                    .spawn(move || serve(&s, sock));
             }
             Err(_) => std::thread::sleep(Duration::from_millis(10)),
         }
@@ -553,15 +668,14 @@ fn reason(status: u16) -> &'static str {
 
 /// One HTTP/1.1 connection, keep-alive until the client closes or says `Connection: close`.
 fn serve(sh: &Shared, sock: TcpStream) {
-    let Ok(mut io) = Io::new(sock, Arc::clone(&sh.shutdown), Duration::from_secs(30)) else { return };
+    let Ok(mut io) = Io::new(sock, Arc::clone(&sh.shutdown), Duration::from_secs(30)) else {
+        return;
+    };
     if io.start_tls(Arc::clone(&sh.tls)).is_err() {
         return;
     }
-    loop {
-        let request_line = match io.read_line(MAX_HEADER_LINE) {
-            Ok(l) => String::from_utf8_lossy(l).trim_end().to_owned(),
-            Err(_) => break,
-        };
+    while let Ok(l) = io.read_line(MAX_HEADER_LINE) {
+        let request_line = String::from_utf8_lossy(l).trim_end().to_owned();
         if request_line.is_empty() {
             continue;
         }
@@ -598,7 +712,10 @@ fn serve(sh: &Shared, sock: TcpStream) {
             break;
         }
         let mut body = Vec::with_capacity(content_length as usize);
-        if io.read_exact_to(content_length, |b| body.extend_from_slice(b)).is_err() {
+        if io
+            .read_exact_to(content_length, |b| body.extend_from_slice(b))
+            .is_err()
+        {
             break;
         }
         sh.registry.requests.fetch_add(1, Ordering::Relaxed);
@@ -643,7 +760,11 @@ mod tests {
     use super::*;
 
     fn registry() -> TokenRegistry {
-        TokenRegistry::new(&[App::with_secret("t1", "app1", "s3cret", "m@x")], Duration::from_secs(60)).unwrap()
+        TokenRegistry::new(
+            &[App::with_secret("t1", "app1", "s3cret", "m@x")],
+            Duration::from_secs(60),
+        )
+        .unwrap()
     }
 
     fn form(pairs: &[(&str, &str)]) -> Vec<u8> {
@@ -658,19 +779,33 @@ mod tests {
     #[test]
     fn issues_for_the_right_secret_only() {
         let r = registry();
-        let good = form(&[("grant_type", "client_credentials"), ("client_id", "app1"), ("client_secret", "s3cret"), ("scope", SCOPE)]);
+        let good = form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", "app1"),
+            ("client_secret", "s3cret"),
+            ("scope", SCOPE),
+        ]);
         let (status, body) = r.answer("POST", "/t1/oauth2/v2.0/token", &good);
         assert_eq!(status, 200, "{body}");
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         let token = v["access_token"].as_str().unwrap();
-        assert!((1500..=3072).contains(&token.len()), "token length {}", token.len());
+        assert!(
+            (1500..=3072).contains(&token.len()),
+            "token length {}",
+            token.len()
+        );
         assert_eq!(v["token_type"], "Bearer");
         assert_eq!(v["expires_in"], 60);
         assert!(r.check(token, "M@x"));
         assert!(!r.check(token, "other@x"));
         assert!(!r.check("forged", "m@x"));
 
-        let bad = form(&[("grant_type", "client_credentials"), ("client_id", "app1"), ("client_secret", "nope"), ("scope", SCOPE)]);
+        let bad = form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", "app1"),
+            ("client_secret", "nope"),
+            ("scope", SCOPE),
+        ]);
         let (status, body) = r.answer("POST", "/t1/oauth2/v2.0/token", &bad);
         assert_eq!(status, 401);
         assert!(body.contains("\"error\":\"invalid_client\""));
@@ -682,12 +817,36 @@ mod tests {
     fn entra_errors() {
         let r = registry();
         let p = "/t1/oauth2/v2.0/token";
-        let cases: &[(&str, &[(&str, &str)], u16, &str)] = &[
+        type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], u16, &'a str);
+        let cases: &[Case] = &[
             (p, &[], 400, "AADSTS900144"),
             (p, &[("grant_type", "password")], 400, "AADSTS70003"),
-            (p, &[("grant_type", "client_credentials"), ("client_id", "zzz")], 400, "AADSTS700016"),
-            (p, &[("grant_type", "client_credentials"), ("client_id", "app1"), ("scope", "https://x/Mail.Send")], 400, "AADSTS1002012"),
-            (p, &[("grant_type", "client_credentials"), ("client_id", "app1"), ("scope", SCOPE)], 401, "AADSTS7000218"),
+            (
+                p,
+                &[("grant_type", "client_credentials"), ("client_id", "zzz")],
+                400,
+                "AADSTS700016",
+            ),
+            (
+                p,
+                &[
+                    ("grant_type", "client_credentials"),
+                    ("client_id", "app1"),
+                    ("scope", "https://x/Mail.Send"),
+                ],
+                400,
+                "AADSTS1002012",
+            ),
+            (
+                p,
+                &[
+                    ("grant_type", "client_credentials"),
+                    ("client_id", "app1"),
+                    ("scope", SCOPE),
+                ],
+                401,
+                "AADSTS7000218",
+            ),
             ("/t9/oauth2/v2.0/token", &[], 400, "AADSTS90002"),
         ];
         for (path, f, status, code) in cases {

@@ -684,6 +684,7 @@ fn serve(sh: &Shared, sock: TcpStream) {
         let path = parts.next().unwrap_or("").to_owned();
         let mut content_length = 0u64;
         let mut close = false;
+        let mut chunked = false;
         let mut headers_ok = false;
         for _ in 0..MAX_HEADERS {
             let line = match io.read_line(MAX_HEADER_LINE) {
@@ -703,6 +704,10 @@ fn serve(sh: &Shared, sock: TcpStream) {
                     content_length = v.parse().unwrap_or(u64::MAX);
                 } else if k.eq_ignore_ascii_case("connection") && v.eq_ignore_ascii_case("close") {
                     close = true;
+                } else if k.eq_ignore_ascii_case("transfer-encoding")
+                    && v.eq_ignore_ascii_case("chunked")
+                {
+                    chunked = true;
                 }
             }
         }
@@ -711,13 +716,15 @@ fn serve(sh: &Shared, sock: TcpStream) {
             respond(&mut io, 400, "", true);
             break;
         }
-        let mut body = Vec::with_capacity(content_length as usize);
-        if io
-            .read_exact_to(content_length, |b| body.extend_from_slice(b))
-            .is_err()
-        {
-            break;
-        }
+        let body = if chunked {
+            read_chunked(&mut io)
+        } else {
+            let mut body = Vec::with_capacity(content_length as usize);
+            io.read_exact_to(content_length, |b| body.extend_from_slice(b))
+                .map(|_| body)
+                .ok()
+        };
+        let Some(body) = body else { break };
         sh.registry.requests.fetch_add(1, Ordering::Relaxed);
         let (status, json) = match sh.registry.take_fault() {
             Some(TokenFault::Drop) => {
@@ -739,6 +746,28 @@ fn serve(sh: &Shared, sock: TcpStream) {
         }
     }
     io.close();
+}
+
+/// A `Transfer-Encoding: chunked` body, bounded by `MAX_BODY`; `None` on any malformation.
+fn read_chunked(io: &mut Io) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let line = io.read_line(MAX_HEADER_LINE).ok()?;
+        let size_text = String::from_utf8_lossy(line);
+        let size_text = size_text.trim().split(';').next().unwrap_or("");
+        let size = u64::from_str_radix(size_text, 16).ok()?;
+        // SECURITY: the body stays bounded even when sent in chunks.
+        if body.len() as u64 + size > MAX_BODY {
+            return None;
+        }
+        if size == 0 {
+            // Trailers up to the empty line.
+            while !io.read_line(MAX_HEADER_LINE).ok()?.trim_ascii().is_empty() {}
+            return Some(body);
+        }
+        io.read_exact_to(size, |b| body.extend_from_slice(b)).ok()?;
+        io.read_line(MAX_HEADER_LINE).ok()?;
+    }
 }
 
 fn respond(io: &mut Io, status: u16, json: &str, close: bool) {

@@ -296,6 +296,25 @@ fn token_endpoint_errors_assertions_and_faults() {
     ep.set_down(false);
     assert_eq!(https_post(port, path, &form, &emu.ca_pem()).unwrap().0, 200);
     assert_eq!(ep.requests(), 6);
+
+    // A chunked body (some HTTP clients stream forms).
+    let sock = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let conn =
+        rustls::ClientConnection::new(tls_config(&emu.ca_pem()), "localhost".try_into().unwrap())
+            .unwrap();
+    let mut s = rustls::StreamOwned::new(conn, sock);
+    let (a, b) = form.split_at(10);
+    use std::io::{Read, Write};
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n{a}\r\n{:x}\r\n{b}\r\n0\r\n\r\n",
+        a.len(),
+        b.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
 }
 
 #[test]

@@ -123,7 +123,11 @@ impl Span {
             "m" => 60,
             "h" => 3600,
             "d" => 86_400,
-            _ => return Err(format!("{s:?}: the unit must be s, m, h or d, as in 30s or 5d")),
+            _ => {
+                return Err(format!(
+                    "{s:?}: the unit must be s, m, h or d, as in 30s or 5d"
+                ));
+            }
         };
         let secs = number
             .parse::<u64>()
@@ -343,22 +347,34 @@ impl Config {
             crate::message::address::Address::parse(a)
                 .ok()
                 .filter(|a| a.is_qualified())
-                .ok_or_else(|| invalid("admin", format!("{a:?} is not a full address such as ops@example.com")))?;
+                .ok_or_else(|| {
+                    invalid(
+                        "admin",
+                        format!("{a:?} is not a full address such as ops@example.com"),
+                    )
+                })?;
         }
         let mut local_domains = Vec::new();
         for d in raw.local_domains {
             local_domains.push(validate_domain(&d).map_err(|m| invalid("local_domains", m))?);
         }
-        for d in [host_fqdn(), Some("localhost".to_string())].into_iter().flatten() {
+        for d in [host_fqdn(), Some("localhost".to_string())]
+            .into_iter()
+            .flatten()
+        {
             if !local_domains.contains(&d) {
                 local_domains.push(d);
             }
         }
         let mut accounts: Vec<Account> = Vec::new();
         for raw_account in raw.accounts {
-            let account = Account::validate(raw_account).map_err(|(key, message)| invalid(key, message))?;
+            let account =
+                Account::validate(raw_account).map_err(|(key, message)| invalid(key, message))?;
             if accounts.iter().any(|a| a.name == account.name) {
-                return Err(invalid("account.name", format!("two accounts are named {:?}", account.name)));
+                return Err(invalid(
+                    "account.name",
+                    format!("two accounts are named {:?}", account.name),
+                ));
             }
             accounts.push(account);
         }
@@ -367,11 +383,17 @@ impl Config {
             spool_dir,
             domain,
             max_message_size,
-            secrets_file: raw.secrets_file.unwrap_or_else(|| PathBuf::from(paths::SECRETS_FILE)),
-            aliases: raw.aliases.unwrap_or_else(|| PathBuf::from(paths::ALIASES_FILE)),
+            secrets_file: raw
+                .secrets_file
+                .unwrap_or_else(|| PathBuf::from(paths::SECRETS_FILE)),
+            aliases: raw
+                .aliases
+                .unwrap_or_else(|| PathBuf::from(paths::ALIASES_FILE)),
             admin: raw.admin,
             local_domains,
-            max_queue_lifetime: raw.max_queue_lifetime.map_or(DEFAULT_QUEUE_LIFETIME, |s| s.0),
+            max_queue_lifetime: raw
+                .max_queue_lifetime
+                .map_or(DEFAULT_QUEUE_LIFETIME, |s| s.0),
             accounts,
         })
     }
@@ -381,37 +403,67 @@ impl Config {
 pub const DEFAULT_QUEUE_LIFETIME: Duration = Duration::from_secs(5 * 86_400);
 
 fn is_loopback(host: &str) -> bool {
-    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 impl Account {
     fn validate(r: RawAccount) -> Result<Account, (&'static str, String)> {
         let name_ok = !r.name.is_empty()
             && r.name.len() <= 64
-            && r.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            && r.name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         if !name_ok {
             // SECURITY: the name becomes a file name under state/.
-            return Err(("account.name", format!("{:?}: use letters, digits, - and _ only", r.name)));
+            return Err((
+                "account.name",
+                format!("{:?}: use letters, digits, - and _ only", r.name),
+            ));
         }
         let mailbox = crate::message::address::Address::parse(&r.mailbox)
             .ok()
             .filter(|a| a.is_qualified())
-            .ok_or(("account.mailbox", format!("{:?} is not a mailbox address such as app@contoso.com", r.mailbox)))?;
+            .ok_or((
+                "account.mailbox",
+                format!(
+                    "{:?} is not a mailbox address such as app@contoso.com",
+                    r.mailbox
+                ),
+            ))?;
         let host = r.host.unwrap_or_else(|| "smtp.office365.com".to_string());
         let tls = r.tls.unwrap_or(TlsMode::Starttls);
         if tls == TlsMode::None && !is_loopback(&host) {
             // SECURITY: credentials and mail never cross a network in plain text.
-            return Err(("account.tls", format!("tls = \"none\" is only allowed for a loopback host, not {host:?}; use starttls")));
+            return Err((
+                "account.tls",
+                format!(
+                    "tls = \"none\" is only allowed for a loopback host, not {host:?}; use starttls"
+                ),
+            ));
         }
         let auth = r.auth.unwrap_or(AuthMode::Xoauth2);
         if auth == AuthMode::Xoauth2 && r.oauth.is_none() {
-            return Err(("account.oauth", format!("account {:?} uses auth = \"xoauth2\" but has no [account.oauth] table with tenant and client_id", r.name)));
+            return Err((
+                "account.oauth",
+                format!(
+                    "account {:?} uses auth = \"xoauth2\" but has no [account.oauth] table with tenant and client_id",
+                    r.name
+                ),
+            ));
         }
         let transport = match r.transport.as_deref() {
             None | Some("smtp") => Transport::Smtp,
             Some(t) => match t.strip_prefix("maildir:") {
                 Some(p) if Path::new(p).is_absolute() => Transport::Maildir(PathBuf::from(p)),
-                _ => return Err(("account.transport", format!("{t:?}: use smtp or maildir:/absolute/path"))),
+                _ => {
+                    return Err((
+                        "account.transport",
+                        format!("{t:?}: use smtp or maildir:/absolute/path"),
+                    ));
+                }
             },
         };
         let defaults = Limits::default();
@@ -422,11 +474,15 @@ impl Account {
             connections: r.connections.unwrap_or(defaults.connections),
             reserve: r.reserve.unwrap_or(defaults.reserve),
         };
-        limits.validate().map_err(|e| ("account limits", e.to_string()))?;
+        limits
+            .validate()
+            .map_err(|e| ("account limits", e.to_string()))?;
         Ok(Account {
             name: r.name,
             mailbox: mailbox.to_string(),
-            port: r.port.unwrap_or(if tls == TlsMode::Tls { 465 } else { 587 }),
+            port: r
+                .port
+                .unwrap_or(if tls == TlsMode::Tls { 465 } else { 587 }),
             host,
             tls,
             auth,
@@ -542,7 +598,15 @@ mod tests {
         )
         .unwrap();
         let a = &c.accounts[0];
-        assert_eq!((a.host.as_str(), a.port, a.tls, a.auth), ("smtp.office365.com", 587, TlsMode::Starttls, AuthMode::Xoauth2));
+        assert_eq!(
+            (a.host.as_str(), a.port, a.tls, a.auth),
+            (
+                "smtp.office365.com",
+                587,
+                TlsMode::Starttls,
+                AuthMode::Xoauth2
+            )
+        );
         assert_eq!(a.from, FromPolicy::Rewrite);
         assert_eq!(a.limits.message_rate.window, Duration::from_secs(3));
         assert_eq!(a.limits.recipient_rate.count, 10_000);
@@ -553,17 +617,32 @@ mod tests {
     #[test]
     fn account_errors_name_the_key() {
         let base = "domain = \"a.b\"\n[[account]]\nname = \"app\"\nmailbox = \"app@contoso.com\"\nauth = \"login\"\n";
-        let e = load(&format!("{base}tls = \"none\"\n")).unwrap_err().to_string();
+        let e = load(&format!("{base}tls = \"none\"\n"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("account.tls") && e.contains("loopback"), "{e}");
-        let e = load(&format!("{base}hots = \"x\"\n")).unwrap_err().to_string();
+        let e = load(&format!("{base}hots = \"x\"\n"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("hots") && e.contains("line 6"), "{e}");
-        let e = load(&format!("{base}message_rate = \"30 per minute\"\n")).unwrap_err().to_string();
+        let e = load(&format!("{base}message_rate = \"30 per minute\"\n"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("message_rate"), "{e}");
-        let e = load("domain = \"a.b\"\n[[account]]\nname = \"app\"\nmailbox = \"app@contoso.com\"\n").unwrap_err().to_string();
+        let e =
+            load("domain = \"a.b\"\n[[account]]\nname = \"app\"\nmailbox = \"app@contoso.com\"\n")
+                .unwrap_err()
+                .to_string();
         assert!(e.contains("[account.oauth]"), "{e}");
-        let e = load(&format!("{base}transport = \"maildir:rel\"\n")).unwrap_err().to_string();
+        let e = load(&format!("{base}transport = \"maildir:rel\"\n"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("maildir:/absolute/path"), "{e}");
-        let e = load(&format!("{base}[[account]]\nname = \"app\"\nmailbox = \"b@contoso.com\"\nauth = \"login\"\n")).unwrap_err().to_string();
+        let e = load(&format!(
+            "{base}[[account]]\nname = \"app\"\nmailbox = \"b@contoso.com\"\nauth = \"login\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("two accounts"), "{e}");
         let ok = load(&format!("{base}host = \"127.0.0.1\"\ntls = \"none\"\n")).unwrap();
         assert_eq!(ok.accounts[0].tls, TlsMode::None);

@@ -231,12 +231,18 @@ impl Runner {
             if let Some(h) = read_hold(&self.spool, &self.account.name) {
                 let until = UNIX_EPOCH + Duration::from_micros(h.until_us);
                 if until > now {
-                    return Some((until, format!("account {} held: {}", self.account.name, h.reason)));
+                    return Some((
+                        until,
+                        format!("account {} held: {}", self.account.name, h.reason),
+                    ));
                 }
             }
         }
         match self.ledger.frozen(now) {
-            Ok(Some(f)) => Some((f.until, format!("quota: account {} frozen: {}", self.account.name, f.reason))),
+            Ok(Some(f)) => Some((
+                f.until,
+                format!("quota: account {} frozen: {}", self.account.name, f.reason),
+            )),
             _ => None,
         }
     }
@@ -248,10 +254,21 @@ impl Runner {
         let mut spawned = Vec::new();
         let mut locked = match self.queue.lock(id) {
             Ok(Some(l)) => l,
-            Ok(None) => return Report { outcome: Outcome::Skipped, spawned },
+            Ok(None) => {
+                return Report {
+                    outcome: Outcome::Skipped,
+                    spawned,
+                };
+            }
             Err(e) => {
-                self.log(crate::logging::Level::Error, &format!("{id}: cannot lock: {e}"));
-                return Report { outcome: Outcome::Skipped, spawned };
+                self.log(
+                    crate::logging::Level::Error,
+                    &format!("{id}: cannot lock: {e}"),
+                );
+                return Report {
+                    outcome: Outcome::Skipped,
+                    spawned,
+                };
             }
         };
         if !locked.entry.is_due(now, explicit) {
@@ -262,12 +279,24 @@ impl Runner {
             };
             return Report { outcome, spawned };
         }
-        let age = now.duration_since(locked.entry.arrival()).unwrap_or_default();
+        let age = now
+            .duration_since(locked.entry.arrival())
+            .unwrap_or_default();
         if age > self.config.max_queue_lifetime {
             let days = self.config.max_queue_lifetime.as_secs_f64() / 86_400.0;
-            for r in locked.entry.recipients.iter_mut().filter(|r| r.status == RcptStatus::Pending) {
-                let last = r.reply.take().unwrap_or_else(|| "no attempt succeeded".into());
-                r.reply = Some(format!("4.4.7 message expired after {days:.1} days in the queue: {last}"));
+            for r in locked
+                .entry
+                .recipients
+                .iter_mut()
+                .filter(|r| r.status == RcptStatus::Pending)
+            {
+                let last = r
+                    .reply
+                    .take()
+                    .unwrap_or_else(|| "no attempt succeeded".into());
+                r.reply = Some(format!(
+                    "4.4.7 message expired after {days:.1} days in the queue: {last}"
+                ));
                 r.status = RcptStatus::Failed;
             }
         } else if let Some((until, why)) = self.blocked(now, explicit) {
@@ -294,11 +323,19 @@ impl Runner {
         let message = match locked.message() {
             Ok(m) => m,
             Err(e) => {
-                self.log(crate::logging::Level::Error, &format!("{}: cannot read the queued message: {e}", locked.entry.id));
+                self.log(
+                    crate::logging::Level::Error,
+                    &format!("{}: cannot read the queued message: {e}", locked.entry.id),
+                );
                 return;
             }
         };
-        let outgoing = rewrite::apply(&message, &self.account.mailbox, self.account.from, &self.host);
+        let outgoing = rewrite::apply(
+            &message,
+            &self.account.mailbox,
+            self.account.from,
+            &self.host,
+        );
         locked.entry.account = Some(self.account.name.clone());
         locked.entry.reason = None;
         let mut tried: HashSet<usize> = HashSet::new();
@@ -320,7 +357,10 @@ impl Runner {
                 break;
             }
             let now = SystemTime::now();
-            match self.ledger.reserve_some(now, batch.len() as u32, &self.account.limits) {
+            match self
+                .ledger
+                .reserve_some(now, batch.len() as u32, &self.account.limits)
+            {
                 Ok(Grant::Go(n)) => batch.truncate(n as usize),
                 Ok(Grant::WaitUntil(t)) => {
                     let wait = t.duration_since(now).unwrap_or_default();
@@ -341,18 +381,33 @@ impl Runner {
                     break;
                 }
                 Err(e) => {
-                    self.log(crate::logging::Level::Error, &format!("{}: quota ledger: {e}", locked.entry.id));
+                    self.log(
+                        crate::logging::Level::Error,
+                        &format!("{}: quota ledger: {e}", locked.entry.id),
+                    );
                     locked.entry.reason = Some(format!("quota ledger error: {e}"));
                     break;
                 }
             }
             tried.extend(batch.iter().copied());
             let flow = match &self.account.transport {
-                Transport::Maildir(dir) => self.capture(locked, &batch, &outgoing, dir.clone(), started),
-                Transport::Smtp => self.transaction(locked, &batch, &outgoing, started, &mut tried, &mut batch_cap),
+                Transport::Maildir(dir) => {
+                    self.capture(locked, &batch, &outgoing, dir.clone(), started)
+                }
+                Transport::Smtp => self.transaction(
+                    locked,
+                    &batch,
+                    &outgoing,
+                    started,
+                    &mut tried,
+                    &mut batch_cap,
+                ),
             };
             if let Err(e) = self.queue.update(&locked.entry) {
-                self.log(crate::logging::Level::Error, &format!("{}: cannot record the result: {e}", locked.entry.id));
+                self.log(
+                    crate::logging::Level::Error,
+                    &format!("{}: cannot record the result: {e}", locked.entry.id),
+                );
             }
             if let Flow::Stop = flow {
                 break;
@@ -360,13 +415,35 @@ impl Runner {
         }
     }
 
-    fn capture(&mut self, locked: &mut Locked, batch: &[usize], outgoing: &[u8], dir: PathBuf, started: SystemTime) -> Flow {
-        let rcpts: Vec<String> = batch.iter().map(|&i| locked.entry.recipients[i].address.clone()).collect();
-        match capture::deliver(&dir, &locked.entry.id, &self.account.mailbox, &rcpts, outgoing) {
+    fn capture(
+        &mut self,
+        locked: &mut Locked,
+        batch: &[usize],
+        outgoing: &[u8],
+        dir: PathBuf,
+        started: SystemTime,
+    ) -> Flow {
+        let rcpts: Vec<String> = batch
+            .iter()
+            .map(|&i| locked.entry.recipients[i].address.clone())
+            .collect();
+        match capture::deliver(
+            &dir,
+            &locked.entry.id,
+            &self.account.mailbox,
+            &rcpts,
+            outgoing,
+        ) {
             Ok(path) => {
                 let text = format!("250 2.0.0 captured as {}", path.display());
                 for &i in batch {
-                    self.mark_sent(locked, i, &format!("maildir:{}", dir.display()), &text, started);
+                    self.mark_sent(
+                        locked,
+                        i,
+                        &format!("maildir:{}", dir.display()),
+                        &text,
+                        started,
+                    );
                 }
                 Flow::Continue
             }
@@ -380,13 +457,26 @@ impl Runner {
         }
     }
 
-    fn mark_sent(&mut self, locked: &mut Locked, i: usize, relay: &str, reply: &str, started: SystemTime) {
-        let delay = SystemTime::now().duration_since(locked.entry.arrival()).unwrap_or_default();
+    fn mark_sent(
+        &mut self,
+        locked: &mut Locked,
+        i: usize,
+        relay: &str,
+        reply: &str,
+        started: SystemTime,
+    ) {
+        let delay = SystemTime::now()
+            .duration_since(locked.entry.arrival())
+            .unwrap_or_default();
         let _ = started;
         let r = &mut locked.entry.recipients[i];
         r.status = RcptStatus::Sent;
         r.reply = Some(reply.to_string());
-        let orig = r.original.as_deref().map(|o| format!(", orig_to=<{o}>")).unwrap_or_default();
+        let orig = r
+            .original
+            .as_deref()
+            .map(|o| format!(", orig_to=<{o}>"))
+            .unwrap_or_default();
         let line = format!(
             "{}: to=<{}>{orig}, relay={relay}, delay={:.2}, status=sent ({reply})",
             locked.entry.id,
@@ -443,7 +533,11 @@ impl Runner {
 
     /// Opens and authenticates a session, refreshing an OAuth2 token once on 535.
     fn open_session(&mut self, now: SystemTime) -> Result<(), Verdict> {
-        let helo = self.account.helo_name.clone().unwrap_or_else(|| self.host.clone());
+        let helo = self
+            .account
+            .helo_name
+            .clone()
+            .unwrap_or_else(|| self.host.clone());
         let host = self.account.host.clone();
         let ca_file = self.account.ca_file.clone();
         let ep = Endpoint {
@@ -460,9 +554,18 @@ impl Runner {
             let mut session = Session::open(&ep).map_err(|f| verdict_for(&f))?;
             let user = self.account.mailbox.clone();
             let login = match (&self.account.auth, &secret) {
-                (AuthMode::Login, Some(s)) => Login::Login { user: &user, password: s },
-                (AuthMode::Plain, Some(s)) => Login::Plain { user: &user, password: s },
-                (AuthMode::Xoauth2, Some(s)) => Login::Xoauth2 { user: &user, token: s },
+                (AuthMode::Login, Some(s)) => Login::Login {
+                    user: &user,
+                    password: s,
+                },
+                (AuthMode::Plain, Some(s)) => Login::Plain {
+                    user: &user,
+                    password: s,
+                },
+                (AuthMode::Xoauth2, Some(s)) => Login::Xoauth2 {
+                    user: &user,
+                    token: s,
+                },
                 _ => Login::None,
             };
             match session.authenticate(&login) {
@@ -472,7 +575,10 @@ impl Runner {
                 }
                 Err(f) => {
                     let v = verdict_for(&f);
-                    if v.action == Action::AuthFailed && self.account.auth == AuthMode::Xoauth2 && !refreshed {
+                    if v.action == Action::AuthFailed
+                        && self.account.auth == AuthMode::Xoauth2
+                        && !refreshed
+                    {
                         refreshed = true;
                         if let Some(t) = self.tokens.as_mut() {
                             t.invalidate();
@@ -509,8 +615,30 @@ impl Runner {
         let Some(mut session) = self.session.take() else {
             return Flow::Stop;
         };
+        // A cached connection may have been closed by the server while idle; that shows
+        // as MAIL failing without a reply. Reconnect once instead of deferring.
+        if session.transactions > 0 && !session.probe() {
+            session.quit();
+            if let Err(v) = self.open_session(now) {
+                self.retry_after = Some((now + Duration::from_secs(60), v.reason.clone()));
+                return self.apply(locked, batch, &v, now);
+            }
+            match self.session.take() {
+                Some(s) => session = s,
+                None => return Flow::Stop,
+            }
+        }
         self.discard_session = false;
-        let (flow, keep) = self.converse(&mut session, locked, batch, outgoing, started, tried, batch_cap, now);
+        let (flow, keep) = self.converse(
+            &mut session,
+            locked,
+            batch,
+            outgoing,
+            started,
+            tried,
+            batch_cap,
+            now,
+        );
         if keep && !self.discard_session {
             self.session = Some(session);
         } else {
@@ -539,24 +667,32 @@ impl Runner {
             if outgoing.len() as u64 > limit {
                 let v = Verdict {
                     action: Action::BounceMessage,
-                    reason: format!("552 5.3.4 message size {} exceeds the server's limit of {limit} bytes", outgoing.len()),
+                    reason: format!(
+                        "552 5.3.4 message size {} exceeds the server's limit of {limit} bytes",
+                        outgoing.len()
+                    ),
                 };
                 return (self.apply(locked, batch, &v, now), true);
             }
         }
         let e = &locked.entry;
         let mut params = vec![format!("SIZE={}", outgoing.len())];
-        let eight_bit = !outgoing.is_ascii() || e.body == Some(crate::sendmail::options::BodyType::EightBitMime);
+        let eight_bit = !outgoing.is_ascii()
+            || e.body == Some(crate::sendmail::options::BodyType::EightBitMime);
         if eight_bit && session.offer.eight_bit {
             params.push("BODY=8BITMIME".into());
         }
-        let utf8 = !self.account.mailbox.is_ascii() || batch.iter().any(|&i| !e.recipients[i].address.is_ascii());
+        let utf8 = !self.account.mailbox.is_ascii()
+            || batch.iter().any(|&i| !e.recipients[i].address.is_ascii());
         if utf8 && session.offer.smtputf8 {
             params.push("SMTPUTF8".into());
         }
         if session.offer.dsn {
             if let Some(ret) = e.ret {
-                params.push(format!("RET={}", if ret == Ret::Full { "FULL" } else { "HDRS" }));
+                params.push(format!(
+                    "RET={}",
+                    if ret == Ret::Full { "FULL" } else { "HDRS" }
+                ));
             }
             if let Some(envid) = &e.envid {
                 params.push(format!("ENVID={}", xtext(envid)));
@@ -636,13 +772,18 @@ impl Runner {
         let r = &mut locked.entry.recipients[i];
         r.status = RcptStatus::Failed;
         r.reply = Some(text.to_string());
-        let line = format!("{}: to=<{}>, relay={relay}, status=bounced ({text})", locked.entry.id, r.address);
+        let line = format!(
+            "{}: to=<{}>, relay={relay}, status=bounced ({text})",
+            locked.entry.id, r.address
+        );
         self.log(crate::logging::Level::Warning, &line);
     }
 
     fn log_deferred(&self, locked: &Locked, i: usize, relay: &str, text: &str) {
         let r = &locked.entry.recipients[i];
-        let delay = SystemTime::now().duration_since(locked.entry.arrival()).unwrap_or_default();
+        let delay = SystemTime::now()
+            .duration_since(locked.entry.arrival())
+            .unwrap_or_default();
         self.log(
             crate::logging::Level::Info,
             &format!(
@@ -663,15 +804,32 @@ impl Runner {
         let tmp = path.with_extension("hold.tmp");
         let ok = serde_json::to_vec(&hold)
             .ok()
-            .map(|b| std::fs::write(&tmp, b).and_then(|_| std::fs::rename(&tmp, &path)).is_ok())
+            .map(|b| {
+                std::fs::write(&tmp, b)
+                    .and_then(|_| std::fs::rename(&tmp, &path))
+                    .is_ok()
+            })
             .unwrap_or(false);
         if !ok {
-            self.log(crate::logging::Level::Error, &format!("account {}: cannot record the hold in {}", self.account.name, path.display()));
+            self.log(
+                crate::logging::Level::Error,
+                &format!(
+                    "account {}: cannot record the hold in {}",
+                    self.account.name,
+                    path.display()
+                ),
+            );
         }
     }
 
     /// Applies a verdict to `indices` (the recipients it concerns).
-    fn apply(&mut self, locked: &mut Locked, indices: &[usize], v: &Verdict, now: SystemTime) -> Flow {
+    fn apply(
+        &mut self,
+        locked: &mut Locked,
+        indices: &[usize],
+        v: &Verdict,
+        now: SystemTime,
+    ) -> Flow {
         let id = locked.entry.id.clone();
         let relay = format!("{}:{}", self.account.host, self.account.port);
         let name = self.account.name.clone();
@@ -708,7 +866,10 @@ impl Runner {
                     self.log_deferred(locked, i, &relay, &v.reason);
                 }
                 if let Some(h) = hint {
-                    self.log(crate::logging::Level::Warning, &format!("account {name}: {h}"));
+                    self.log(
+                        crate::logging::Level::Warning,
+                        &format!("account {name}: {h}"),
+                    );
                 }
                 Flow::Stop
             }
@@ -724,7 +885,10 @@ impl Runner {
                 let _ = self.ledger.freeze(until, &v.reason);
                 note(&mut locked.entry, &v.reason);
                 locked.entry.set_next_attempt(until);
-                locked.entry.reason = Some(format!("quota: account {name} frozen by the server: {}", v.reason));
+                locked.entry.reason = Some(format!(
+                    "quota: account {name} frozen by the server: {}",
+                    v.reason
+                ));
                 self.log(
                     crate::logging::Level::Warning,
                     &format!("{id}: account {name} frozen until {} after a quota reply; nothing is bounced: {}", crate::message::complete::rfc5322_date(until), v.reason),
@@ -746,12 +910,22 @@ impl Runner {
                 let _ = self.ledger.freeze(until, &v.reason);
                 note(&mut locked.entry, &v.reason);
                 locked.entry.set_next_attempt(until);
-                self.log(crate::logging::Level::Error, &format!("account {name} paused until {}: {}", crate::message::complete::rfc5322_date(until), v.reason));
+                self.log(
+                    crate::logging::Level::Error,
+                    &format!(
+                        "account {name} paused until {}: {}",
+                        crate::message::complete::rfc5322_date(until),
+                        v.reason
+                    ),
+                );
                 Flow::Stop
             }
             Action::AuthFailed | Action::HoldAccount { .. } => {
                 let until = match &v.action {
-                    Action::HoldAccount { until: HoldUntil::NextUtcDay, .. } => {
+                    Action::HoldAccount {
+                        until: HoldUntil::NextUtcDay,
+                        ..
+                    } => {
                         let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
                         UNIX_EPOCH + Duration::from_secs((secs / 86_400 + 1) * 86_400)
                     }
@@ -772,27 +946,45 @@ impl Runner {
     }
 
     /// After an attempt: finish the message or schedule its next attempt.
-    fn settle(&mut self, locked: &mut Locked, now: SystemTime, spawned: &mut Vec<QueueId>) -> Outcome {
+    fn settle(
+        &mut self,
+        locked: &mut Locked,
+        now: SystemTime,
+        spawned: &mut Vec<QueueId>,
+    ) -> Outcome {
         let Some(id) = locked.entry.queue_id() else {
             return Outcome::Skipped;
         };
         if locked.entry.has_pending() {
             if locked.entry.next_attempt_us <= micros(now) {
                 locked.entry.attempts += 1;
-                locked.entry.set_next_attempt(now + backoff(locked.entry.attempts));
+                locked
+                    .entry
+                    .set_next_attempt(now + backoff(locked.entry.attempts));
             }
             if let Err(e) = self.queue.update(&locked.entry) {
-                self.log(crate::logging::Level::Error, &format!("{id}: cannot record the result: {e}"));
+                self.log(
+                    crate::logging::Level::Error,
+                    &format!("{id}: cannot record the result: {e}"),
+                );
             }
             return Outcome::Deferred(locked.entry.next_attempt());
         }
-        if locked.entry.recipients.iter().any(|r| r.status == RcptStatus::Failed) {
+        if locked
+            .entry
+            .recipients
+            .iter()
+            .any(|r| r.status == RcptStatus::Failed)
+        {
             if let Some(b) = self.bounce(locked, now) {
                 spawned.push(b);
             }
         }
         if let Err(e) = self.queue.remove(&id) {
-            self.log(crate::logging::Level::Error, &format!("{id}: cannot remove the finished message: {e}"));
+            self.log(
+                crate::logging::Level::Error,
+                &format!("{id}: cannot remove the finished message: {e}"),
+            );
         } else {
             self.log(crate::logging::Level::Info, &format!("{id}: removed"));
         }
@@ -803,7 +995,10 @@ impl Runner {
     /// has the null sender, or asked for no failure notices.
     fn bounce(&mut self, locked: &mut Locked, now: SystemTime) -> Option<QueueId> {
         let e = &locked.entry;
-        let wants = e.notify.as_deref().is_none_or(|n| n.split(',').any(|w| w == "failure"));
+        let wants = e
+            .notify
+            .as_deref()
+            .is_none_or(|n| n.split(',').any(|w| w == "failure"));
         if e.is_bounce || bounce::is_bounce_sender(&e.sender) || !wants {
             return None;
         }
@@ -820,7 +1015,9 @@ impl Runner {
                     final_recipient: r.address.clone(),
                     original_recipient: r.original.clone(),
                     action: DsnAction::Failed,
-                    status: reply.as_ref().map_or_else(|| "5.0.0".to_string(), Reply::dsn_status),
+                    status: reply
+                        .as_ref()
+                        .map_or_else(|| "5.0.0".to_string(), Reply::dsn_status),
                     diagnostic: reply.as_ref().map(Reply::diagnostic_code),
                     remote_mta: Some(self.account.host.clone()),
                     last_attempt: Some(now),
@@ -840,7 +1037,11 @@ impl Runner {
             queue_id: e.id.clone(),
             recipients,
             original: &original,
-            ret: if e.ret == Some(Ret::Hdrs) { Return::Headers } else { Return::Full },
+            ret: if e.ret == Some(Ret::Hdrs) {
+                Return::Headers
+            } else {
+                Return::Full
+            },
             return_limit: bounce::DEFAULT_RETURN_LIMIT,
             now,
         });
@@ -866,16 +1067,28 @@ impl Runner {
             reason: None,
         };
         if !entry.has_pending() {
-            self.log(crate::logging::Level::Warning, &format!("{}: the bounce to <{}> has nowhere to go; dropped", e.id, e.sender));
+            self.log(
+                crate::logging::Level::Warning,
+                &format!(
+                    "{}: the bounce to <{}> has nowhere to go; dropped",
+                    e.id, e.sender
+                ),
+            );
             return None;
         }
         match self.queue.insert(&entry, &dsn) {
             Ok(()) => {
-                self.log(crate::logging::Level::Info, &format!("{}: sender non-delivery notification: {bid}", e.id));
+                self.log(
+                    crate::logging::Level::Info,
+                    &format!("{}: sender non-delivery notification: {bid}", e.id),
+                );
                 Some(bid)
             }
             Err(err) => {
-                self.log(crate::logging::Level::Error, &format!("{}: cannot queue the bounce: {err}", e.id));
+                self.log(
+                    crate::logging::Level::Error,
+                    &format!("{}: cannot queue the bounce: {err}", e.id),
+                );
                 None
             }
         }

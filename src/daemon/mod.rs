@@ -3,6 +3,9 @@
 //! in `incoming/` and every byte from the network.
 pub mod aliases;
 pub mod bounce;
+pub mod check;
 pub mod deliver;
+pub mod engine;
 pub mod pickup;
 pub mod quota;
+pub mod route;

@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::config::Config;
 use crate::daemon::aliases::{self, Aliases, Domains};
+use crate::daemon::route;
 use crate::logging::Log;
 use crate::spool::QueueId;
 use crate::spool::envelope::{Envelope, MAX_ENVELOPE_LINE};
@@ -54,7 +55,8 @@ impl<'a> Locals<'a> {
         }
         match address.rsplit_once('@') {
             Some((local, domain)) if domain.eq_ignore_ascii_case(&self.domains.qualify) => {
-                self.aliases.get(local).is_some() || nix::unistd::User::from_name(local).ok().flatten().is_some()
+                self.aliases.get(local).is_some()
+                    || nix::unistd::User::from_name(local).ok().flatten().is_some()
             }
             _ => false,
         }
@@ -114,7 +116,13 @@ pub struct Picked {
 }
 
 /// Moves everything in `incoming/new` into the queue.
-pub fn pickup(spool: &Spool, queue: &Queue, config: &Config, locals: &Locals, log: &mut Log) -> Picked {
+pub fn pickup(
+    spool: &Spool,
+    queue: &Queue,
+    config: &Config,
+    locals: &Locals,
+    log: &mut Log,
+) -> Picked {
     let mut picked = Picked::default();
     let dir = spool.incoming_new();
     let Ok(entries) = fs::read_dir(&dir) else {
@@ -140,8 +148,15 @@ pub fn pickup(spool: &Spool, queue: &Queue, config: &Config, locals: &Locals, lo
                 }
                 // A crash after queueing but before the unlink leaves both; the queue wins.
                 if !queue.contains(&id) {
-                    let recipients: Vec<Recipient> = env.recipients.iter().flat_map(|r| locals.resolve(r)).collect();
-                    let entry = QueueEntry::from_envelope(&env, uid, recipients);
+                    let recipients: Vec<Recipient> = env
+                        .recipients
+                        .iter()
+                        .flat_map(|r| locals.resolve(r))
+                        .collect();
+                    let mut entry = QueueEntry::from_envelope(&env, uid, recipients);
+                    let from = route::from_address(&message);
+                    entry.account = route::route(config, &env.sender, from.as_deref(), uid)
+                        .map(|a| a.name.clone());
                     if let Err(e) = queue.insert(&entry, &message) {
                         // Leave it in incoming/ for the next pass: nothing is lost.
                         log.error(&format!("{id}: cannot queue: {e}"));
@@ -153,8 +168,16 @@ pub fn pickup(spool: &Spool, queue: &Queue, config: &Config, locals: &Locals, lo
                         env.size,
                         env.recipients.len()
                     ));
-                    for r in entry.recipients.iter().filter(|r| r.status == RcptStatus::Failed) {
-                        log.warning(&format!("{id}: to=<{}>, status=bounced ({})", r.address, r.reply.as_deref().unwrap_or("")));
+                    for r in entry
+                        .recipients
+                        .iter()
+                        .filter(|r| r.status == RcptStatus::Failed)
+                    {
+                        log.warning(&format!(
+                            "{id}: to=<{}>, status=bounced ({})",
+                            r.address,
+                            r.reply.as_deref().unwrap_or("")
+                        ));
                     }
                 }
                 if fs::remove_file(&path).is_ok() {
@@ -185,7 +208,9 @@ fn take(path: &Path, bound: u64) -> Result<(u32, Envelope, Vec<u8>), Refusal> {
         .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
         .open(path)
         .map_err(|e| Refusal::Envelope(format!("cannot open: {e}")))?;
-    let meta = file.metadata().map_err(|e| Refusal::Envelope(e.to_string()))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| Refusal::Envelope(e.to_string()))?;
     if !meta.is_file() {
         return Err(Refusal::NotRegular);
     }
@@ -193,29 +218,44 @@ fn take(path: &Path, bound: u64) -> Result<(u32, Envelope, Vec<u8>), Refusal> {
         return Err(Refusal::Links(meta.nlink()));
     }
     if meta.len() > bound {
-        return Err(Refusal::TooBig { size: meta.len(), bound });
+        return Err(Refusal::TooBig {
+            size: meta.len(),
+            bound,
+        });
     }
     let mut bytes = Vec::with_capacity(meta.len() as usize);
     file.take(bound + 1)
         .read_to_end(&mut bytes)
         .map_err(|e| Refusal::Envelope(e.to_string()))?;
-    let (mut env, message) = Envelope::from_file_bytes(&bytes).map_err(|e| Refusal::Envelope(e.to_string()))?;
+    let (mut env, message) =
+        Envelope::from_file_bytes(&bytes).map_err(|e| Refusal::Envelope(e.to_string()))?;
     // SECURITY: the caller is whoever owns the file, whatever the envelope claims.
     env.uid = meta.uid();
     Ok((meta.uid(), env.clone(), message.to_vec()))
 }
 
 fn quarantine(spool: &Spool, path: &Path, why: &str, log: &mut Log) {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let safe: String = name.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '.' || *c == '-').take(64).collect();
-    let target = spool.quarantine().join(format!("{safe}.{}", std::process::id()));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let safe: String = name
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '.' || *c == '-')
+        .take(64)
+        .collect();
+    let target = spool
+        .quarantine()
+        .join(format!("{safe}.{}", std::process::id()));
     // rename moves the directory entry only: a symlink stays a symlink, never followed.
     match fs::rename(path, &target) {
         Ok(()) => log.warning(&format!(
             "incoming file {name:?} quarantined as {}: {why}; it was not delivered or bounced",
             target.display()
         )),
-        Err(e) => log.error(&format!("incoming file {name:?} refused ({why}) and cannot be quarantined: {e}")),
+        Err(e) => log.error(&format!(
+            "incoming file {name:?} refused ({why}) and cannot be quarantined: {e}"
+        )),
     }
 }
 

@@ -21,7 +21,11 @@ fn original_from(h: &Header) -> Option<(String, Option<String>)> {
             }
         }
     }
-    address::parse_list(h.raw()).ok()?.into_iter().next().map(|a| (a.to_string(), None))
+    address::parse_list(h.raw())
+        .ok()?
+        .into_iter()
+        .next()
+        .map(|a| (a.to_string(), None))
 }
 
 /// Applies `policy` for `mailbox`; `host` names the machine in a generated display
@@ -37,13 +41,16 @@ pub fn apply(message: &[u8], mailbox: &str, policy: FromPolicy, host: &str) -> V
         msg.headers.insert(0, Header::new("From", mailbox));
         return msg.to_bytes();
     };
-    let (orig_addr, orig_name) = original_from(&msg.headers[pos]).unwrap_or_else(|| (String::new(), None));
+    let (orig_addr, orig_name) =
+        original_from(&msg.headers[pos]).unwrap_or_else(|| (String::new(), None));
     let same = orig_addr.eq_ignore_ascii_case(mailbox);
     if same && policy == FromPolicy::Rewrite {
         return message.to_vec();
     }
     if !same {
-        let local = orig_addr.rsplit_once('@').map_or(orig_addr.as_str(), |(l, _)| l);
+        let local = orig_addr
+            .rsplit_once('@')
+            .map_or(orig_addr.as_str(), |(l, _)| l);
         let name = orig_name.unwrap_or_else(|| {
             if local.is_empty() {
                 host.to_string()
@@ -63,7 +70,8 @@ pub fn apply(message: &[u8], mailbox: &str, policy: FromPolicy, host: &str) -> V
         };
     if want_reply_to {
         msg.remove("Reply-To");
-        msg.headers.insert(pos + 1, Header::new("Reply-To", &format!("<{orig_addr}>")));
+        msg.headers
+            .insert(pos + 1, Header::new("Reply-To", &format!("<{orig_addr}>")));
     }
     msg.to_bytes()
 }
@@ -78,14 +86,28 @@ mod tests {
 
     #[test]
     fn rewrite_keeps_the_name_and_adds_reply_to() {
-        let out = run("From: \"Web Shop\" <shop@web1.example>\r\nSubject: x\r\n\r\nb\r\n", FromPolicy::Rewrite);
-        assert!(out.starts_with("From: \"Web Shop\" <app@contoso.com>\r\nReply-To: <shop@web1.example>\r\n"), "{out}");
+        let out = run(
+            "From: \"Web Shop\" <shop@web1.example>\r\nSubject: x\r\n\r\nb\r\n",
+            FromPolicy::Rewrite,
+        );
+        assert!(
+            out.starts_with(
+                "From: \"Web Shop\" <app@contoso.com>\r\nReply-To: <shop@web1.example>\r\n"
+            ),
+            "{out}"
+        );
     }
 
     #[test]
     fn rewrite_names_user_on_host_when_there_is_no_name() {
-        let out = run("From: www-data@web1.example.com\r\n\r\nb\r\n", FromPolicy::Rewrite);
-        assert!(out.contains("From: \"www-data on web1\" <app@contoso.com>\r\n"), "{out}");
+        let out = run(
+            "From: www-data@web1.example.com\r\n\r\nb\r\n",
+            FromPolicy::Rewrite,
+        );
+        assert!(
+            out.contains("From: \"www-data on web1\" <app@contoso.com>\r\n"),
+            "{out}"
+        );
         let out = run("From: root (Cron Daemon)\r\n\r\nb\r\n", FromPolicy::Rewrite);
         assert!(out.contains("<app@contoso.com>"), "{out}");
     }
@@ -94,9 +116,15 @@ mod tests {
     fn rewrite_keeps_an_existing_reply_to_and_reply_to_mode_replaces_it() {
         let src = "From: a@x.org\r\nReply-To: <help@x.org>\r\n\r\nb\r\n";
         let out = run(src, FromPolicy::Rewrite);
-        assert!(out.contains("Reply-To: <help@x.org>") && !out.contains("Reply-To: <a@x.org>"), "{out}");
+        assert!(
+            out.contains("Reply-To: <help@x.org>") && !out.contains("Reply-To: <a@x.org>"),
+            "{out}"
+        );
         let out = run(src, FromPolicy::ReplyTo);
-        assert!(out.contains("Reply-To: <a@x.org>") && !out.contains("help@x.org"), "{out}");
+        assert!(
+            out.contains("Reply-To: <a@x.org>") && !out.contains("help@x.org"),
+            "{out}"
+        );
     }
 
     #[test]

@@ -150,7 +150,9 @@ impl QueueEntry {
     }
 
     pub fn pending(&self) -> impl Iterator<Item = &Recipient> {
-        self.recipients.iter().filter(|r| r.status == RcptStatus::Pending)
+        self.recipients
+            .iter()
+            .filter(|r| r.status == RcptStatus::Pending)
     }
 
     pub fn has_pending(&self) -> bool {
@@ -183,7 +185,8 @@ impl QueueEntry {
 
 /// Microseconds since the epoch.
 pub fn micros(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// The queue directory of a spool.
@@ -336,7 +339,7 @@ impl Queue {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err(&msg)(e)),
         };
-        match file.try_lock_exclusive() {
+        match FileExt::try_lock_exclusive(&file) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(nix::libc::EWOULDBLOCK) => return Ok(None),
             Err(e) => return Err(io_err(&msg)(e)),
@@ -344,7 +347,9 @@ impl Queue {
         // Another flusher may have finished it between our listing and the lock.
         match self.read(id) {
             Ok(entry) => Ok(Some(Locked { file, entry })),
-            Err(QueueError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(QueueError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                Ok(None)
+            }
             Err(e) => Err(e),
         }
     }
@@ -352,7 +357,7 @@ impl Queue {
     /// Whether another process holds the delivery lock (for `mailq`'s `*`).
     pub fn is_locked(&self, id: &QueueId) -> bool {
         match File::open(self.msg_path(id)) {
-            Ok(f) => match f.try_lock_shared() {
+            Ok(f) => match FileExt::try_lock_shared(&f) {
                 Ok(()) => {
                     let _ = FileExt::unlock(&f);
                     false
@@ -373,7 +378,9 @@ pub fn read_entry(path: &Path) -> Result<QueueEntry, QueueError> {
         .open(path)
         .map_err(io_err(path))?;
     let mut buf = Vec::new();
-    f.take(MAX_ENV_SIZE).read_to_end(&mut buf).map_err(io_err(path))?;
+    f.take(MAX_ENV_SIZE)
+        .read_to_end(&mut buf)
+        .map_err(io_err(path))?;
     let entry: QueueEntry = serde_json::from_slice(&buf).map_err(|e| QueueError::Corrupt {
         path: path.to_path_buf(),
         reason: e.to_string(),

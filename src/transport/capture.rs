@@ -11,7 +11,13 @@ use std::path::{Path, PathBuf};
 
 /// Delivers `message` for `recipients` into the Maildir at `dir`; returns the file.
 /// The envelope is recorded in `Return-Path` and `X-Envelope-To` header lines.
-pub fn deliver(dir: &Path, id: &str, sender: &str, recipients: &[String], message: &[u8]) -> io::Result<PathBuf> {
+pub fn deliver(
+    dir: &Path,
+    id: &str,
+    sender: &str,
+    recipients: &[String],
+    message: &[u8],
+) -> io::Result<PathBuf> {
     for sub in ["tmp", "new", "cur"] {
         fs::create_dir_all(dir.join(sub))?;
     }

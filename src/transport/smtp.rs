@@ -59,7 +59,9 @@ impl std::fmt::Display for Failure {
 fn failure(stage: Stage, e: &lettre::transport::smtp::Error) -> Failure {
     let reply = e.status().and_then(|code| {
         let code: u16 = code.to_string().parse().ok()?;
-        let text = std::error::Error::source(e).map(|s| s.to_string()).unwrap_or_default();
+        let text = std::error::Error::source(e)
+            .map(|s| s.to_string())
+            .unwrap_or_default();
         Reply::from_lines(code, text.lines()).ok()
     });
     let detail = if e.is_timeout() {
@@ -69,7 +71,11 @@ fn failure(stage: Stage, e: &lettre::transport::smtp::Error) -> Failure {
     } else {
         e.to_string()
     };
-    Failure { stage, reply, detail }
+    Failure {
+        stage,
+        reply,
+        detail,
+    }
 }
 
 /// What the server offers, from its EHLO reply after TLS.
@@ -117,7 +123,9 @@ pub struct Session {
 
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Session").field("relay", &self.relay).finish()
+        f.debug_struct("Session")
+            .field("relay", &self.relay)
+            .finish()
     }
 }
 
@@ -158,19 +166,23 @@ impl Session {
             TlsMode::Tls => Some(tls_parameters(ep)?),
             _ => None,
         };
-        let mut conn = SmtpConnection::connect(addr, Some(ep.timeout), &hello, implicit.as_ref(), None)
-            .map_err(|e| failure(Stage::Connect, &e))?;
+        let mut conn =
+            SmtpConnection::connect(addr, Some(ep.timeout), &hello, implicit.as_ref(), None)
+                .map_err(|e| failure(Stage::Connect, &e))?;
         if ep.tls == TlsMode::Starttls {
             if !conn.can_starttls() {
                 // SECURITY: never fall back to plain text, whatever the server offers.
                 return Err(Failure {
                     stage: Stage::Ehlo,
                     reply: None,
-                    detail: format!("{relay} does not offer STARTTLS; refusing to send credentials or mail in plain text"),
+                    detail: format!(
+                        "{relay} does not offer STARTTLS; refusing to send credentials or mail in plain text"
+                    ),
                 });
             }
             let params = tls_parameters(ep)?;
-            conn.starttls(&params, &hello).map_err(|e| failure(Stage::StartTls, &e))?;
+            conn.starttls(&params, &hello)
+                .map_err(|e| failure(Stage::StartTls, &e))?;
         }
         // lettre keeps only the keywords it knows; ask again to learn SIZE and DSN.
         let ehlo = conn
@@ -248,7 +260,10 @@ impl Session {
     /// `DATA`, the message (dot-stuffed by lettre), and the final dot.
     pub fn data(&mut self, message: &[u8]) -> Result<Reply, Failure> {
         self.command(Stage::Data, "DATA\r\n".to_string())?;
-        match self.conn.message(message) {
+        // lettre adds CRLF before the final dot itself; our stored message already ends
+        // in CRLF, which would otherwise add an empty line at the end of the body.
+        let body = message.strip_suffix(b"\r\n").unwrap_or(message);
+        match self.conn.message(body) {
             Ok(r) => {
                 self.transactions += 1;
                 let code: u16 = r.code().to_string().parse().unwrap_or(250);
@@ -265,6 +280,11 @@ impl Session {
     /// Ends a transaction that will not be completed.
     pub fn rset(&mut self) -> bool {
         self.conn.command("RSET\r\n").is_ok()
+    }
+
+    /// Whether a cached connection still answers (RSET), checked before reusing it.
+    pub fn probe(&mut self) -> bool {
+        !self.conn.has_broken() && self.conn.command("RSET\r\n").is_ok()
     }
 
     /// Whether the connection can carry another transaction.

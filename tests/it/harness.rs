@@ -18,7 +18,11 @@ pub const RELAY365: &str = env!("CARGO_BIN_EXE_relay365");
 impl Spool {
     /// A fresh spool created with `relay365 init`, configured with `extra` TOML.
     pub fn new(extra: &str) -> Spool {
-        let dir = tempfile::tempdir().expect("tempdir");
+        Spool::new_in(tempfile::tempdir().expect("tempdir"), extra)
+    }
+
+    /// The same inside an existing directory (which the spool then owns).
+    pub fn new_in(dir: tempfile::TempDir, extra: &str) -> Spool {
         let config = dir.path().join("relay365.toml");
         let text = format!(
             "spool_dir = \"{}\"\ndomain = \"example.com\"\n{extra}\n",
@@ -136,4 +140,188 @@ pub fn assert_ok(o: &Output) {
 
 pub fn is_root() -> bool {
     nix::unistd::Uid::effective().is_root()
+}
+
+pub use relay365_emulator as emu;
+
+/// The mailbox every delivery test sends as.
+pub const MAILBOX: &str = "app@contoso.com";
+pub const PASSWORD: &str = "correct horse battery staple";
+pub const TENANT: &str = "contoso.onmicrosoft.com";
+pub const CLIENT_ID: &str = "11111111-2222-3333-4444-555555555555";
+pub const CLIENT_SECRET: &str = "s3cr3t~value-that-must-never-be-logged";
+
+/// How the test account authenticates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Auth {
+    Login,
+    Xoauth2,
+}
+
+/// A spool whose one account points at an Exchange Online emulator on 127.0.0.1.
+pub struct Tenant {
+    pub emu: emu::Emulator,
+    pub spool: Spool,
+}
+
+/// The emulator's default tenant: one mailbox with a password and an app registration.
+pub fn tenant_config() -> emu::Config {
+    emu::Config::default()
+        .mailbox(emu::Mailbox::with_password(MAILBOX, PASSWORD))
+        .app(emu::App::with_secret(
+            TENANT,
+            CLIENT_ID,
+            CLIENT_SECRET,
+            MAILBOX,
+        ))
+}
+
+impl Tenant {
+    pub fn new(auth: Auth) -> Tenant {
+        Tenant::with(tenant_config(), auth, "")
+    }
+
+    /// `account_extra` is appended inside the `[[account]]` table.
+    pub fn with(cfg: emu::Config, auth: Auth, account_extra: &str) -> Tenant {
+        let emu = emu::Emulator::start(cfg).expect("start emulator");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = dir.path().join("ca.pem");
+        emu.write_ca(&ca).expect("write ca");
+        let secrets = dir.path().join("secrets.toml");
+        let secret_line = match auth {
+            Auth::Login => format!("password = \"{PASSWORD}\""),
+            Auth::Xoauth2 => format!("client_secret = \"{CLIENT_SECRET}\""),
+        };
+        std::fs::write(&secrets, format!("[app]\n{secret_line}\n")).expect("secrets");
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&secrets, std::fs::Permissions::from_mode(0o600))
+                .expect("chmod");
+        }
+        let aliases = dir.path().join("aliases");
+        std::fs::write(&aliases, "postmaster: root\nroot: ops@contoso.com\n").expect("aliases");
+        let auth_block = match auth {
+            Auth::Login => "auth = \"login\"\n".to_string(),
+            Auth::Xoauth2 => format!(
+                "auth = \"xoauth2\"\n{account_extra}\n[account.oauth]\ntenant = \"{TENANT}\"\nclient_id = \"{CLIENT_ID}\"\ntoken_url = \"{}\"\n",
+                emu.token_url(TENANT).expect("token endpoint")
+            ),
+        };
+        let extra = if auth == Auth::Login {
+            account_extra
+        } else {
+            ""
+        };
+        let toml = format!(
+            "secrets_file = \"{}\"\naliases = \"{}\"\nadmin = \"admin@contoso.com\"\n\n[[account]]\nname = \"app\"\nmailbox = \"{MAILBOX}\"\nhost = \"localhost\"\nport = {}\nca_file = \"{}\"\ntimeout = \"10s\"\n{extra}\n{auth_block}",
+            secrets.display(),
+            aliases.display(),
+            emu.port(),
+            ca.display(),
+        );
+        let spool = Spool::new_in(dir, &toml);
+        Tenant { emu, spool }
+    }
+
+    pub fn flush(&self) -> Output {
+        self.spool.relay365(&["flush"])
+    }
+
+    /// Messages still in the daemon's queue.
+    pub fn queued(&self) -> Vec<relay365::spool::queue::QueueEntry> {
+        let q = relay365::spool::queue::Queue::new(&relay365::spool::paths::Spool::new(
+            self.spool.root(),
+        ));
+        q.ids()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|id| q.read(id).ok())
+            .collect()
+    }
+}
+
+/// A running `relay365 daemon`; killed on drop.
+pub struct Daemon {
+    pub child: std::process::Child,
+    pub log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Daemon {
+    pub fn start(spool: &Spool) -> Daemon {
+        let mut child = Command::new(RELAY365)
+            .arg("--config")
+            .arg(&spool.config)
+            .arg("daemon")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn daemon");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let stderr = child.stderr.take().expect("stderr");
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Ok(mut l) = sink.lock() {
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            }
+        });
+        let d = Daemon { child, log };
+        assert!(
+            d.wait_log("daemon started", std::time::Duration::from_secs(10)),
+            "daemon did not start: {}",
+            d.log_text()
+        );
+        d
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    pub fn wait_log(&self, needle: &str, timeout: std::time::Duration) -> bool {
+        let end = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < end {
+            if self.log_text().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        false
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig);
+    }
+
+    /// SIGTERM and wait; returns the exit status.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        self.child.wait().expect("wait daemon")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until `f` holds or the timeout passes.
+pub fn eventually(timeout: std::time::Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    f()
 }

@@ -1,0 +1,175 @@
+//! `relay365 check`: validates the configuration, the secrets (permissions included),
+//! the spool, then for each account fetches a token, connects, secures the connection
+//! and authenticates — and says in plain words what is wrong and how to fix it.
+//! Sends no mail.
+
+use std::time::SystemTime;
+
+use crate::config::{AuthMode, Config, Transport};
+use crate::secrets::Secrets;
+use crate::spool::paths::Spool;
+use crate::transport::classify::{self, Action};
+use crate::transport::oauth::{ClientCredential, TokenSource};
+use crate::transport::smtp::{Endpoint, Login, Session};
+
+/// One line of the report.
+pub struct Finding {
+    pub ok: bool,
+    pub text: String,
+}
+
+fn ok(text: String) -> Finding {
+    Finding { ok: true, text }
+}
+
+fn bad(text: String) -> Finding {
+    Finding { ok: false, text }
+}
+
+/// Runs every check; the caller prints the findings and fails if any is not ok.
+pub fn check(config: &Config) -> Vec<Finding> {
+    let mut out = vec![ok(format!("config {} is valid", config.path.display()))];
+    let spool = Spool::new(&config.spool_dir);
+    let problems = crate::spool::init::verify(&spool);
+    if problems.is_empty() {
+        out.push(ok(format!(
+            "spool {} matches the path table",
+            spool.root().display()
+        )));
+    } else {
+        out.extend(problems.into_iter().map(bad));
+    }
+    if config.accounts.is_empty() {
+        out.push(bad(
+            "no [[account]] is configured: add one to relay365.toml (see relay365.toml(5))".into(),
+        ));
+        return out;
+    }
+    let needs = config
+        .accounts
+        .iter()
+        .any(|a| a.auth != AuthMode::None && a.transport == Transport::Smtp);
+    let creds_dir = std::env::var_os("CREDENTIALS_DIRECTORY").map(std::path::PathBuf::from);
+    let secrets = if needs {
+        match Secrets::load(&config.secrets_file, creds_dir.as_deref()) {
+            Ok(s) => {
+                out.push(ok(format!(
+                    "secrets {} are readable by this user only",
+                    config.secrets_file.display()
+                )));
+                s
+            }
+            Err(e) => {
+                out.push(bad(e.to_string()));
+                return out;
+            }
+        }
+    } else {
+        Secrets::default()
+    };
+    for a in &config.accounts {
+        if let Transport::Maildir(dir) = &a.transport {
+            out.push(ok(format!(
+                "account {}: captures into the Maildir {} (sends nothing)",
+                a.name,
+                dir.display()
+            )));
+            continue;
+        }
+        let s = secrets.for_account(&a.name);
+        let secret = match a.auth {
+            AuthMode::None => None,
+            AuthMode::Login | AuthMode::Plain => match s.and_then(|s| s.password()) {
+                Some(p) => Some(p.clone()),
+                None => {
+                    out.push(bad(format!(
+                        "account {}: no password in {}: add [{}] password = \"...\"",
+                        a.name,
+                        config.secrets_file.display(),
+                        a.name
+                    )));
+                    continue;
+                }
+            },
+            AuthMode::Xoauth2 => {
+                let (Some(settings), Some(cred)) =
+                    (a.oauth.clone(), s.and_then(ClientCredential::from_account))
+                else {
+                    out.push(bad(format!("account {}: no client_secret or certificate in {}: add [{}] client_secret = \"...\"", a.name, config.secrets_file.display(), a.name)));
+                    continue;
+                };
+                let fetched = TokenSource::new(settings, cred, a.ca_file.as_deref(), a.timeout)
+                    .and_then(|mut t| t.token(SystemTime::now()));
+                match fetched {
+                    Ok(t) => {
+                        out.push(ok(format!("account {}: OAuth2 token fetched", a.name)));
+                        Some(t.secret().clone())
+                    }
+                    Err(e) => {
+                        out.push(bad(format!("account {}: {e}", a.name)));
+                        continue;
+                    }
+                }
+            }
+        };
+        let helo = a
+            .helo_name
+            .clone()
+            .unwrap_or_else(crate::daemon::deliver::host_name);
+        let ep = Endpoint {
+            host: &a.host,
+            port: a.port,
+            tls: a.tls,
+            ca_file: a.ca_file.as_deref(),
+            timeout: a.timeout,
+            helo_name: &helo,
+        };
+        let mut session = match Session::open(&ep) {
+            Ok(s) => s,
+            Err(f) => {
+                out.push(bad(format!(
+                    "account {}: cannot connect to {}:{}: {f}",
+                    a.name, a.host, a.port
+                )));
+                continue;
+            }
+        };
+        let login = match (&a.auth, &secret) {
+            (AuthMode::Login, Some(p)) => Login::Login {
+                user: &a.mailbox,
+                password: p,
+            },
+            (AuthMode::Plain, Some(p)) => Login::Plain {
+                user: &a.mailbox,
+                password: p,
+            },
+            (AuthMode::Xoauth2, Some(t)) => Login::Xoauth2 {
+                user: &a.mailbox,
+                token: t,
+            },
+            _ => Login::None,
+        };
+        match session.authenticate(&login) {
+            Ok(()) => out.push(ok(format!(
+                "account {}: connected to {} with TLS and authenticated as {}",
+                a.name, session.relay, a.mailbox
+            ))),
+            Err(f) => {
+                let advice = match f.reply.as_ref().map(|r| classify::classify(r, f.stage)) {
+                    Some(v) if v.action == Action::AuthFailed => format!(
+                        "{} — check the mailbox name and the secret; for OAuth2 also that the app's service principal has FullAccess: Add-MailboxPermission -Identity {} -User <service principal id> -AccessRights FullAccess",
+                        v.reason, a.mailbox
+                    ),
+                    Some(v) => v.reason,
+                    None => f.to_string(),
+                };
+                out.push(bad(format!(
+                    "account {}: authentication failed: {advice}",
+                    a.name
+                )));
+            }
+        }
+        session.quit();
+    }
+    out
+}

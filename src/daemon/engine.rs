@@ -1,0 +1,566 @@
+//! The engine shared by `relay365 daemon` and `relay365 flush`: loads config, aliases
+//! and secrets, runs one worker thread per allowed connection of each account, keeps
+//! an in-memory schedule of the queue (so an idle daemon with a large deferred queue
+//! costs nothing), and dispatches each message when it is due.
+//!
+//! The daemon waits on inotify (incoming/new), the trigger FIFO (`sendmail -q`), a
+//! signalfd (SIGTERM/SIGINT stop after the transaction in flight, SIGHUP reloads) and
+//! its workers' completion pipe. Trusts the config and the queue; distrusts incoming/.
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime};
+
+use fs2::FileExt;
+
+use crate::config::{Config, ConfigError};
+use crate::daemon::aliases::Aliases;
+use crate::daemon::deliver::{Outcome, Report, Runner, Stop};
+use crate::daemon::pickup::{self, Locals};
+use crate::logging::Log;
+use crate::secrets::{Secrets, SecretsError};
+use crate::spool::QueueId;
+use crate::spool::paths::Spool;
+use crate::spool::queue::{Queue, micros};
+use crate::sysexits::Exit;
+
+/// How often the daemon rescans incoming/ even without an inotify event.
+const SAFETY_SCAN: Duration = Duration::from_secs(60);
+/// When a message was locked by another process, look again after this.
+const LOCKED_RETRY: Duration = Duration::from_secs(5);
+
+/// Why the engine could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Secrets(#[from] SecretsError),
+    #[error("{0}")]
+    Aliases(String),
+    #[error("{0}")]
+    Setup(String),
+    #[error("another relay365 daemon is already running on {0} (its lock is held)")]
+    AlreadyRunning(PathBuf),
+}
+
+impl EngineError {
+    pub fn exit(&self) -> Exit {
+        match self {
+            EngineError::Config(_) | EngineError::Secrets(_) | EngineError::Aliases(_) => {
+                Exit::Config
+            }
+            EngineError::Setup(_) => Exit::OsErr,
+            EngineError::AlreadyRunning(_) => Exit::TempFail,
+        }
+    }
+}
+
+/// A job for a worker: a message and whether the run is explicit.
+type Job = (QueueId, bool);
+
+#[derive(Default)]
+struct Jobs {
+    queue: Mutex<VecDeque<Job>>,
+    cv: Condvar,
+}
+
+struct Pool {
+    jobs: Arc<Jobs>,
+    handles: Vec<JoinHandle<()>>,
+}
+
+/// Everything loaded from the config files.
+struct Loaded {
+    config: Arc<Config>,
+    aliases: Arc<Aliases>,
+    secrets: Secrets,
+}
+
+fn load(config_path: &Path) -> Result<Loaded, EngineError> {
+    let config = Config::load(config_path)?;
+    let aliases = match Aliases::load(&config.aliases) {
+        Ok(a) => a,
+        Err(crate::daemon::aliases::AliasError::Read { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            Aliases::parse("", &config.aliases).map_err(|e| EngineError::Aliases(e.to_string()))?
+        }
+        Err(e) => return Err(EngineError::Aliases(e.to_string())),
+    };
+    let needs_secrets = config.accounts.iter().any(|a| {
+        a.auth != crate::config::AuthMode::None && a.transport == crate::config::Transport::Smtp
+    });
+    let secrets = if needs_secrets {
+        let creds = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+        Secrets::load(&config.secrets_file, creds.as_deref())?
+    } else {
+        Secrets::default()
+    };
+    Ok(Loaded {
+        config: Arc::new(config),
+        aliases: Arc::new(aliases),
+        secrets,
+    })
+}
+
+/// The running engine.
+pub struct Engine {
+    loaded: Loaded,
+    spool: Spool,
+    queue: Queue,
+    log: Arc<Mutex<Log>>,
+    stop: Arc<Stop>,
+    pools: HashMap<String, Pool>,
+    /// (due µs, id) for messages not in flight.
+    schedule: BTreeSet<(u64, QueueId)>,
+    due_of: HashMap<QueueId, u64>,
+    /// Messages dispatched whose report has not come back.
+    in_flight: HashSet<QueueId>,
+    results_tx: mpsc::Sender<(QueueId, Report)>,
+    results_rx: mpsc::Receiver<(QueueId, Report)>,
+    wake_read: OwnedFd,
+    wake_write: Arc<OwnedFd>,
+    pub delivered: usize,
+    pub deferred: usize,
+}
+
+impl Engine {
+    /// Loads the configuration and starts the workers.
+    pub fn start(config_path: &Path, log: Log) -> Result<Engine, EngineError> {
+        let loaded = load(config_path)?;
+        let spool = Spool::new(&loaded.config.spool_dir);
+        let problems = crate::spool::init::verify(&spool);
+        if let Some(p) = problems.iter().find(|p| p.contains("missing")) {
+            return Err(EngineError::Setup(p.clone()));
+        }
+        let (wake_read, wake_write) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_CLOEXEC)
+                .map_err(|e| EngineError::Setup(format!("cannot create a pipe: {e}")))?;
+        let (results_tx, results_rx) = mpsc::channel();
+        let mut engine = Engine {
+            queue: Queue::new(&spool),
+            spool,
+            loaded,
+            log: Arc::new(Mutex::new(log)),
+            stop: Arc::new(Stop::default()),
+            pools: HashMap::new(),
+            schedule: BTreeSet::new(),
+            due_of: HashMap::new(),
+            in_flight: HashSet::new(),
+            results_tx,
+            results_rx,
+            wake_read,
+            wake_write: Arc::new(wake_write),
+            delivered: 0,
+            deferred: 0,
+        };
+        engine.start_workers()?;
+        Ok(engine)
+    }
+
+    fn info(&self, line: &str) {
+        if let Ok(mut l) = self.log.lock() {
+            l.info(line);
+        }
+    }
+
+    fn warn(&self, line: &str) {
+        if let Ok(mut l) = self.log.lock() {
+            l.warning(line);
+        }
+    }
+
+    fn start_workers(&mut self) -> Result<(), EngineError> {
+        let config = self.loaded.config.clone();
+        for account in &config.accounts {
+            let jobs = Arc::new(Jobs::default());
+            let mut handles = Vec::new();
+            for n in 0..account.limits.connections.max(1) {
+                let mut runner = Runner::new(
+                    account.clone(),
+                    config.clone(),
+                    self.loaded.aliases.clone(),
+                    self.loaded.secrets.for_account(&account.name).cloned(),
+                    self.log.clone(),
+                    self.stop.clone(),
+                )
+                .map_err(|e| EngineError::Setup(e.to_string()))?;
+                let jobs = jobs.clone();
+                let tx = self.results_tx.clone();
+                let wake = self.wake_write.clone();
+                let stop = self.stop.clone();
+                let handle = std::thread::Builder::new()
+                    .name(format!("{}-{n}", account.name))
+                    .spawn(move || worker(&mut runner, &jobs, &tx, &wake, &stop))
+                    .map_err(|e| EngineError::Setup(format!("cannot start a worker: {e}")))?;
+                handles.push(handle);
+            }
+            self.pools
+                .insert(account.name.clone(), Pool { jobs, handles });
+        }
+        Ok(())
+    }
+
+    fn stop_workers(&mut self) {
+        self.stop.set();
+        for pool in self.pools.values() {
+            pool.jobs.cv.notify_all();
+        }
+        for (_, pool) in self.pools.drain() {
+            for h in pool.handles {
+                let _ = h.join();
+            }
+        }
+    }
+
+    /// Moves incoming mail into the queue and schedules it.
+    pub fn pickup(&mut self) {
+        let config = self.loaded.config.clone();
+        let aliases = self.loaded.aliases.clone();
+        let locals = Locals::new(&config, &aliases);
+        let picked = match self.log.lock() {
+            Ok(mut log) => pickup::pickup(&self.spool, &self.queue, &config, &locals, &mut log),
+            Err(_) => return,
+        };
+        for id in picked.queued {
+            if !self.in_flight.contains(&id) && !self.due_of.contains_key(&id) {
+                if let Ok(e) = self.queue.read(&id) {
+                    if e.has_pending() {
+                        self.schedule_at(id, e.next_attempt_us);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads every queued entry once into the schedule (start-up).
+    pub fn load_schedule(&mut self) {
+        let Ok(ids) = self.queue.ids() else { return };
+        for id in ids {
+            match self.queue.read(&id) {
+                Ok(e) if e.has_pending() && !e.held => self.schedule_at(id, e.next_attempt_us),
+                Ok(_) => {}
+                Err(err) => self.warn(&format!("{id}: unreadable queue entry skipped: {err}")),
+            }
+        }
+    }
+
+    fn schedule_at(&mut self, id: QueueId, at_us: u64) {
+        if let Some(old) = self.due_of.insert(id.clone(), at_us) {
+            self.schedule.remove(&(old, id.clone()));
+        }
+        self.schedule.insert((at_us, id));
+    }
+
+    /// Hands every message due at `now` (all of them when `explicit`) to its account.
+    fn dispatch(&mut self, now: SystemTime, explicit: bool) -> usize {
+        let now_us = micros(now);
+        let mut due = Vec::new();
+        for (at, id) in &self.schedule {
+            if !explicit && *at > now_us {
+                break;
+            }
+            due.push((*at, id.clone()));
+        }
+        let mut n = 0;
+        for (at, id) in due {
+            let entry = match self.queue.read(&id) {
+                Ok(e) => e,
+                Err(_) => {
+                    self.schedule.remove(&(at, id.clone()));
+                    self.due_of.remove(&id);
+                    continue;
+                }
+            };
+            let config = self.loaded.config.clone();
+            let account = entry
+                .account
+                .as_deref()
+                .filter(|a| self.pools.contains_key(*a))
+                .map(str::to_string)
+                .or_else(|| config.accounts.first().map(|a| a.name.clone()));
+            let Some(pool) = account.and_then(|a| self.pools.get(&a)) else {
+                if entry.reason.is_none() {
+                    let mut e = entry;
+                    e.reason = Some(
+                        "no [[account]] is configured in relay365.toml; nothing can be sent".into(),
+                    );
+                    let _ = self.queue.update(&e);
+                }
+                continue;
+            };
+            if let Ok(mut q) = pool.jobs.queue.lock() {
+                q.push_back((id.clone(), explicit));
+                pool.jobs.cv.notify_one();
+            }
+            self.schedule.remove(&(at, id.clone()));
+            self.due_of.remove(&id);
+            self.in_flight.insert(id);
+            n += 1;
+        }
+        n
+    }
+
+    /// Applies the workers' reports; `reschedule`: put deferred messages back on the
+    /// schedule (the daemon) or let them wait for the next run (a flush).
+    fn collect(&mut self, reschedule: bool, explicit_spawn: bool) {
+        let mut buf = [0u8; 256];
+        while nix::unistd::read(std::os::fd::AsRawFd::as_raw_fd(&self.wake_read), &mut buf)
+            .is_ok_and(|n| n > 0)
+        {}
+        while let Ok((id, report)) = self.results_rx.try_recv() {
+            self.in_flight.remove(&id);
+            match report.outcome {
+                Outcome::Finished => self.delivered += 1,
+                Outcome::Deferred(t) => {
+                    self.deferred += 1;
+                    if reschedule {
+                        self.schedule_at(id, micros(t));
+                    }
+                }
+                Outcome::Skipped => {
+                    if reschedule && self.queue.contains(&id) {
+                        self.schedule_at(id, micros(SystemTime::now() + LOCKED_RETRY));
+                    }
+                }
+            }
+            for b in report.spawned {
+                let at = if explicit_spawn {
+                    0
+                } else {
+                    micros(SystemTime::now())
+                };
+                self.schedule_at(b, at);
+            }
+        }
+    }
+
+    /// `relay365 flush`: pick up, deliver everything due once, wait for it, return.
+    pub fn flush(&mut self) {
+        self.pickup();
+        self.load_schedule();
+        self.dispatch(SystemTime::now(), true);
+        while !self.in_flight.is_empty() {
+            let fd = self.wake_read.as_fd();
+            let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
+            let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(1000u16));
+            self.collect(false, true);
+            // Bounces created during this run go out in it too.
+            self.dispatch(SystemTime::now(), true);
+        }
+        self.stop_workers();
+    }
+
+    /// `relay365 daemon`: runs until SIGTERM or SIGINT.
+    pub fn run(
+        &mut self,
+        config_path: &Path,
+        signals: &nix::sys::signalfd::SignalFd,
+    ) -> Result<(), EngineError> {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+
+        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
+            .map_err(|e| EngineError::Setup(format!("inotify: {e}")))?;
+        inotify
+            .add_watch(
+                &self.spool.incoming_new(),
+                AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_CLOSE_WRITE,
+            )
+            .map_err(|e| {
+                EngineError::Setup(format!(
+                    "cannot watch {}: {e}",
+                    self.spool.incoming_new().display()
+                ))
+            })?;
+        let trigger = open_trigger(&self.spool.trigger());
+        self.pickup();
+        self.load_schedule();
+        self.info(&format!(
+            "daemon started: {} account(s), {} message(s) queued",
+            self.loaded.config.accounts.len(),
+            self.due_of.len()
+        ));
+        let mut last_scan = SystemTime::now();
+        let mut explicit = false;
+        loop {
+            let now = SystemTime::now();
+            self.dispatch(now, explicit);
+            explicit = false;
+            let next_due = self
+                .schedule
+                .iter()
+                .next()
+                .map(|(at, _)| Duration::from_micros(at.saturating_sub(micros(now))));
+            let until_scan =
+                SAFETY_SCAN.saturating_sub(now.duration_since(last_scan).unwrap_or_default());
+            let wait = next_due.map_or(until_scan, |d| d.min(until_scan));
+            // Round up so we wake at or just after the due moment, never before it.
+            let ms = wait
+                .as_millis()
+                .saturating_add(1)
+                .min(u128::from(u16::MAX - 1)) as u16;
+            let mut fds = vec![
+                PollFd::new(signals.as_fd(), PollFlags::POLLIN),
+                PollFd::new(inotify.as_fd(), PollFlags::POLLIN),
+                PollFd::new(self.wake_read.as_fd(), PollFlags::POLLIN),
+            ];
+            if let Some(t) = &trigger {
+                fds.push(PollFd::new(t.as_fd(), PollFlags::POLLIN));
+            }
+            let _ = poll(&mut fds, PollTimeout::from(ms));
+            let ready: Vec<bool> = fds
+                .iter()
+                .map(|f| f.revents().is_some_and(|r| r.contains(PollFlags::POLLIN)))
+                .collect();
+            drop(fds);
+            if ready[0] {
+                match signals.read_signal() {
+                    Ok(Some(info)) if info.ssi_signo == nix::sys::signal::Signal::SIGHUP as u32 => {
+                        self.reload(config_path);
+                    }
+                    Ok(Some(_)) => break,
+                    _ => {}
+                }
+            }
+            if ready[1] {
+                let _ = inotify.read_events();
+                self.pickup();
+            }
+            if ready[2] {
+                self.collect(true, false);
+            }
+            if ready.get(3).copied().unwrap_or(false) {
+                if let Some(t) = &trigger {
+                    let mut buf = [0u8; 64];
+                    let _ = (&*t).read(&mut buf);
+                }
+                self.info("queue run requested");
+                self.pickup();
+                explicit = true;
+            }
+            if SystemTime::now()
+                .duration_since(last_scan)
+                .unwrap_or_default()
+                >= SAFETY_SCAN
+            {
+                self.pickup();
+                last_scan = SystemTime::now();
+            }
+        }
+        self.info("stopping: finishing the transactions in flight");
+        self.stop_workers();
+        self.collect(false, false);
+        self.info("daemon stopped");
+        Ok(())
+    }
+
+    /// SIGHUP: re-reads config, aliases and secrets; keeps the old ones on error.
+    fn reload(&mut self, config_path: &Path) {
+        match load(config_path) {
+            Ok(loaded) => {
+                self.stop_workers();
+                self.collect(true, false);
+                self.stop = Arc::new(Stop::default());
+                self.loaded = loaded;
+                self.in_flight.clear();
+                if let Err(e) = self.start_workers() {
+                    self.warn(&format!("reload: cannot start workers: {e}"));
+                }
+                self.schedule.clear();
+                self.due_of.clear();
+                self.load_schedule();
+                self.info("configuration reloaded");
+            }
+            Err(e) => self.warn(&format!(
+                "reload refused, keeping the running configuration: {e}"
+            )),
+        }
+    }
+}
+
+fn open_trigger(path: &Path) -> Option<File> {
+    // O_RDWR keeps a writer open ourselves, so the FIFO never reports EOF.
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOFOLLOW)
+        .open(path)
+        .ok()
+}
+
+fn worker(
+    runner: &mut Runner,
+    jobs: &Jobs,
+    tx: &mpsc::Sender<(QueueId, Report)>,
+    wake: &OwnedFd,
+    stop: &Stop,
+) {
+    loop {
+        let job = {
+            let Ok(mut q) = jobs.queue.lock() else { return };
+            loop {
+                if stop.is_set() {
+                    runner.close();
+                    return;
+                }
+                if let Some(j) = q.pop_front() {
+                    break Some(j);
+                }
+                // Idle: wait for work, and let an idle connection go after a while as
+                // Exchange would drop it anyway.
+                match jobs.cv.wait_timeout(q, Duration::from_secs(30)) {
+                    Ok((g, t)) => {
+                        q = g;
+                        if t.timed_out() && q.is_empty() {
+                            runner.close();
+                        }
+                    }
+                    Err(_) => return,
+                }
+            }
+        };
+        let Some((id, explicit)) = job else { continue };
+        let report = runner.deliver(&id, explicit);
+        let _ = tx.send((id, report));
+        let _ = nix::unistd::write(wake, b"r");
+    }
+}
+
+/// Holds the daemon lock (`state/daemon.lock`) for the life of the process.
+pub fn daemon_lock(spool: &Spool) -> Result<File, EngineError> {
+    let path = spool.state().join("daemon.lock");
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| EngineError::Setup(format!("cannot open {}: {e}", path.display())))?;
+    f.try_lock_exclusive()
+        .map_err(|_| EngineError::AlreadyRunning(path))?;
+    Ok(f)
+}
+
+/// Blocks the signals the daemon handles and returns a descriptor that reports them.
+/// Must run before any thread starts, so every thread inherits the mask.
+pub fn signal_fd() -> Result<nix::sys::signalfd::SignalFd, EngineError> {
+    use nix::sys::signal::{SigSet, Signal};
+    use nix::sys::signalfd::{SfdFlags, SignalFd};
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGTERM);
+    mask.add(Signal::SIGINT);
+    mask.add(Signal::SIGHUP);
+    mask.thread_block()
+        .map_err(|e| EngineError::Setup(format!("cannot block signals: {e}")))?;
+    SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+        .map_err(|e| EngineError::Setup(format!("signalfd: {e}")))
+}

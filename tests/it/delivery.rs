@@ -1,0 +1,593 @@
+//! Delivery end to end: `sendmail` → queue → `relay365 flush` or the daemon → the
+//! Exchange Online emulator over STARTTLS on 127.0.0.1, with AUTH LOGIN and XOAUTH2,
+//! and every row of exchange-online.md's reply table leading to its action.
+
+use std::time::Duration;
+
+use crate::harness::*;
+use emu::{Action as FaultAction, Fault, Stage};
+use relay365::spool::queue::RcptStatus;
+
+const MSG: &[u8] = b"To: alice@example.org\nCc: bob@example.org\nBcc: hidden@example.org\nSubject: status report\n\nAll systems nominal.\n";
+
+fn send(t: &Tenant, args: &[&str], input: &[u8]) {
+    assert_ok(&t.spool.sendmail(args, input));
+}
+
+#[test]
+fn login_delivery_end_to_end_through_flush() {
+    let t = Tenant::new(Auth::Login);
+    send(
+        &t,
+        &["-t", "-i", "-F", "Web Shop", "-f", "shop@web1.example.com"],
+        MSG,
+    );
+    let out = t.flush();
+    assert_ok(&out);
+    assert_eq!(t.emu.message_count(), 1, "flush stderr: {}", stderr(&out));
+    let m = &t.emu.messages()[0];
+    assert_eq!(m.mailbox.as_deref(), Some(MAILBOX));
+    assert_eq!(
+        m.mail_from, MAILBOX,
+        "the envelope sender is always the mailbox"
+    );
+    let mut rcpts = m.rcpts.clone();
+    rcpts.sort();
+    assert_eq!(
+        rcpts,
+        ["alice@example.org", "bob@example.org", "hidden@example.org"]
+    );
+    let text = String::from_utf8_lossy(&m.data).into_owned();
+    assert!(
+        text.contains("From: \"Web Shop\" <app@contoso.com>\r\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Reply-To: <shop@web1.example.com>\r\n"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("hidden"),
+        "Bcc must not reach the server's copy: {text}"
+    );
+    assert!(
+        text.ends_with("\r\n\r\nAll systems nominal.\r\n"),
+        "{text:?}"
+    );
+    assert!(t.queued().is_empty(), "delivered mail leaves the queue");
+    assert!(
+        stderr(&out).contains("status=sent (250 2.0.0 OK"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains("deprecated"),
+        "basic auth warns: {}",
+        stderr(&out)
+    );
+    assert!(!stderr(&out).contains(PASSWORD), "never log a secret");
+}
+
+#[test]
+fn xoauth2_delivery_through_the_daemon_and_token_refresh() {
+    let t = Tenant::new(Auth::Xoauth2);
+    let d = Daemon::start(&t.spool);
+    send(&t, &["-t"], MSG);
+    assert!(
+        t.emu.wait_for_messages(1, Duration::from_secs(15)),
+        "daemon log: {}",
+        d.log_text()
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || t.queued().is_empty()),
+        "{}",
+        d.log_text()
+    );
+    let tokens = t.emu.token().expect("token endpoint");
+    assert_eq!(tokens.issued(), 1);
+    // The token dies early on the server side: the next AUTH gets 535 5.7.3, relay365
+    // refreshes once and succeeds; nothing is held or bounced.
+    tokens.expire_all();
+    t.emu.kill_connections();
+    send(&t, &["-i", "carol@example.org"], b"Subject: second\n\nx\n");
+    assert!(
+        t.emu.wait_for_messages(2, Duration::from_secs(15)),
+        "daemon log: {}",
+        d.log_text()
+    );
+    assert_eq!(tokens.issued(), 2, "one refresh after the 535");
+    let log = d.log_text();
+    assert!(!log.contains(CLIENT_SECRET), "never log a secret");
+    assert!(!log.contains("held"), "{log}");
+    let status = d.stop();
+    assert!(status.success(), "SIGTERM exits 0");
+    assert!(t.queued().is_empty(), "{:?}\n{log}", t.queued());
+}
+
+/// What a reply should lead to.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Expect {
+    /// Still queued, nothing bounced, the account frozen (quota) — `relay365 quota` says so.
+    Frozen,
+    /// Still queued, nothing bounced, the account held with a fix in the log.
+    Held,
+    /// Still queued for a later retry; nothing bounced.
+    Deferred,
+    /// Bounced: a DSN went to the sender; the message left the queue.
+    Bounced,
+    /// Delivered after splitting the recipients into smaller transactions.
+    Split,
+}
+
+fn reply_row(stage: Stage, reply: &str, expect: Expect) {
+    let t = Tenant::new(Auth::Login);
+    send(
+        &t,
+        &[
+            "-i",
+            "-f",
+            "shop@contoso.com",
+            "a@example.org",
+            "b@example.org",
+        ],
+        b"Subject: row\n\nbody\n",
+    );
+    t.emu.inject(Fault::reply(stage.clone(), reply).times(1));
+    let out = t.flush();
+    assert_ok(&out);
+    let log = stderr(&out);
+    let queued = t.queued();
+    let dsn_sent = t
+        .emu
+        .messages()
+        .iter()
+        .any(|m| String::from_utf8_lossy(&m.data).contains("multipart/report"));
+    match expect {
+        Expect::Frozen | Expect::Held | Expect::Deferred => {
+            assert_eq!(queued.len(), 1, "{reply}: must stay queued; log: {log}");
+            assert!(
+                queued[0]
+                    .recipients
+                    .iter()
+                    .all(|r| r.status == RcptStatus::Pending),
+                "{reply}: {queued:?}"
+            );
+            assert!(!dsn_sent, "{reply}: must never bounce");
+            let quota = stdout(&t.spool.relay365(&["quota"]));
+            match expect {
+                Expect::Frozen => assert!(quota.contains("frozen until"), "{reply}: {quota}"),
+                Expect::Held => {
+                    assert!(quota.contains("held"), "{reply}: {quota}");
+                    assert!(log.contains("held until"), "{reply}: {log}");
+                }
+                _ => assert!(
+                    !quota.contains("frozen") && !quota.contains("held"),
+                    "{reply}: {quota}"
+                ),
+            }
+            let mailq = stdout(&t.spool.sendmail_as("mailq", &[], b""));
+            assert!(
+                mailq.contains("a@example.org") && mailq.contains('('),
+                "{reply}: mailq shows why: {mailq}"
+            );
+        }
+        Expect::Bounced => {
+            assert!(
+                queued.is_empty(),
+                "{reply}: bounced messages leave the queue: {queued:?}"
+            );
+            assert!(dsn_sent, "{reply}: a DSN must go to the sender; log: {log}");
+            let dsn = t
+                .emu
+                .messages()
+                .into_iter()
+                .find(|m| String::from_utf8_lossy(&m.data).contains("multipart/report"))
+                .unwrap();
+            assert_eq!(dsn.rcpts, ["shop@contoso.com"]);
+        }
+        Expect::Split => {
+            assert!(queued.is_empty(), "{reply}: log {log}");
+            let got: usize = t.emu.messages().iter().map(|m| m.rcpts.len()).sum();
+            assert_eq!(got, 2);
+            assert!(
+                t.emu.messages().len() >= 2,
+                "{reply}: sent in two transactions"
+            );
+        }
+    }
+}
+
+#[test]
+fn reply_table_quota_replies_freeze_never_bounce() {
+    reply_row(
+        Stage::AfterDot,
+        "554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException; Failed to process message due to a permanent exception with message [BeginDiagnosticData]Cannot submit message. 0.35250:0A00AC8B [Hostname=SYBP282MB2635.AUSP282.PROD.OUTLOOK.COM][EndDiagnosticData] [SY5P282CA0097.outlook.office365.com 2025-11-23T11:12:20.123Z 08DE2A6028D26C22]",
+        Expect::Frozen,
+    );
+    reply_row(
+        Stage::AfterDot,
+        "550 5.7.233 Your message can't be sent because your organization has exceeded the external recipient limit [SY5P282CA0097 2025-11-23T11:12:20.123Z 08DE2A6028D26C22]",
+        Expect::Frozen,
+    );
+    reply_row(
+        Stage::AfterDot,
+        "550 5.2.251 Sender throttled due to continuous invalid recipient errors [SY5P282CA0097 2025-11-23T11:12:20.123Z 08DE2A6028D26C22]",
+        Expect::Frozen,
+    );
+}
+
+#[test]
+fn reply_table_account_problems_hold_never_bounce() {
+    reply_row(
+        Stage::Auth,
+        "535 5.7.3 Authentication unsuccessful [SY5P282CA0097 2025-11-23T11:12:20.123Z 08DE2A6028D26C22]",
+        Expect::Held,
+    );
+    reply_row(
+        Stage::Auth,
+        "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Mailbox. [SY5P282CA0097 2025-11-23T11:12:20.123Z 08DE2A6028D26C22]",
+        Expect::Held,
+    );
+    reply_row(
+        Stage::Mail,
+        "530 5.7.57 Client not authenticated to send mail. [SY5P282CA0097 2025-11-23T11:12:20.123Z 08DE2A6028D26C22]",
+        Expect::Held,
+    );
+    reply_row(
+        Stage::AfterDot,
+        "550 5.1.8 Access denied, bad outbound sender AS(42) [SY5P282CA0097 2025-11-23T11:12:20.123Z 08DE2A6028D26C22]",
+        Expect::Held,
+    );
+    reply_row(
+        Stage::AfterDot,
+        "554 5.2.2 mailbox full; STOREDRV.Submission.Exception:QuotaExceededException [SY5P282CA0097 2025-11-23T11:12:20.123Z 08DE2A6028D26C22]",
+        Expect::Held,
+    );
+}
+
+#[test]
+fn reply_table_temporary_replies_defer() {
+    reply_row(
+        Stage::AfterDot,
+        "432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded [SY5P282CA0097 2025-11-23T11:12:20.123Z 08DE2A6028D26C22]",
+        Expect::Deferred,
+    );
+    reply_row(
+        Stage::AfterDot,
+        "430 4.2.0 STOREDRV; mailbox logon failure; Failed to process message [SY5P282CA0097 2025-11-23T11:12:20.123Z 08DE2A6028D26C22]",
+        Expect::Deferred,
+    );
+    reply_row(
+        Stage::Greeting,
+        "421 4.3.2 Service not active [SY5P282CA0097 2025-11-23T11:12:20.123Z 08DE2A6028D26C22]",
+        Expect::Deferred,
+    );
+    reply_row(
+        Stage::AfterDot,
+        "451 4.7.0 Temporary server error. Please try again later. PRX4 [SY5P282CA0097 2025-11-23T11:12:20.123Z 08DE2A6028D26C22]",
+        Expect::Deferred,
+    );
+}
+
+#[test]
+fn reply_table_permanent_replies_bounce() {
+    reply_row(
+        Stage::AfterDot,
+        "554 5.2.252 SendAsDenied; app@contoso.com not allowed to send as shop@contoso.com; STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied [SY5P282CA0097 2025-11-23T11:12:20.123Z 08DE2A6028D26C22]",
+        Expect::Bounced,
+    );
+    reply_row(
+        Stage::AfterDot,
+        "552 5.3.4 Message size exceeds fixed maximum message size MaxSubmissionExceeded [SY5P282CA0097 2025-11-23T11:12:20.123Z 08DE2A6028D26C22]",
+        Expect::Bounced,
+    );
+    reply_row(
+        Stage::AfterDot,
+        "550 5.6.0 Some other permanent failure [SY5P282CA0097 2025-11-23T11:12:20.123Z 08DE2A6028D26C22]",
+        Expect::Bounced,
+    );
+}
+
+#[test]
+fn reply_table_too_many_recipients_splits() {
+    reply_row(
+        Stage::AfterDot,
+        "550 5.5.3 RESOLVER.ADR.RecipLimit; too many recipients [SY5P282CA0097 2025-11-23T11:12:20.123Z 08DE2A6028D26C22]",
+        Expect::Split,
+    );
+}
+
+#[test]
+fn a_refused_recipient_does_not_sink_the_others_and_is_bounced() {
+    let t = Tenant::new(Auth::Login);
+    send(
+        &t,
+        &[
+            "-i",
+            "-f",
+            "shop@contoso.com",
+            "good@example.org",
+            "bad@example.org",
+            "fine@example.org",
+        ],
+        b"Subject: partial\n\nbody\n",
+    );
+    t.emu.inject(Fault::new(Stage::Rcpt(Some("bad@example.org".into())), FaultAction::Reply("550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient bad@example.org not found by SMTP address lookup".into())).times(1));
+    assert_ok(&t.flush());
+    let msgs = t.emu.messages();
+    let original = msgs
+        .iter()
+        .find(|m| m.rcpts.contains(&"good@example.org".to_string()))
+        .expect("delivered to the others");
+    assert_eq!(original.rcpts, ["good@example.org", "fine@example.org"]);
+    let dsn = msgs
+        .iter()
+        .find(|m| String::from_utf8_lossy(&m.data).contains("multipart/report"))
+        .expect("a bounce");
+    let text = String::from_utf8_lossy(&dsn.data);
+    assert_eq!(dsn.rcpts, ["shop@contoso.com"]);
+    assert!(
+        text.contains("Final-Recipient: rfc822; bad@example.org"),
+        "{text}"
+    );
+    assert!(text.contains("Action: failed"), "{text}");
+    assert!(text.contains("Status: 5.1.10"), "{text}");
+    assert!(text.contains("RecipientNotFound"), "{text}");
+    assert!(
+        !text.contains("Final-Recipient: rfc822; good@example.org"),
+        "{text}"
+    );
+    assert!(t.queued().is_empty());
+}
+
+#[test]
+fn a_bounce_is_never_bounced() {
+    let t = Tenant::new(Auth::Login);
+    send(
+        &t,
+        &["-i", "-f", "<>", "bad@example.org"],
+        b"Subject: from the null sender\n\nx\n",
+    );
+    t.emu.inject(
+        Fault::new(
+            Stage::Rcpt(None),
+            FaultAction::Reply("550 5.1.10 RESOLVER.ADR.RecipientNotFound".into()),
+        )
+        .forever(),
+    );
+    let out = t.flush();
+    assert_ok(&out);
+    assert_eq!(t.emu.message_count(), 0, "no DSN for a null-sender message");
+    assert!(t.queued().is_empty(), "and it is not kept either");
+    assert!(stderr(&out).contains("status=bounced"), "{}", stderr(&out));
+}
+
+#[test]
+fn account_hold_and_release() {
+    let t = Tenant::new(Auth::Login);
+    send(&t, &["-i", "x@example.org"], b"Subject: s\n\nx\n");
+    t.emu
+        .inject(Fault::reply(Stage::Auth, "535 5.7.3 Authentication unsuccessful").times(1));
+    assert_ok(&t.flush());
+    assert_eq!(t.queued().len(), 1);
+    assert!(stdout(&t.spool.relay365(&["quota"])).contains("held"));
+    // Held accounts are not retried by the daemon's schedule until the probe time...
+    let d = Daemon::start(&t.spool);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(t.emu.message_count(), 0);
+    // ...and an administrator's release plus a queue run sends at once.
+    assert_ok(&t.spool.relay365(&["account", "release", "app"]));
+    assert_ok(&t.spool.relay365(&["flush", "--wake"]));
+    assert!(
+        t.emu.wait_for_messages(1, Duration::from_secs(10)),
+        "{}",
+        d.log_text()
+    );
+    assert!(!stdout(&t.spool.relay365(&["quota"])).contains("held"));
+}
+
+#[test]
+fn daemon_killed_mid_transaction_loses_nothing() {
+    let t = Tenant::new(Auth::Login);
+    let d = Daemon::start(&t.spool);
+    // The server sits on DATA; the daemon dies before it could send the message.
+    t.emu
+        .inject(Fault::new(Stage::Data, FaultAction::Stall(Duration::from_secs(3))).times(1));
+    send(&t, &["-i", "x@example.org"], b"Subject: survive\n\nx\n");
+    assert!(eventually(Duration::from_secs(10), || t
+        .emu
+        .connections_current()
+        > 0
+        && !t.queued().is_empty()));
+    std::thread::sleep(Duration::from_millis(300));
+    drop(d); // SIGKILL in the middle of DATA
+    assert_eq!(t.emu.message_count(), 0);
+    assert_eq!(
+        t.queued().len(),
+        1,
+        "the message is still queued after kill -9"
+    );
+    assert_ok(&t.flush());
+    assert!(t.emu.wait_for_messages(1, Duration::from_secs(10)));
+    std::thread::sleep(Duration::from_millis(3500));
+    assert_eq!(t.emu.message_count(), 1, "delivered exactly once");
+    assert!(t.queued().is_empty());
+}
+
+#[test]
+fn two_flushers_never_deliver_a_message_twice() {
+    let t = Tenant::with(
+        tenant_config().over_rate(emu::OverRate::Throttle),
+        Auth::Login,
+        "message_rate = \"off\"",
+    );
+    for i in 0..20 {
+        send(
+            &t,
+            &["-i", &format!("r{i}@example.org")],
+            format!("Subject: n{i}\n\nx\n").as_bytes(),
+        );
+    }
+    let a = std::thread::spawn({
+        let cfg = t.spool.config.clone();
+        move || {
+            let mut c = std::process::Command::new(RELAY365);
+            c.arg("--config").arg(cfg).arg("flush");
+            run(c, b"")
+        }
+    });
+    let b = t.flush();
+    let a = a.join().unwrap();
+    assert_ok(&a);
+    assert_ok(&b);
+    let mut rcpts: Vec<String> = t
+        .emu
+        .messages()
+        .iter()
+        .flat_map(|m| m.rcpts.clone())
+        .collect();
+    rcpts.sort();
+    let n = rcpts.len();
+    rcpts.dedup();
+    assert_eq!(n, 20, "each of 20 messages exactly once");
+    assert_eq!(rcpts.len(), 20);
+    assert!(t.queued().is_empty());
+}
+
+#[test]
+fn a_bad_server_certificate_is_refused_and_nothing_is_sent() {
+    for kind in [emu::CertKind::WrongName, emu::CertKind::Expired] {
+        let t = Tenant::with(tenant_config().cert(kind.clone()), Auth::Login, "");
+        send(&t, &["-i", "x@example.org"], b"Subject: s\n\nx\n");
+        let out = t.flush();
+        assert_ok(&out);
+        assert_eq!(t.emu.message_count(), 0, "{kind:?}");
+        assert_eq!(
+            t.queued().len(),
+            1,
+            "{kind:?}: deferred, not lost or bounced"
+        );
+        let log = stderr(&out);
+        assert!(
+            log.contains("TLS") || log.contains("certificate"),
+            "{kind:?}: {log}"
+        );
+    }
+}
+
+#[test]
+fn messages_over_the_advertised_size_bounce_before_sending() {
+    let t = Tenant::with(tenant_config().max_size(3000), Auth::Login, "");
+    let big = format!("Subject: big\n\n{}\n", "y".repeat(5000));
+    send(
+        &t,
+        &[
+            "-i",
+            "-R",
+            "hdrs",
+            "-f",
+            "shop@contoso.com",
+            "x@example.org",
+        ],
+        big.as_bytes(),
+    );
+    assert_ok(&t.flush());
+    let msgs = t.emu.messages();
+    assert!(
+        msgs.iter().all(|m| m.rcpts != ["x@example.org"]),
+        "the big one was never sent"
+    );
+    assert!(
+        msgs.iter()
+            .any(|m| String::from_utf8_lossy(&m.data).contains("exceeds the server's limit")),
+        "{:?}",
+        msgs.iter()
+            .map(|m| String::from_utf8_lossy(&m.data).into_owned())
+            .collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn local_recipients_go_through_aliases_and_admin() {
+    let t = Tenant::new(Auth::Login);
+    send(
+        &t,
+        &["-i", "root", "postmaster", "nosuchuser-xyz@localhost"],
+        b"Subject: s\n\nx\n",
+    );
+    assert_ok(&t.flush());
+    let mut rcpts: Vec<String> = t
+        .emu
+        .messages()
+        .iter()
+        .flat_map(|m| m.rcpts.clone())
+        .collect();
+    rcpts.sort();
+    rcpts.dedup();
+    assert_eq!(rcpts, ["admin@contoso.com", "ops@contoso.com"]);
+}
+
+#[test]
+fn capture_transport_writes_a_maildir() {
+    let dir = tempfile::tempdir().unwrap();
+    let maildir = dir.path().join("Maildir");
+    let s = Spool::new(&format!(
+        "[[account]]\nname = \"staging\"\nmailbox = \"app@contoso.com\"\nauth = \"none\"\ntransport = \"maildir:{}\"\n",
+        maildir.display()
+    ));
+    assert_ok(&s.sendmail(&["-t"], MSG));
+    assert_ok(&s.relay365(&["flush"]));
+    let files: Vec<_> = std::fs::read_dir(maildir.join("new"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(files.len(), 1);
+    let text = std::fs::read_to_string(files[0].path()).unwrap();
+    assert!(
+        text.starts_with(
+            "Return-Path: <app@contoso.com>\r\nX-Envelope-To: <alice@example.org>\r\n"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("All systems nominal."));
+    assert!(!text.contains("Bcc:"));
+}
+
+#[test]
+fn daemon_picks_up_at_once_and_sigterm_stops_it() {
+    let t = Tenant::new(Auth::Login);
+    let d = Daemon::start(&t.spool);
+    let started = std::time::Instant::now();
+    send(&t, &["-i", "x@example.org"], b"Subject: quick\n\nx\n");
+    assert!(
+        t.emu.wait_for_messages(1, Duration::from_secs(5)),
+        "{}",
+        d.log_text()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "inotify pickup, not the safety scan"
+    );
+    assert!(d.stop().success());
+}
+
+#[test]
+fn sendmail_q_wakes_the_daemon_for_deferred_mail() {
+    let t = Tenant::new(Auth::Login);
+    let d = Daemon::start(&t.spool);
+    t.emu
+        .inject(Fault::reply(Stage::AfterDot, "451 4.7.0 Temporary server error").times(1));
+    send(&t, &["-i", "x@example.org"], b"Subject: retry\n\nx\n");
+    assert!(
+        d.wait_log("status=deferred", Duration::from_secs(10)),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(t.emu.message_count(), 0);
+    assert_ok(&t.spool.sendmail(&["-q"], b""));
+    assert!(
+        t.emu.wait_for_messages(1, Duration::from_secs(10)),
+        "{}",
+        d.log_text()
+    );
+}

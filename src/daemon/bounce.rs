@@ -9,6 +9,7 @@
 //! that matches its bytes. The DSN is sent with a null envelope sender (`MAIL FROM:<>`), so it
 //! can never bounce in turn; callers must check [`is_bounce_sender`] before building one.
 
+use crate::message::complete::{compact_timestamp, rfc5322_date};
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -530,9 +531,9 @@ fn boundary(input: &DsnInput<'_>, host: &str, parts: &[&[u8]]) -> String {
 /// `<20251123111220.123456789.QUEUEID@host>`.
 fn message_id(now: SystemTime, queue_id: &str, host: &str) -> String {
     let d = now.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
-    let (y, mo, da, h, mi, s, _) = civil(d.as_secs());
     format!(
-        "<{y:04}{mo:02}{da:02}{h:02}{mi:02}{s:02}.{:09}.{}@{host}>",
+        "<{}.{:09}.{}@{host}>",
+        compact_timestamp(now),
         d.subsec_nanos(),
         token(queue_id)
     )
@@ -634,47 +635,6 @@ fn cut(s: &str, max: usize) -> &str {
         end -= 1;
     }
     &s[..end]
-}
-
-/// RFC 5322 date in UTC: `Sun, 23 Nov 2025 11:12:20 +0000`.
-pub fn rfc5322_date(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let (y, mo, d, h, mi, s, wd) = civil(secs);
-    const DAYS: [&str; 7] = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"];
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    format!(
-        "{}, {d} {} {y:04} {h:02}:{mi:02}:{s:02} +0000",
-        DAYS[wd as usize % 7],
-        MONTHS[(mo as usize).saturating_sub(1) % 12]
-    )
-}
-
-/// Seconds since the epoch to (year, month, day, hour, minute, second, weekday 0=Sunday),
-/// by Howard Hinnant's days-to-civil algorithm.
-fn civil(secs: u64) -> (u64, u64, u64, u64, u64, u64, u64) {
-    let days = secs / 86_400;
-    let rem = secs % 86_400;
-    let weekday = (days + 4) % 7; // 1970-01-01 was a Thursday.
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z % 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
-    (
-        year,
-        month,
-        day,
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        weekday,
-    )
 }
 
 #[cfg(test)]

@@ -163,7 +163,7 @@ pub fn short_date(t: SystemTime) -> String {
 }
 
 /// `YYYYMMDDhhmmss`, for Message-IDs.
-fn compact_timestamp(t: SystemTime) -> String {
+pub fn compact_timestamp(t: SystemTime) -> String {
     let c = civil(t);
     format!(
         "{:04}{:02}{:02}{:02}{:02}{:02}",

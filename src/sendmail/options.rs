@@ -231,9 +231,7 @@ fn apply(
         'V' => {
             let ok = !value.is_empty()
                 && value.len() <= 100
-                && value
-                    .bytes()
-                    .all(|b| (33..=126).contains(&b) && b != b'+' && b != b'=');
+                && value.bytes().all(|b| (33..=126).contains(&b));
             if !ok {
                 return Err(OptionsError::BadEnvid(value));
             }

@@ -591,3 +591,180 @@ fn sendmail_q_wakes_the_daemon_for_deferred_mail() {
         d.log_text()
     );
 }
+
+#[test]
+fn dsn_and_8bit_parameters_are_passed_when_offered() {
+    let t = Tenant::new(Auth::Login);
+    let body = "Subject: Grüße\n\nÄpfel und Birnen\n";
+    send(
+        &t,
+        &[
+            "-i",
+            "-N",
+            "failure,delay",
+            "-R",
+            "hdrs",
+            "-V",
+            "ENV+1",
+            "root",
+            "x@example.org",
+        ],
+        body.as_bytes(),
+    );
+    assert_ok(&t.flush());
+    let m = &t.emu.messages()[0];
+    assert!(
+        m.mail_params.iter().any(|p| p == "BODY=8BITMIME"),
+        "{:?}",
+        m.mail_params
+    );
+    assert!(
+        m.mail_params.iter().any(|p| p == "RET=HDRS"),
+        "{:?}",
+        m.mail_params
+    );
+    assert!(
+        m.mail_params.iter().any(|p| p == "ENVID=ENV+2B1"),
+        "xtext-encoded: {:?}",
+        m.mail_params
+    );
+    let i = m
+        .rcpts
+        .iter()
+        .position(|r| r == "ops@contoso.com")
+        .expect("root via its alias");
+    assert_eq!(m.rcpt_param(i, "NOTIFY"), Some("FAILURE,DELAY"));
+    assert_eq!(m.rcpt_param(i, "ORCPT"), Some("rfc822;root@example.com"));
+    assert!(String::from_utf8_lossy(&m.data).contains("Äpfel und Birnen"));
+}
+
+#[test]
+fn undeliverable_mail_bounces_after_max_queue_lifetime() {
+    let t = Tenant::with(tenant_config(), Auth::Login, "");
+    std::fs::write(
+        &t.spool.config,
+        std::fs::read_to_string(&t.spool.config).unwrap().replacen(
+            "[[account]]",
+            "max_queue_lifetime = \"1s\"\n\n[[account]]",
+            1,
+        ),
+    )
+    .unwrap();
+    send(
+        &t,
+        &["-i", "-f", "shop@contoso.com", "x@example.org"],
+        b"Subject: doomed\n\nx\n",
+    );
+    t.emu
+        .inject(Fault::reply(Stage::AfterDot, "451 4.7.0 Temporary server error").times(1));
+    assert_ok(&t.flush());
+    assert_eq!(t.queued().len(), 1, "a temporary error defers");
+    std::thread::sleep(Duration::from_millis(1200));
+    let out = t.flush();
+    assert_ok(&out);
+    assert!(t.queued().is_empty(), "{}", stderr(&out));
+    let dsn = t
+        .emu
+        .messages()
+        .into_iter()
+        .find(|m| String::from_utf8_lossy(&m.data).contains("multipart/report"))
+        .expect("an expiry bounce");
+    let text = String::from_utf8_lossy(&dsn.data);
+    assert!(text.contains("4.4.7") && text.contains("expired"), "{text}");
+    assert!(
+        text.contains("Temporary server error"),
+        "the last error is reported: {text}"
+    );
+}
+
+#[test]
+fn secrets_readable_by_others_stop_the_daemon_with_the_fix() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = Tenant::new(Auth::Login);
+    let secrets = t.spool.dir.path().join("secrets.toml");
+    std::fs::set_permissions(&secrets, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = t.spool.relay365(&["daemon"]);
+    assert_fails(&out, 78, "chmod 600");
+    assert!(!stderr(&out).contains(PASSWORD));
+    let out = t.flush();
+    assert_fails(&out, 78, "readable or writable by group or others");
+}
+
+#[test]
+fn check_names_what_is_wrong_and_sends_nothing() {
+    let t = Tenant::new(Auth::Login);
+    let out = t.spool.relay365(&["check"]);
+    assert_ok(&out);
+    assert!(
+        stdout(&out).contains("authenticated as app@contoso.com"),
+        "{}",
+        stdout(&out)
+    );
+    std::fs::write(
+        t.spool.dir.path().join("secrets.toml"),
+        "[app]\npassword = \"wrong\"\n",
+    )
+    .unwrap();
+    let out = t.spool.relay365(&["check"]);
+    assert_eq!(out.status.code(), Some(78));
+    let text = stdout(&out);
+    assert!(
+        text.contains("FAIL")
+            && text.contains("authentication failed")
+            && text.contains("Add-MailboxPermission"),
+        "{text}"
+    );
+    assert!(!text.contains("wrong\""), "never print the secret");
+    assert_eq!(t.emu.message_count(), 0);
+    let t = Tenant::new(Auth::Xoauth2);
+    std::fs::write(
+        t.spool.dir.path().join("secrets.toml"),
+        "[app]\nclient_secret = \"not-the-secret\"\n",
+    )
+    .unwrap();
+    let out = t.spool.relay365(&["check"]);
+    assert_eq!(out.status.code(), Some(78));
+    assert!(
+        stdout(&out).contains("AADSTS7000215") || stdout(&out).contains("client secret"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
+fn sighup_reloads_the_configuration() {
+    let t = Tenant::new(Auth::Login);
+    let d = Daemon::start(&t.spool);
+    let text = std::fs::read_to_string(&t.spool.config).unwrap();
+    std::fs::write(
+        &t.spool.config,
+        text.replace("auth = \"login\"", "auth = \"login\"\nfrom = \"preserve\""),
+    )
+    .unwrap();
+    d.signal(nix::sys::signal::Signal::SIGHUP);
+    assert!(
+        d.wait_log("configuration reloaded", Duration::from_secs(10)),
+        "{}",
+        d.log_text()
+    );
+    let t2 = &t;
+    send(
+        t2,
+        &["-i", "-f", "app@contoso.com", "x@example.org"],
+        b"From: Custom <app@contoso.com>\nSubject: s\n\nx\n",
+    );
+    assert!(
+        t.emu.wait_for_messages(1, Duration::from_secs(10)),
+        "{}",
+        d.log_text()
+    );
+    // A broken config is refused and the running one kept.
+    std::fs::write(&t.spool.config, "this is not toml = = =").unwrap();
+    d.signal(nix::sys::signal::Signal::SIGHUP);
+    assert!(
+        d.wait_log("reload refused", Duration::from_secs(10)),
+        "{}",
+        d.log_text()
+    );
+    assert!(d.stop().success());
+}

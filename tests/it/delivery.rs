@@ -768,3 +768,31 @@ fn sighup_reloads_the_configuration() {
     );
     assert!(d.stop().success());
 }
+
+#[test]
+fn xoauth2_with_a_certificate_client_assertion() {
+    let cert = emu::test_certificate_pem().expect("test certificate");
+    let cfg = emu::Config::default()
+        .mailbox(emu::Mailbox::new(MAILBOX))
+        .app(emu::App::with_certificate(TENANT, CLIENT_ID, &cert, MAILBOX));
+    let t = Tenant::with(cfg, Auth::Xoauth2, "");
+    let dir = t.spool.dir.path();
+    let key = dir.join("app.key");
+    let crt = dir.join("app.crt");
+    std::fs::write(&key, emu::TEST_RSA_KEY_PEM).unwrap();
+    std::fs::write(&crt, &cert).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    std::fs::write(
+        dir.join("secrets.toml"),
+        format!("[app]\ncertificate_key = \"{}\"\ncertificate = \"{}\"\n", key.display(), crt.display()),
+    )
+    .unwrap();
+    send(&t, &["-i", "x@example.org"], b"Subject: cert\n\nx\n");
+    let out = t.flush();
+    assert_ok(&out);
+    assert_eq!(t.emu.message_count(), 1, "{}", stderr(&out));
+    assert_eq!(t.emu.token().unwrap().issued(), 1);
+}

@@ -796,3 +796,14 @@ fn xoauth2_with_a_certificate_client_assertion() {
     assert_eq!(t.emu.message_count(), 1, "{}", stderr(&out));
     assert_eq!(t.emu.token().unwrap().issued(), 1);
 }
+
+#[test]
+fn the_connection_is_reused_between_messages() {
+    let t = Tenant::new(Auth::Login);
+    for i in 0..5 {
+        send(&t, &["-i", &format!("r{i}@example.org")], b"Subject: s\n\nx\n");
+    }
+    assert_ok(&t.flush());
+    assert_eq!(t.emu.message_count(), 5);
+    assert_eq!(t.emu.connections_opened(), 1, "one connection (plus AUTH once) for the whole queue");
+}

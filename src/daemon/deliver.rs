@@ -152,6 +152,14 @@ pub fn host_name() -> String {
         .unwrap_or_else(|| "localhost".to_string())
 }
 
+/// How a conversation on a connection ended.
+enum Conversed {
+    /// The flow for the message, and whether the connection may be kept.
+    Done(Flow, bool),
+    /// A reused connection was dead before MAIL got an answer: nothing happened yet.
+    Stale,
+}
+
 /// What one transaction attempt ended with.
 enum Flow {
     /// Go on with the next batch.
@@ -602,54 +610,53 @@ impl Runner {
         batch_cap: &mut usize,
     ) -> Flow {
         let now = SystemTime::now();
-        if self.session.as_ref().is_some_and(|s| !s.is_usable()) {
-            self.session = None;
-        }
-        if self.session.is_none() {
-            if let Err(v) = self.open_session(now) {
-                self.retry_after = Some((now + Duration::from_secs(60), v.reason.clone()));
-                return self.apply(locked, batch, &v, now);
+        // A cached connection the server closed while idle shows up as MAIL failing
+        // without a reply: then reconnect once rather than defer the message.
+        for _ in 0..2 {
+            if self.session.as_ref().is_some_and(|s| !s.is_usable()) {
+                self.session = None;
             }
-            self.retry_after = None;
-        }
-        let Some(mut session) = self.session.take() else {
-            return Flow::Stop;
-        };
-        // A cached connection may have been closed by the server while idle; that shows
-        // as MAIL failing without a reply. Reconnect once instead of deferring.
-        if session.transactions > 0 && !session.probe() {
-            session.quit();
-            if let Err(v) = self.open_session(now) {
-                self.retry_after = Some((now + Duration::from_secs(60), v.reason.clone()));
-                return self.apply(locked, batch, &v, now);
+            if self.session.is_none() {
+                if let Err(v) = self.open_session(now) {
+                    self.retry_after = Some((now + Duration::from_secs(60), v.reason.clone()));
+                    return self.apply(locked, batch, &v, now);
+                }
+                self.retry_after = None;
             }
-            match self.session.take() {
-                Some(s) => session = s,
-                None => return Flow::Stop,
+            let Some(mut session) = self.session.take() else {
+                return Flow::Stop;
+            };
+            self.discard_session = false;
+            let result = self.converse(
+                &mut session,
+                locked,
+                batch,
+                outgoing,
+                started,
+                tried,
+                batch_cap,
+                now,
+            );
+            let (flow, keep) = match result {
+                Conversed::Stale => {
+                    session.quit();
+                    continue;
+                }
+                Conversed::Done(flow, keep) => (flow, keep),
+            };
+            if keep && !self.discard_session {
+                self.session = Some(session);
+            } else {
+                session.quit();
             }
+            self.discard_session = false;
+            return flow;
         }
-        self.discard_session = false;
-        let (flow, keep) = self.converse(
-            &mut session,
-            locked,
-            batch,
-            outgoing,
-            started,
-            tried,
-            batch_cap,
-            now,
-        );
-        if keep && !self.discard_session {
-            self.session = Some(session);
-        } else {
-            session.quit();
-        }
-        self.discard_session = false;
-        flow
+        Flow::Stop
     }
 
-    /// MAIL, RCPT for each recipient, DATA. Returns the flow and whether the
-    /// connection can carry another transaction.
+    /// MAIL, RCPT for each recipient, DATA: the flow and whether the connection can
+    /// carry another transaction, or `Stale` when a reused connection turned out dead.
     #[allow(clippy::too_many_arguments)]
     fn converse(
         &mut self,
@@ -661,7 +668,7 @@ impl Runner {
         tried: &mut HashSet<usize>,
         batch_cap: &mut usize,
         now: SystemTime,
-    ) -> (Flow, bool) {
+    ) -> Conversed {
         let relay = session.relay.clone();
         if let Some(limit) = session.offer.size {
             if outgoing.len() as u64 > limit {
@@ -672,7 +679,7 @@ impl Runner {
                         outgoing.len()
                     ),
                 };
-                return (self.apply(locked, batch, &v, now), true);
+                return Conversed::Done(self.apply(locked, batch, &v, now), true);
             }
         }
         let e = &locked.entry;
@@ -699,8 +706,11 @@ impl Runner {
             }
         }
         if let Err(f) = session.mail(&self.account.mailbox, &params) {
+            if f.reply.is_none() && session.transactions > 0 {
+                return Conversed::Stale;
+            }
             let keep = f.reply.is_some() && session.rset();
-            return (self.apply(locked, batch, &verdict_for(&f), now), keep);
+            return Conversed::Done(self.apply(locked, batch, &verdict_for(&f), now), keep);
         }
         let mut accepted = Vec::new();
         for &i in batch {
@@ -717,7 +727,10 @@ impl Runner {
             match session.rcpt(&r.address, &rp) {
                 Ok(_) => accepted.push(i),
                 Err(f) if f.reply.is_none() => {
-                    return (self.apply(locked, batch, &verdict_for(&f), now), false);
+                    return Conversed::Done(
+                        self.apply(locked, batch, &verdict_for(&f), now),
+                        false,
+                    );
                 }
                 Err(f) => {
                     let v = verdict_for(&f);
@@ -736,14 +749,14 @@ impl Runner {
                         }
                         _ => {
                             let keep = session.rset();
-                            return (self.apply(locked, &[i], &v, now), keep);
+                            return Conversed::Done(self.apply(locked, &[i], &v, now), keep);
                         }
                     }
                 }
             }
         }
         if accepted.is_empty() {
-            return (Flow::Continue, session.rset());
+            return Conversed::Done(Flow::Continue, session.rset());
         }
         match session.data(outgoing) {
             Ok(reply) => {
@@ -751,7 +764,7 @@ impl Runner {
                 for &i in &accepted {
                     self.mark_sent(locked, i, &relay, &text, started);
                 }
-                (Flow::Continue, true)
+                Conversed::Done(Flow::Continue, true)
             }
             Err(f) => {
                 let keep = f.reply.is_some();
@@ -761,9 +774,9 @@ impl Runner {
                         tried.remove(i);
                     }
                     *batch_cap = (accepted.len() / 2).max(1);
-                    return (Flow::Continue, keep);
+                    return Conversed::Done(Flow::Continue, keep);
                 }
-                (self.apply(locked, &accepted, &v, now), keep)
+                Conversed::Done(self.apply(locked, &accepted, &v, now), keep)
             }
         }
     }
@@ -1046,26 +1059,15 @@ impl Runner {
             now,
         });
         let bid = QueueId::generate(SystemTime::now());
-        let entry = QueueEntry {
-            version: crate::spool::queue::VERSION,
-            id: bid.to_string(),
-            sender: String::new(),
-            uid: nix::unistd::getuid().as_raw(),
-            arrival_us: micros(now),
-            size: dsn.len() as u64,
-            recipients: to,
-            notify: None,
-            ret: None,
-            envid: None,
-            body: None,
-            attempts: 0,
-            next_attempt_us: 0,
-            held: false,
-            queue_only: false,
-            is_bounce: true,
-            account: None,
-            reason: None,
-        };
+        let mut entry = QueueEntry::new(
+            &bid,
+            "",
+            nix::unistd::getuid().as_raw(),
+            now,
+            dsn.len() as u64,
+            to,
+        );
+        entry.is_bounce = true;
         if !entry.has_pending() {
             self.log(
                 crate::logging::Level::Warning,

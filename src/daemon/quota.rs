@@ -639,23 +639,9 @@ pub fn format_moment(t: SystemTime, now: SystemTime) -> String {
     if day == n.div_euclid(86_400) {
         format!("{clock} UTC")
     } else {
-        let (y, m, d) = civil_from_days(day);
+        let (y, m, d) = crate::message::complete::civil_from_days(day);
         format!("{y:04}-{m:02}-{d:02} {clock} UTC")
     }
-}
-
-/// Proleptic Gregorian date of a day count since 1970-01-01 (H. Hinnant's algorithm).
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -2085,9 +2071,6 @@ mod tests {
             "2023-11-15 00:13:20 UTC"
         );
         assert_eq!(format_moment(UNIX_EPOCH, UNIX_EPOCH), "00:00:00 UTC");
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
-        assert_eq!(civil_from_days(-1), (1969, 12, 31));
     }
 
     #[test]

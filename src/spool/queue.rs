@@ -121,27 +121,55 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> QueueError + '_ {
 }
 
 impl QueueEntry {
+    /// A fresh entry with no DSN options, due now.
+    pub fn new(
+        id: &QueueId,
+        sender: &str,
+        uid: u32,
+        arrival: SystemTime,
+        size: u64,
+        recipients: Vec<Recipient>,
+    ) -> QueueEntry {
+        QueueEntry {
+            version: VERSION,
+            id: id.to_string(),
+            sender: sender.to_string(),
+            uid,
+            arrival_us: micros(arrival),
+            size,
+            recipients,
+            notify: None,
+            ret: None,
+            envid: None,
+            body: None,
+            attempts: 0,
+            next_attempt_us: 0,
+            held: false,
+            queue_only: false,
+            is_bounce: false,
+            account: None,
+            reason: None,
+        }
+    }
+
     /// A queue entry for a picked-up incoming message.
     pub fn from_envelope(env: &Envelope, uid: u32, recipients: Vec<Recipient>) -> QueueEntry {
         QueueEntry {
-            version: VERSION,
             id: env.id.clone(),
-            sender: env.sender.clone(),
-            uid,
             arrival_us: env.arrival_us,
-            size: env.size,
-            recipients,
             notify: env.notify.clone(),
             ret: env.ret,
             envid: env.envid.clone(),
             body: env.body,
-            attempts: 0,
-            next_attempt_us: 0,
-            held: false,
             queue_only: env.queue_only,
-            is_bounce: false,
-            account: None,
-            reason: None,
+            ..QueueEntry::new(
+                &QueueId(String::new()),
+                &env.sender,
+                uid,
+                UNIX_EPOCH,
+                env.size,
+                recipients,
+            )
         }
     }
 
@@ -399,31 +427,13 @@ mod tests {
     use super::*;
 
     fn entry(id: &QueueId) -> QueueEntry {
-        QueueEntry {
-            version: VERSION,
-            id: id.to_string(),
-            sender: "a@b.c".into(),
-            uid: 1000,
-            arrival_us: 5,
-            size: 4,
-            recipients: vec![Recipient {
-                address: "x@y.z".into(),
-                original: None,
-                status: RcptStatus::Pending,
-                reply: None,
-            }],
-            notify: None,
-            ret: None,
-            envid: None,
-            body: None,
-            attempts: 0,
-            next_attempt_us: 0,
-            held: false,
-            queue_only: false,
-            is_bounce: false,
-            account: None,
-            reason: None,
-        }
+        let rcpt = Recipient {
+            address: "x@y.z".into(),
+            original: None,
+            status: RcptStatus::Pending,
+            reply: None,
+        };
+        QueueEntry::new(id, "a@b.c", 1000, UNIX_EPOCH, 4, vec![rcpt])
     }
 
     fn queue() -> (tempfile::TempDir, Queue) {

@@ -282,11 +282,6 @@ impl Session {
         self.conn.command("RSET\r\n").is_ok()
     }
 
-    /// Whether a cached connection still answers (RSET), checked before reusing it.
-    pub fn probe(&mut self) -> bool {
-        !self.conn.has_broken() && self.conn.command("RSET\r\n").is_ok()
-    }
-
     /// Whether the connection can carry another transaction.
     pub fn is_usable(&self) -> bool {
         !self.conn.has_broken()

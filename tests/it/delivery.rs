@@ -774,7 +774,9 @@ fn xoauth2_with_a_certificate_client_assertion() {
     let cert = emu::test_certificate_pem().expect("test certificate");
     let cfg = emu::Config::default()
         .mailbox(emu::Mailbox::new(MAILBOX))
-        .app(emu::App::with_certificate(TENANT, CLIENT_ID, &cert, MAILBOX));
+        .app(emu::App::with_certificate(
+            TENANT, CLIENT_ID, &cert, MAILBOX,
+        ));
     let t = Tenant::with(cfg, Auth::Xoauth2, "");
     let dir = t.spool.dir.path();
     let key = dir.join("app.key");
@@ -787,7 +789,11 @@ fn xoauth2_with_a_certificate_client_assertion() {
     }
     std::fs::write(
         dir.join("secrets.toml"),
-        format!("[app]\ncertificate_key = \"{}\"\ncertificate = \"{}\"\n", key.display(), crt.display()),
+        format!(
+            "[app]\ncertificate_key = \"{}\"\ncertificate = \"{}\"\n",
+            key.display(),
+            crt.display()
+        ),
     )
     .unwrap();
     send(&t, &["-i", "x@example.org"], b"Subject: cert\n\nx\n");
@@ -801,9 +807,17 @@ fn xoauth2_with_a_certificate_client_assertion() {
 fn the_connection_is_reused_between_messages() {
     let t = Tenant::new(Auth::Login);
     for i in 0..5 {
-        send(&t, &["-i", &format!("r{i}@example.org")], b"Subject: s\n\nx\n");
+        send(
+            &t,
+            &["-i", &format!("r{i}@example.org")],
+            b"Subject: s\n\nx\n",
+        );
     }
     assert_ok(&t.flush());
     assert_eq!(t.emu.message_count(), 5);
-    assert_eq!(t.emu.connections_opened(), 1, "one connection (plus AUTH once) for the whole queue");
+    assert_eq!(
+        t.emu.connections_opened(),
+        1,
+        "one connection (plus AUTH once) for the whole queue"
+    );
 }

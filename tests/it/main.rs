@@ -2,3 +2,4 @@
 //! for delivery, real servers on 127.0.0.1.
 mod harness;
 mod intake;
+mod smtp_stdio;

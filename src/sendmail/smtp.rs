@@ -171,6 +171,7 @@ impl<'a, S: Spooler> Session<'a, S> {
         send(out, &[greeting])?;
         let mut line = Vec::with_capacity(512);
         loop {
+            // SECURITY: at most MAX_COMMAND_LINE bytes of a command are ever held.
             match read_line(input, &mut line, MAX_COMMAND_LINE)? {
                 Line::Eof => {
                     return Ok(if self.tx.is_some() {
@@ -354,6 +355,8 @@ impl<'a, S: Spooler> Session<'a, S> {
                 "553 5.6.7 Must declare SMTPUTF8 to send unicode address",
             );
         }
+        // SECURITY: Sender::parse refuses CR, LF and other controls, so nothing from
+        // MAIL FROM can reach the envelope file or a later SMTP command as a line break.
         tx.sender = match Sender::parse(path) {
             Ok(s) => s,
             Err(e) => {
@@ -411,6 +414,7 @@ impl<'a, S: Spooler> Session<'a, S> {
                 "553 5.6.7 Must declare SMTPUTF8 to send unicode address",
             );
         }
+        // SECURITY: the same control-character refusal for every recipient.
         let address = match Address::parse(path) {
             Ok(a) => a,
             Err(e) => {
@@ -802,6 +806,7 @@ fn read_data(input: &mut impl BufRead, max: u64) -> io::Result<Data> {
             if lf {
                 out.extend_from_slice(b"\r\n");
             }
+            // SECURITY: past the limit nothing more is kept, whatever the client sends.
             if out.len() as u64 > max {
                 too_big = true;
                 out = Vec::new();

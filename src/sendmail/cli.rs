@@ -16,9 +16,10 @@ use crate::spool::paths::{self, Spool};
 use crate::spool::{QueueId, incoming, listing};
 use crate::sysexits::Exit;
 
-use super::intake::{self, Caller, IntakeSettings};
+use super::intake::{self, Caller, IntakeSettings, Submission};
 use super::options::{self, Mode, Options};
 use super::privilege::{self, DropGroup};
+use super::smtp::{self, Session, Spooler};
 
 /// Prints `sendmail: <message>` on stderr.
 fn say(message: impl std::fmt::Display) {
@@ -81,12 +82,7 @@ pub fn main(argv: Vec<OsString>) -> Exit {
             ));
             Exit::Usage
         }
-        Mode::Smtp => {
-            say(
-                "-bs (SMTP on standard input) is not supported yet: use -t, or give the recipients as arguments",
-            );
-            Exit::Usage
-        }
+        Mode::Smtp => smtp_session(&opts, &config, &spool, &group, uid),
         Mode::ListQueue => list_queue(&spool),
         Mode::QueueRun => queue_run(&spool, &group),
         Mode::Verify => verify(&opts, &config, uid),
@@ -227,4 +223,94 @@ fn deliver(opts: &Options, config: &Config, spool: &Spool, group: &DropGroup, ui
             }
         }
     }
+}
+
+/// Queues the messages of an SMTP session into the incoming maildir, logging each.
+struct SpoolSink<'a> {
+    spool: &'a Spool,
+    group: &'a DropGroup,
+    log: Log,
+    uid: u32,
+}
+
+impl Spooler for SpoolSink<'_> {
+    fn deposit(&mut self, id: &QueueId, s: &Submission) -> Result<(), incoming::SpoolError> {
+        let bytes = s.envelope.to_file_bytes(&s.message);
+        let env = &s.envelope;
+        match incoming::deposit(self.spool, self.group, id, &bytes) {
+            Ok(_) => {
+                self.log.info(&format!(
+                    "{id}: uid={} from=<{}> size={} nrcpt={} proto=ESMTP",
+                    self.uid,
+                    env.sender,
+                    env.size,
+                    env.recipients.len()
+                ));
+                Ok(())
+            }
+            Err(e) => {
+                self.log
+                    .error(&format!("uid={}: not queued: {e}", self.uid));
+                Err(e)
+            }
+        }
+    }
+}
+
+/// `-bs`: the SMTP dialogue on stdin/stdout. The envelope comes from MAIL FROM and
+/// RCPT TO, so `-t`, `-f` and recipient arguments do not apply (as with Postfix).
+fn smtp_session(
+    opts: &Options,
+    config: &Config,
+    spool: &Spool,
+    group: &DropGroup,
+    uid: u32,
+) -> Exit {
+    if opts.extract || !opts.recipients.is_empty() || opts.sender.is_some() {
+        say(
+            "warning: -t, -f and recipient arguments are ignored with -bs: the envelope comes from MAIL FROM and RCPT TO",
+        );
+    }
+    let caller = Caller::lookup(uid);
+    let tag = opts.log_tag.as_deref().unwrap_or("relay365/sendmail");
+    let sink = SpoolSink {
+        spool,
+        group,
+        log: Log::open(tag, false),
+        uid,
+    };
+    let settings = smtp::Settings {
+        domain: &config.domain,
+        max_message_size: config.max_message_size.0,
+        max_recipients: smtp::DEFAULT_MAX_RECIPIENTS,
+    };
+    let report = Session::new(settings, opts, &caller, sink)
+        .run(std::io::stdin().lock(), std::io::stdout().lock());
+    match &report.ending {
+        smtp::Ending::Abandoned { in_data } => say(format_args!(
+            "the SMTP input ended {} without QUIT: that message was not queued; send it again",
+            if *in_data {
+                "in the middle of a message (no line with a single dot)"
+            } else {
+                "after MAIL FROM but before the message data"
+            }
+        )),
+        smtp::Ending::Io(e) => say(format_args!(
+            "SMTP session on standard input/output failed: {e}"
+        )),
+        smtp::Ending::Quit | smtp::Ending::EndOfInput => {}
+    }
+    if opts.verbose {
+        say(format_args!(
+            "queued {} message(s): {}",
+            report.queued.len(),
+            report
+                .queued
+                .iter()
+                .map(QueueId::as_str)
+                .collect::<Vec<_>>()
+                .join(" ")
+        ));
+    }
+    report.ending.exit()
 }

@@ -4,3 +4,4 @@ mod admin;
 mod delivery;
 mod harness;
 mod intake;
+mod smtp_stdio;

@@ -22,10 +22,14 @@ log its sendmail wrapper wrote. EXPECTATIONS_JSON is an object; every key is opt
   argv         list: the exact arguments the client passed to sendmail (one call)
   argv_prefix  list: the arguments must start with these
 
-Where the mail is read from is one function, `collect`: today the incoming spool
-that `sendmail` wrote (the daemon that submits to the Exchange Online emulator is not
-built yet). Setting RELAY365_CLIENTS_FOLLOW=emulator is where a later step plugs in
-reading the emulator's mailbox instead; the expectations stay the same.
+Where the mail is read from is one function, `collect`. With
+RELAY365_CLIENTS_FOLLOW=emulator (what `run` sets by default) the case's queued mail
+is delivered by `relay365 flush` over STARTTLS and AUTH LOGIN to a private Exchange
+Online emulator, and what the server received is checked: its recipients are the
+envelope, its bytes the message (the account keeps From as written, `from =
+"preserve"`, so the bytes are the client's; the envelope sender on the wire is always
+the mailbox, and the `sender` expectation is checked against the queued envelope).
+With RELAY365_CLIENTS_FOLLOW=spool only the queued files are checked.
 
 Prints nothing and exits 0 when all holds; otherwise prints each mismatch and exits 1.
 """
@@ -33,7 +37,10 @@ import email
 import email.policy
 import json
 import os
+import pwd
+import subprocess
 import sys
+import time
 from email.header import decode_header, make_header
 
 MAGIC = b"RELAY365 1\n"
@@ -53,15 +60,98 @@ def read_incoming(path):
     return env, msg
 
 
+MAILBOX = "app@contoso.com"
+ADMIN = "admin@example.org"
+DOMAIN = "example.com"
+
+
+def is_local_user(address):
+    local, _, domain = address.rpartition("@")
+    if domain != DOMAIN:
+        return False
+    try:
+        pwd.getpwnam(local)
+        return True
+    except KeyError:
+        return False
+
+PASSWORD = "client-suite-password"
+
+
+def message_id(raw):
+    head = raw.partition(b"\r\n\r\n")[0]
+    values = header_values(head, "Message-ID")
+    return values[0] if values else None
+
+
+def follow_to_emulator(case_dir, queued):
+    """Delivers the case's queue to a private emulator; returns what it received,
+    each with the envelope sender that was queued (matched by Message-ID)."""
+    bindir = os.environ["RELAY365_BIN_DIR"]
+    emu_dir = os.path.join(case_dir, "emulator")
+    emu = subprocess.Popen(
+        [os.path.join(bindir, "relay365-emulator"), "--dir", emu_dir,
+         "--mailbox", f"{MAILBOX}:{PASSWORD}", "--no-send-as-check"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        port_file = os.path.join(emu_dir, "smtp.port")
+        for _ in range(200):
+            if os.path.exists(port_file) and open(port_file).read().strip():
+                break
+            time.sleep(0.05)
+        port = open(port_file).read().strip()
+        secrets = os.path.join(case_dir, "secrets.toml")
+        with open(secrets, "w") as f:
+            f.write(f'[app]\npassword = "{PASSWORD}"\n')
+        os.chmod(secrets, 0o600)
+        config = os.path.join(case_dir, "relay365.toml")
+        with open(config, "a") as f:
+            f.write(f'secrets_file = "{secrets}"\nadmin = "{ADMIN}"\naliases = "/dev/null"\n'
+                    f'\n[[account]]\nname = "app"\n'
+                    f'mailbox = "{MAILBOX}"\nhost = "localhost"\nport = {port}\n'
+                    f'auth = "login"\nfrom = "preserve"\n'
+                    f'ca_file = "{os.path.join(emu_dir, "ca.pem")}"\n')
+        flush = subprocess.run([os.path.join(bindir, "relay365"), "--config", config, "flush"],
+                               capture_output=True, text=True)
+        if flush.returncode != 0:
+            raise SystemExit(f"relay365 flush failed: {flush.stderr}")
+        by_id = {message_id(raw): env for env, raw in queued}
+        found = []
+        msgs = os.path.join(emu_dir, "messages")
+        for name in sorted(n for n in os.listdir(msgs) if n.endswith(".json")):
+            meta = json.load(open(os.path.join(msgs, name)))
+            raw = open(os.path.join(msgs, name[:-5] + ".eml"), "rb").read()
+            if meta["mail_from"] != MAILBOX:
+                raise SystemExit(f"MAIL FROM {meta['mail_from']!r}, want the mailbox")
+            env = by_id.get(message_id(raw))
+            if env is None:
+                raise SystemExit(f"the server received a message that was never queued: {meta}")
+            # Local users (root@<domain>) reach the admin address, as relay365 routes them.
+            want = []
+            for r in env["recipients"]:
+                r = ADMIN if is_local_user(r) else r
+                if r not in want:
+                    want.append(r)
+            if sorted(meta["rcpts"]) != sorted(want):
+                raise SystemExit(f"the server got RCPT {meta['rcpts']}, want {want}")
+            found.append((env, raw))
+        return found
+    finally:
+        emu.terminate()
+        emu.wait()
+
+
 def collect(case_dir):
     """Every message the case produced, oldest first, as (envelope dict, bytes)."""
     follow = os.environ.get("RELAY365_CLIENTS_FOLLOW", "spool")
-    if follow != "spool":
-        raise SystemExit(f"RELAY365_CLIENTS_FOLLOW={follow}: only 'spool' exists so far")
     new = os.path.join(case_dir, "spool", "incoming", "new")
     found = [read_incoming(os.path.join(new, n)) for n in sorted(os.listdir(new))]
     found.sort(key=lambda em: em[0]["arrival_us"])
-    return found
+    if follow == "spool":
+        return found
+    if follow == "emulator":
+        return follow_to_emulator(case_dir, found)
+    raise SystemExit(f"RELAY365_CLIENTS_FOLLOW={follow}: use spool or emulator")
 
 
 def argv_calls(case_dir):

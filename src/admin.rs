@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use crate::config::Config;
-use crate::spool::paths::{self, Spool};
+use crate::spool::paths::{self, Entry, Group, Kind, Owner, Spool};
 use crate::spool::{init, listing};
 use crate::sysexits::Exit;
 
@@ -38,6 +38,11 @@ enum Command {
         #[arg(long)]
         private: bool,
     },
+    /// Print the path table as TSV (path, kind, owner, group, octal mode), spool
+    /// entries under the configured spool_dir: what the package tests compare the
+    /// installed system against.
+    #[command(hide = true)]
+    Paths,
     /// Inspect and manage the queue.
     Queue {
         #[command(subcommand)]
@@ -84,11 +89,71 @@ pub fn main(argv: Vec<OsString>) -> Exit {
                 Exit::CantCreat
             }
         },
+        Command::Paths => {
+            let _ = std::io::stdout().write_all(paths_tsv(&spool).as_bytes());
+            Exit::Ok
+        }
         Command::Queue {
             action: QueueAction::List,
         } => {
             let _ = std::io::stdout().write_all(listing::format(&listing::list(&spool)).as_bytes());
             Exit::Ok
         }
+    }
+}
+
+/// The path table, spool first, as `path\tkind\towner\tgroup\tmode` lines.
+fn paths_tsv(spool: &Spool) -> String {
+    let row = |path: &std::path::Path, e: &Entry| {
+        let kind = match e.kind {
+            Kind::Dir => "dir",
+            Kind::Fifo => "fifo",
+            Kind::File => "file",
+        };
+        let owner = match e.owner {
+            Owner::Root => "root",
+            Owner::Daemon => paths::DAEMON_USER,
+        };
+        let group = match e.group {
+            Group::Root => "root",
+            Group::Daemon => paths::DAEMON_USER,
+            Group::Drop => paths::DROP_GROUP,
+        };
+        format!(
+            "{}\t{kind}\t{owner}\t{group}\t{:04o}\n",
+            path.display(),
+            e.mode
+        )
+    };
+    let spool_rows = paths::SPOOL_TABLE
+        .iter()
+        .map(|e| row(&spool.join(e.path), e));
+    let installed = paths::INSTALLED_TABLE
+        .iter()
+        .map(|e| row(std::path::Path::new(e.path), e));
+    spool_rows.chain(installed).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_tsv_lists_every_entry_with_absolute_paths() {
+        let tsv = paths_tsv(&Spool::new("/var/spool/relay365"));
+        let lines: Vec<&str> = tsv.lines().collect();
+        assert_eq!(
+            lines.len(),
+            paths::SPOOL_TABLE.len() + paths::INSTALLED_TABLE.len()
+        );
+        assert!(
+            lines.contains(&"/var/spool/relay365/incoming/tmp\tdir\trelay365\trelay365-drop\t1730")
+        );
+        assert!(lines.contains(&"/usr/sbin/sendmail\tfile\troot\trelay365-drop\t2755"));
+        assert!(
+            lines
+                .iter()
+                .all(|l| l.starts_with('/') && l.split('\t').count() == 5)
+        );
     }
 }

@@ -131,6 +131,9 @@ fn queue_run(spool: &Spool, group: &DropGroup) -> Exit {
 }
 
 fn verify(opts: &Options, config: &Config, uid: u32) -> Exit {
+    use crate::daemon::aliases::{AliasError, Aliases};
+    use crate::daemon::pickup::Locals;
+    use crate::spool::queue::RcptStatus;
     let caller = Caller::lookup(uid);
     let mut out = std::io::stdout().lock();
     match intake::envelope_sender(opts, &caller, &config.domain) {
@@ -142,21 +145,38 @@ fn verify(opts: &Options, config: &Config, uid: u32) -> Exit {
             return Exit::NoUser;
         }
     }
+    // The aliases file is world-readable; a problem with it is reported, not fatal.
+    let aliases = match Aliases::load(&config.aliases) {
+        Ok(a) => a,
+        Err(AliasError::Read { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            Aliases::default()
+        }
+        Err(e) => {
+            say(format_args!("warning: {e}"));
+            Aliases::default()
+        }
+    };
+    let locals = Locals::new(config, &aliases);
     let mut status = Exit::Ok;
     for arg in &opts.recipients {
         match crate::message::address::parse_argument(arg) {
             Ok(list) => {
                 for a in list {
-                    let how = if a.is_qualified() {
-                        "as given"
-                    } else {
-                        "qualified with the configured domain"
-                    };
                     let q = a.clone().qualify(&config.domain);
-                    let _ = writeln!(
-                        out,
-                        "{a} -> <{q}> ({how}): deliverable through Microsoft 365"
-                    );
+                    for r in locals.resolve(q.as_str()) {
+                        let how = match (&r.status, r.address == q.as_str(), a.is_qualified()) {
+                            (RcptStatus::Failed, _, _) => {
+                                status = Exit::NoUser;
+                                format!("undeliverable: {}", r.reply.as_deref().unwrap_or(""))
+                            }
+                            (_, false, _) => {
+                                "local recipient, through the aliases or admin address".to_string()
+                            }
+                            (_, true, false) => "qualified with the configured domain".to_string(),
+                            _ => "as given".to_string(),
+                        };
+                        let _ = writeln!(out, "{a} -> <{}> ({how})", r.address);
+                    }
                 }
             }
             Err(e) => {

@@ -555,11 +555,51 @@ fn newaliases_is_a_no_op() {
 #[test]
 fn verify_shows_resolution_and_sends_nothing() {
     let s = Spool::new("");
-    let out = s.sendmail(&["-bv", "root", "x@example.org"], b"");
-    assert_ok(&out);
+    let aliases = s.dir.path().join("aliases");
+    std::fs::write(&aliases, "root: ops@example.org\n").unwrap();
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    std::fs::write(
+        &s.config,
+        format!("aliases = \"{}\"\n{text}", aliases.display()),
+    )
+    .unwrap();
+    let out = s.sendmail(
+        &[
+            "-bv",
+            "root",
+            "nobody-here",
+            "x@example.org",
+            "ghost@localhost",
+        ],
+        b"",
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(67),
+        "one recipient has no route: {}",
+        stdout(&out)
+    );
     let text = stdout(&out);
-    assert!(text.contains("root -> <root@example.com>"), "{text}");
-    assert!(text.contains("x@example.org -> <x@example.org>"), "{text}");
+    assert!(
+        text.contains("root -> <ops@example.org> (local recipient"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "nobody-here -> <nobody-here@example.com> (qualified with the configured domain)"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("x@example.org -> <x@example.org> (as given)"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "ghost@localhost -> <ghost@localhost> (undeliverable: 550 5.1.1 no alias for ghost"
+        ),
+        "{text}"
+    );
     assert_eq!(s.count_files("incoming/new"), 0);
 }
 

@@ -65,6 +65,8 @@ struct Options<'a> {
     rate: u32,
     /// anvil_rate_time_unit in seconds.
     window: u64,
+    /// smtpd_timeout in seconds: how long Postfix keeps an idle connection.
+    idle: u64,
 }
 
 impl Default for Options<'_> {
@@ -73,6 +75,7 @@ impl Default for Options<'_> {
             password: PASSWORD,
             rate: 0,
             window: 60,
+            idle: 300,
         }
     }
 }
@@ -106,6 +109,7 @@ impl Postfix {
                 .arg(&pw)
                 .args(["--rate", &opts.rate.to_string()])
                 .args(["--rate-window", &format!("{}s", opts.window)])
+                .args(["--idle-timeout", &format!("{}s", opts.idle)])
                 .args(["--owner-pid", &std::process::id().to_string()])
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().expect("dup"))
@@ -355,7 +359,10 @@ fn plain_delivery_to_postfix_through_the_daemon() {
     if postfix_or_skip("plain_delivery_to_postfix_through_the_daemon").is_none() {
         return;
     }
-    let pf = Postfix::start(Options::default());
+    let pf = Postfix::start(Options {
+        idle: 2,
+        ..Options::default()
+    });
     let spool = client(&pf, Mech::Plain, PASSWORD, "127.0.0.1", "");
     let d = Daemon::start(&spool);
     assert_ok(&spool.sendmail(
@@ -366,6 +373,15 @@ fn plain_delivery_to_postfix_through_the_daemon() {
         let got = pf.wait_mailbox(user, 1);
         check_copy(&got[0], &format!("{user}@example.org"), &d.log_text());
     }
+    // Postfix drops the daemon's idle connection (421 after smtpd_timeout); the next
+    // message goes out at once on a new one, not after a deferral.
+    assert!(
+        eventually(Duration::from_secs(10), || pf
+            .maillog()
+            .contains("timeout after END-OF-MESSAGE")),
+        "{}",
+        pf.maillog()
+    );
     // A local recipient goes through the aliases file.
     assert_ok(&spool.sendmail(&["-i", "root"], b"Subject: for root\n\nlocal\n"));
     let got = pf.wait_mailbox("carol", 1);
@@ -384,6 +400,15 @@ fn plain_delivery_to_postfix_through_the_daemon() {
     let log = d.log_text();
     assert!(!log.contains(PASSWORD), "never log a secret");
     assert!(!log.contains("held"), "{log}");
+    assert!(!log.contains("status=deferred"), "{log}");
+    assert_eq!(
+        pf.maillog()
+            .matches("TLS connection established from")
+            .count(),
+        2,
+        "a second connection after the idle one was dropped: {}",
+        pf.maillog()
+    );
     assert!(d.stop().success(), "SIGTERM exits 0");
 }
 
@@ -747,5 +772,91 @@ fn postfix_refusing_one_recipient_bounces_it_and_delivers_the_rest() {
     assert!(
         log.contains("to=<later@example.org>") && log.contains("status=deferred"),
         "{log}"
+    );
+}
+
+#[test]
+fn postfix_gets_smtputf8_and_dsn_parameters() {
+    if postfix_or_skip("postfix_gets_smtputf8_and_dsn_parameters").is_none() {
+        return;
+    }
+    let pf = Postfix::start(Options::default());
+    let spool = client(&pf, Mech::Login, PASSWORD, "localhost", "");
+    assert_ok(&spool.sendmail(
+        &["-i", "-N", "success,failure", "jürgen@example.org"],
+        "Subject: Grüße\n\nü\n".as_bytes(),
+    ));
+    let out = spool.relay365(&["flush"]);
+    assert_ok(&out);
+    let got = pf.wait_mailbox("other", 1);
+    let m = &got[0];
+    assert_eq!(m.get("Delivered-To").as_deref(), Some("jürgen@example.org"));
+    assert!(
+        m.get("Received")
+            .is_some_and(|r| r.contains("with UTF8SMTPSA")),
+        "sent with SMTPUTF8: {}",
+        m.header
+    );
+    assert_eq!(m.get("Subject").as_deref(), Some("Grüße"));
+    assert_eq!(m.body, "ü\n".as_bytes());
+    // NOTIFY=SUCCESS reached Postfix: it reports the delivery to the envelope sender.
+    assert!(
+        eventually(Duration::from_secs(10), || pf
+            .maillog()
+            .contains("sender delivery status notification")),
+        "{}",
+        pf.maillog()
+    );
+    assert!(queued(&spool).is_empty(), "{}", stderr(&out));
+}
+
+#[test]
+fn a_postfix_certificate_from_an_unknown_ca_is_refused() {
+    if postfix_or_skip("a_postfix_certificate_from_an_unknown_ca_is_refused").is_none() {
+        return;
+    }
+    let pf = Postfix::start(Options::default());
+    let spool = client(&pf, Mech::Login, PASSWORD, "localhost", "");
+    // The same account without the test CA: only the system store, which never signed
+    // this server's certificate.
+    let cfg: String = std::fs::read_to_string(&spool.config)
+        .expect("config")
+        .lines()
+        .filter(|l| !l.starts_with("ca_file"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&spool.config, cfg).expect("config");
+    let check = spool.relay365(&["check"]);
+    assert!(!check.status.success(), "{}", stdout(&check));
+    assert!(
+        stdout(&check).contains("UnknownIssuer"),
+        "{}",
+        stdout(&check)
+    );
+    assert_ok(&spool.sendmail(&["-i", "alice@example.org"], b"Subject: x\n\nx\n"));
+    let out = spool.relay365(&["flush"]);
+    assert_ok(&out);
+    let q = queued(&spool);
+    assert_eq!(
+        q.len(),
+        1,
+        "deferred, not lost or bounced: {}",
+        stderr(&out)
+    );
+    assert!(
+        q[0].recipients[0]
+            .reply
+            .as_deref()
+            .is_some_and(|r| r.contains("invalid peer certificate")),
+        "{q:?}"
+    );
+    let ml = pf.maillog();
+    assert!(
+        ml.contains("alert unknown ca"),
+        "rustls hung up in the handshake: {ml}"
+    );
+    assert!(
+        !ml.contains("sasl_method"),
+        "no AUTH without a trusted server: {ml}"
     );
 }

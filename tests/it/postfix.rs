@@ -424,14 +424,16 @@ fn subjects(pf: &Postfix, user: &str) -> Vec<String> {
 }
 
 /// Postfix's anvil accepts `RATE` messages per window and answers the rest
-/// `450 4.7.1 Error: too much mail from 127.0.0.1` at MAIL FROM.
+/// `450 4.7.1 Error: too much mail from 127.0.0.1` at MAIL FROM. The window is long
+/// enough that one queue run (a few hundred milliseconds) never straddles a reset.
 const RATE: u32 = 3;
-const WINDOW: u64 = 2;
+const WINDOW: u64 = 3;
 
 /// Anvil resets a client's counts once a whole window has passed since its first
-/// event, compared in whole seconds: wait a window plus a second after `since`.
-fn wait_for_anvil_window(since: Instant) {
-    let due = since + Duration::from_secs(WINDOW + 1) + Duration::from_millis(200);
+/// connection, compared in whole seconds. `after` is a moment after that connection
+/// (the end of the run that met the limit): a window plus a second from it is enough.
+fn wait_for_anvil_window(after: Instant) {
+    let due = after + Duration::from_secs(WINDOW + 1) + Duration::from_millis(100);
     if let Some(left) = due.checked_duration_since(Instant::now()) {
         std::thread::sleep(left);
     }
@@ -491,8 +493,8 @@ fn postfix_rate_limit_defers_the_excess_and_a_retry_delivers_it() {
             format!("Subject: m{i}\n\nnumber {i}\n").as_bytes(),
         ));
     }
-    let first = Instant::now();
     let out = spool.relay365(&["flush"]);
+    let limited = Instant::now();
     assert_ok(&out);
     let log = stderr(&out);
     pf.wait_mailbox("alice", RATE as usize);
@@ -503,7 +505,7 @@ fn postfix_rate_limit_defers_the_excess_and_a_retry_delivers_it() {
         "one deferral per refused message: {log}"
     );
     // No retry before the server's window passed; then an administrator's retry.
-    wait_for_anvil_window(first);
+    wait_for_anvil_window(limited);
     assert_ok(&spool.relay365(&["queue", "retry"]));
     let out = spool.relay365(&["flush"]);
     assert_ok(&out);
@@ -542,7 +544,6 @@ fn postfix_rate_limit_with_the_daemon_and_sendmail_q() {
             format!("Subject: d{i}\n\nnumber {i}\n").as_bytes(),
         ));
     }
-    let first = Instant::now();
     let d = Daemon::start(&spool);
     pf.wait_mailbox("bob", RATE as usize);
     assert!(
@@ -554,10 +555,24 @@ fn postfix_rate_limit_with_the_daemon_and_sendmail_q() {
         "{}",
         d.log_text()
     );
+    let limited = Instant::now();
+    // The log line comes just before the queue file records the reply.
+    assert!(
+        eventually(Duration::from_secs(5), || queued(&spool)
+            .iter()
+            .filter(|e| e.recipients[0]
+                .reply
+                .as_deref()
+                .is_some_and(|r| r.contains("too much mail")))
+            .count()
+            == 3),
+        "{:?}",
+        queued(&spool)
+    );
     check_rate_deferrals(&spool, &pf, &d.log_text(), 3);
     // The daemon's backoff (a minute) is longer than this test; sendmail -q asks it
     // to retry now, once the server's window has passed.
-    wait_for_anvil_window(first);
+    wait_for_anvil_window(limited);
     assert_ok(&spool.sendmail(&["-q"], b""));
     pf.wait_mailbox("bob", n);
     assert!(

@@ -91,7 +91,7 @@ impl Postfix {
     fn start(opts: Options) -> Postfix {
         let mut last = String::new();
         // A port picked from the kernel can be taken by another test before Postfix
-        // binds it; the start script notices (it checks the banner) and we pick again.
+        // binds it; then `postfix start` fails, the script cleans up, we pick again.
         for _ in 0..3 {
             let work = tempfile::tempdir().expect("tempdir");
             let port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -593,6 +593,9 @@ impl Runner {
                         }
                         continue;
                     }
+                    if v.action == Action::AuthFailed {
+                        return Err(auth_rejected(&self.account, &self.config.secrets_file, &f));
+                    }
                     return Err(v);
                 }
             }
@@ -1097,10 +1100,105 @@ impl Runner {
     }
 }
 
+/// The hold for credentials the server refused for good: a password is wrong, or a
+/// token was refused even after one refresh. The classifier's generic reason promises
+/// a token refresh, which here has already happened or does not apply, and names no
+/// fix; this one says what to change and how to resume.
+fn auth_rejected(account: &Account, secrets_file: &std::path::Path, f: &Failure) -> Verdict {
+    let name = &account.name;
+    let fix = match account.auth {
+        AuthMode::Xoauth2 => format!(
+            "the server refused a freshly fetched OAuth2 token for {}: check that the app \
+             registration has SMTP.SendAsApp with admin consent, that its service principal \
+             exists (New-ServicePrincipal) and has FullAccess on the mailbox \
+             (Add-MailboxPermission), then run relay365 account release {name}",
+            account.mailbox
+        ),
+        _ => format!(
+            "the server refused the password of {}: correct password in the [{name}] table \
+             of {}, then run relay365 account release {name}",
+            account.mailbox,
+            secrets_file.display()
+        ),
+    };
+    Verdict {
+        action: Action::AuthFailed,
+        reason: format!("{fix} (server said: {f})"),
+    }
+}
+
 /// The verdict for a failed step.
 fn verdict_for(f: &Failure) -> Verdict {
     match &f.reply {
         Some(r) => classify::classify(r, f.stage),
         None => classify::classify_no_reply(f.stage, &f.detail),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::classify::Stage;
+
+    fn account(auth: &str) -> Account {
+        let oauth = "[account.oauth]\ntenant = \"contoso.onmicrosoft.com\"\nclient_id = \"x\"\n";
+        let text = format!(
+            "domain = \"a.b\"\n[[account]]\nname = \"app\"\nmailbox = \"app@contoso.com\"\nauth = \"{auth}\"\n{oauth}"
+        );
+        crate::config::Config::from_toml(std::path::Path::new("/t.toml"), &text)
+            .unwrap()
+            .accounts
+            .remove(0)
+    }
+
+    fn refused() -> Failure {
+        Failure {
+            stage: Stage::Auth,
+            reply: Reply::parse("535 5.7.8 Error: authentication failed: authentication failure")
+                .ok(),
+            detail: String::new(),
+        }
+    }
+
+    // Regression: a wrong password held the account with "refreshing the OAuth2 token
+    // once" as the reason, which neither applies to passwords nor says what to fix.
+    #[test]
+    fn a_refused_password_holds_with_the_fix() {
+        let v = auth_rejected(
+            &account("login"),
+            std::path::Path::new("/etc/relay365/secrets.toml"),
+            &refused(),
+        );
+        assert_eq!(v.action, Action::AuthFailed);
+        assert!(!v.reason.contains("OAuth2"), "{}", v.reason);
+        assert!(
+            v.reason
+                .contains("[app] table of /etc/relay365/secrets.toml"),
+            "{}",
+            v.reason
+        );
+        assert!(
+            v.reason.contains("relay365 account release app"),
+            "{}",
+            v.reason
+        );
+        assert!(v.reason.contains("535 5.7.8"), "{}", v.reason);
+    }
+
+    #[test]
+    fn a_refused_fresh_token_holds_with_the_permissions_to_check() {
+        let v = auth_rejected(
+            &account("xoauth2"),
+            std::path::Path::new("/etc/relay365/secrets.toml"),
+            &refused(),
+        );
+        assert!(!v.reason.contains("refreshing"), "{}", v.reason);
+        assert!(v.reason.contains("SMTP.SendAsApp"), "{}", v.reason);
+        assert!(v.reason.contains("Add-MailboxPermission"), "{}", v.reason);
+        assert!(
+            v.reason.contains("relay365 account release app"),
+            "{}",
+            v.reason
+        );
     }
 }

@@ -820,4 +820,41 @@ fn the_connection_is_reused_between_messages() {
         1,
         "one connection (plus AUTH once) for the whole queue"
     );
+
+// Regression: `sendmail -q` that arrived while the message's attempt was still in
+// flight was dropped for that message: its deferral came back after the queue run
+// and waited out the whole backoff (a minute) instead of being retried at once.
+#[test]
+fn sendmail_q_during_an_attempt_retries_it_when_it_is_deferred() {
+    let t = Tenant::with(
+        tenant_config().reply_delay(Duration::from_millis(150)),
+        Auth::Login,
+        "",
+    );
+    let d = Daemon::start(&t.spool);
+    t.emu
+        .inject(Fault::reply(Stage::AfterDot, "451 4.7.0 Temporary server error").times(1));
+    send(&t, &["-i", "x@example.org"], b"Subject: retry\n\nx\n");
+    assert!(
+        eventually(Duration::from_secs(10), || t.emu.connections_current() > 0),
+        "{}",
+        d.log_text()
+    );
+    // The dialogue takes about a second (150 ms a reply): ask for a queue run in it.
+    assert_ok(&t.spool.sendmail(&["-q"], b""));
+    assert!(
+        d.wait_log("queue run requested", Duration::from_secs(5)),
+        "{}",
+        d.log_text()
+    );
+    assert!(
+        !d.log_text().contains("status=deferred"),
+        "the request came during the attempt: {}",
+        d.log_text()
+    );
+    assert!(
+        t.emu.wait_for_messages(1, Duration::from_secs(10)),
+        "retried at once, not after the backoff: {}",
+        d.log_text()
+    );
 }

@@ -4,4 +4,5 @@ mod admin;
 mod delivery;
 mod harness;
 mod intake;
+mod postfix;
 mod smtp_stdio;

@@ -820,6 +820,7 @@ fn the_connection_is_reused_between_messages() {
         1,
         "one connection (plus AUTH once) for the whole queue"
     );
+}
 
 // Regression: `sendmail -q` that arrived while the message's attempt was still in
 // flight was dropped for that message: its deferral came back after the queue run

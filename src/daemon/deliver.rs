@@ -709,7 +709,10 @@ impl Runner {
             }
         }
         if let Err(f) = session.mail(&self.account.mailbox, &params) {
-            if f.reply.is_none() && session.transactions > 0 {
+            // An idle connection the server closed answers nothing, or the 421 it
+            // sent when it timed us out (Postfix does): reconnect, nothing was sent.
+            let closed = f.reply.as_ref().is_none_or(|r| r.code == 421);
+            if closed && session.transactions > 0 {
                 return Conversed::Stale;
             }
             let keep = f.reply.is_some() && session.rset();

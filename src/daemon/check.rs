@@ -156,10 +156,9 @@ pub fn check(config: &Config) -> Vec<Finding> {
             ))),
             Err(f) => {
                 let advice = match f.reply.as_ref().map(|r| classify::classify(r, f.stage)) {
-                    Some(v) if v.action == Action::AuthFailed => format!(
-                        "{} — check the mailbox name and the secret; for OAuth2 also that the app's service principal has FullAccess: Add-MailboxPermission -Identity {} -User <service principal id> -AccessRights FullAccess",
-                        v.reason, a.mailbox
-                    ),
+                    Some(v) if v.action == Action::AuthFailed => {
+                        crate::daemon::deliver::auth_rejected(a, &config.secrets_file, &f).reason
+                    }
                     Some(v) => v.reason,
                     None => f.to_string(),
                 };

@@ -1107,7 +1107,7 @@ impl Runner {
 /// token was refused even after one refresh. The classifier's generic reason promises
 /// a token refresh, which here has already happened or does not apply, and names no
 /// fix; this one says what to change and how to resume.
-fn auth_rejected(account: &Account, secrets_file: &std::path::Path, f: &Failure) -> Verdict {
+pub fn auth_rejected(account: &Account, secrets_file: &std::path::Path, f: &Failure) -> Verdict {
     let name = &account.name;
     let fix = match account.auth {
         AuthMode::Xoauth2 => format!(
@@ -1130,10 +1130,25 @@ fn auth_rejected(account: &Account, secrets_file: &std::path::Path, f: &Failure)
     }
 }
 
-/// The verdict for a failed step.
+/// The verdict for a failed step. An untrusted server certificate is an account
+/// problem only the administrator can fix (wrong host, a missing `ca_file`, an
+/// intercepting proxy): the account is held and probed hourly, never bounced.
 fn verdict_for(f: &Failure) -> Verdict {
     match &f.reply {
         Some(r) => classify::classify(r, f.stage),
+        None if f.is_certificate_error() => {
+            let fix = format!(
+                "the server's TLS certificate is not trusted ({}): check host, and set ca_file if the server uses a private CA",
+                f.detail
+            );
+            Verdict {
+                action: Action::HoldAccount {
+                    until: HoldUntil::Release,
+                    fix: fix.clone(),
+                },
+                reason: fix,
+            }
+        }
         None => classify::classify_no_reply(f.stage, &f.detail),
     }
 }

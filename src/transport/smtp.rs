@@ -47,6 +47,15 @@ pub struct Failure {
     pub detail: String,
 }
 
+impl Failure {
+    /// Whether TLS failed because the server's certificate could not be verified.
+    pub fn is_certificate_error(&self) -> bool {
+        self.reply.is_none()
+            && matches!(self.stage, Stage::Connect | Stage::StartTls)
+            && self.detail.to_ascii_lowercase().contains("certificate")
+    }
+}
+
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.reply {

@@ -469,8 +469,12 @@ fn a_bad_server_certificate_is_refused_and_nothing_is_sent() {
         );
         let log = stderr(&out);
         assert!(
-            log.contains("TLS") || log.contains("certificate"),
+            log.contains("certificate is not trusted"),
             "{kind:?}: {log}"
+        );
+        assert!(
+            log.contains("held until"),
+            "{kind:?}: the account is held, not bounced: {log}"
         );
     }
 }

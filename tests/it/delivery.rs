@@ -715,7 +715,7 @@ fn check_names_what_is_wrong_and_sends_nothing() {
     assert!(
         text.contains("FAIL")
             && text.contains("authentication failed")
-            && text.contains("Add-MailboxPermission"),
+            && text.contains("correct password in the [app] table"),
         "{text}"
     );
     assert!(!text.contains("wrong\""), "never print the secret");

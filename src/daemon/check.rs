@@ -112,10 +112,7 @@ pub fn check(config: &Config) -> Vec<Finding> {
                 }
             }
         };
-        let helo = a
-            .helo_name
-            .clone()
-            .unwrap_or_else(crate::daemon::deliver::host_name);
+        let helo = crate::daemon::deliver::helo_name(a);
         let ep = Endpoint {
             host: &a.host,
             port: a.port,

@@ -152,6 +152,16 @@ pub fn host_name() -> String {
         .unwrap_or_else(|| "localhost".to_string())
 }
 
+/// The name given in EHLO: the account's `helo_name`, else this host's fully
+/// qualified name (servers may refuse a bare one), else the short name.
+pub fn helo_name(account: &Account) -> String {
+    account
+        .helo_name
+        .clone()
+        .or_else(crate::config::host_fqdn)
+        .unwrap_or_else(host_name)
+}
+
 /// How a conversation on a connection ended.
 enum Conversed {
     /// The flow for the message, and whether the connection may be kept.
@@ -541,11 +551,7 @@ impl Runner {
 
     /// Opens and authenticates a session, refreshing an OAuth2 token once on 535.
     fn open_session(&mut self, now: SystemTime) -> Result<(), Verdict> {
-        let helo = self
-            .account
-            .helo_name
-            .clone()
-            .unwrap_or_else(|| self.host.clone());
+        let helo = helo_name(&self.account);
         let host = self.account.host.clone();
         let ca_file = self.account.ca_file.clone();
         let ep = Endpoint {

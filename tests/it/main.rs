@@ -3,3 +3,4 @@
 mod delivery;
 mod harness;
 mod intake;
+mod quota;

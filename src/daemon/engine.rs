@@ -124,6 +124,10 @@ pub struct Engine {
     due_of: HashMap<QueueId, u64>,
     /// Messages dispatched whose report has not come back.
     in_flight: HashSet<QueueId>,
+    /// Messages in flight when a queue run was requested: if they come back deferred,
+    /// the run covers them too (the request may have come after their deferral was
+    /// logged but before its report reached us).
+    rerun: HashSet<QueueId>,
     results_tx: mpsc::Sender<(QueueId, Report)>,
     results_rx: mpsc::Receiver<(QueueId, Report)>,
     wake_read: OwnedFd,
@@ -155,6 +159,7 @@ impl Engine {
             schedule: BTreeSet::new(),
             due_of: HashMap::new(),
             in_flight: HashSet::new(),
+            rerun: HashSet::new(),
             results_tx,
             results_rx,
             wake_read,
@@ -300,6 +305,7 @@ impl Engine {
                 }
                 continue;
             };
+            let explicit = self.rerun.remove(&id) || explicit;
             if let Ok(mut q) = pool.jobs.queue.lock() {
                 q.push_back((id.clone(), explicit));
                 pool.jobs.cv.notify_one();
@@ -322,11 +328,19 @@ impl Engine {
         while let Ok((id, report)) = self.results_rx.try_recv() {
             self.in_flight.remove(&id);
             match report.outcome {
-                Outcome::Finished => self.delivered += 1,
+                Outcome::Finished => {
+                    self.rerun.remove(&id);
+                    self.delivered += 1;
+                }
                 Outcome::Deferred(t) => {
                     self.deferred += 1;
                     if reschedule {
-                        self.schedule_at(id, micros(t));
+                        let at = if self.rerun.contains(&id) {
+                            0
+                        } else {
+                            micros(t)
+                        };
+                        self.schedule_at(id, at);
                     }
                 }
                 // Even a flush takes it up again: it only gave way to other messages.
@@ -451,6 +465,7 @@ impl Engine {
                 self.info("queue run requested");
                 self.pickup();
                 explicit = true;
+                self.rerun.extend(self.in_flight.iter().cloned());
             }
             if SystemTime::now()
                 .duration_since(last_scan)
@@ -477,6 +492,7 @@ impl Engine {
                 self.stop = Arc::new(Stop::default());
                 self.loaded = loaded;
                 self.in_flight.clear();
+                self.rerun.clear();
                 if let Err(e) = self.start_workers() {
                     self.warn(&format!("reload: cannot start workers: {e}"));
                 }

@@ -591,3 +591,32 @@ fn sendmail_q_wakes_the_daemon_for_deferred_mail() {
         d.log_text()
     );
 }
+
+#[test]
+fn a_queue_run_requested_while_a_message_is_in_flight_covers_it() {
+    let t = Tenant::new(Auth::Login);
+    let d = Daemon::start(&t.spool);
+    // The server sits on DATA and then defers the message; `sendmail -q` comes in
+    // between, as it may after the deferral is logged but before the engine hears of it.
+    t.emu
+        .inject(Fault::new(Stage::Data, FaultAction::Stall(Duration::from_millis(2500))).times(1));
+    t.emu
+        .inject(Fault::reply(Stage::AfterDot, "451 4.7.0 Temporary server error").times(1));
+    send(&t, &["-i", "x@example.org"], b"Subject: in flight\n\nx\n");
+    assert!(eventually(Duration::from_secs(10), || t
+        .emu
+        .connections_current()
+        > 0));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_ok(&t.spool.sendmail(&["-q"], b""));
+    assert!(
+        d.wait_log("status=deferred", Duration::from_secs(10)),
+        "{}",
+        d.log_text()
+    );
+    assert!(
+        t.emu.wait_for_messages(1, Duration::from_secs(10)),
+        "{}",
+        d.log_text()
+    );
+}

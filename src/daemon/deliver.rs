@@ -36,8 +36,8 @@ use crate::transport::smtp::{Endpoint, Failure, Login, Session, xtext};
 /// Longest the worker sleeps for the quota window inside one delivery; longer waits
 /// defer the message and free the worker for other work (SIGTERM, other messages).
 const PACE_WAIT_MAX: Duration = Duration::from_secs(120);
-/// The longest stamp lead before any transaction was timed: MAIL, RCPT, DATA and the
-/// dot at Exchange Online's ~50 ms a reply (see [`Runner::lead`]).
+/// The stamp lead before any transaction was timed: MAIL, RCPT, DATA and the dot at
+/// Exchange Online's ~50 ms a reply (see [`Runner::lead`]).
 const FIRST_LEAD: Duration = Duration::from_millis(250);
 /// How many recent transaction times the lead is taken from.
 const LEAD_SAMPLES: usize = 16;
@@ -149,8 +149,6 @@ pub struct Runner {
     checked: bool,
     /// How long recent transactions took from reservation to the reply after the dot.
     took: VecDeque<Duration>,
-    /// How long the last connection took to open and authenticate.
-    opened_in: Option<Duration>,
     pub stop: Arc<Stop>,
 }
 
@@ -220,7 +218,6 @@ impl Runner {
             gave_way: false,
             checked: false,
             took: VecDeque::new(),
-            opened_in: None,
             stop,
             account,
             config,
@@ -671,10 +668,8 @@ impl Runner {
             }
             session.quit();
         }
-        let opening = std::time::Instant::now();
         match self.open_session(now) {
             Ok(()) => {
-                self.opened_in = Some(opening.elapsed());
                 self.retry_after = None;
                 self.checked = true;
                 Ok(())
@@ -695,10 +690,7 @@ impl Runner {
     fn lead(&self) -> Duration {
         match self.took.iter().max() {
             Some(&longest) => longest * 2 + Duration::from_millis(5),
-            // Opening the session took more round trips than a transaction needs.
-            None => self
-                .opened_in
-                .map_or(FIRST_LEAD, |o| (o * 2).min(FIRST_LEAD)),
+            None => FIRST_LEAD,
         }
     }
 

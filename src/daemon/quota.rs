@@ -19,10 +19,12 @@
 //! - the `+ 1 ms` makes the boundary inclusive (`t - W <= s`), which is conservative
 //!   against a server that counts `t - W < s <= t` or `t - W <= s <= t` on the same clock;
 //! - the `W/1000` guard (60 ms for a minute, 86.4 s for 24 hours) absorbs the jitter
-//!   between our stamp, taken before connecting, and the server's stamp, taken somewhere
-//!   in the transaction: if an old transaction took longer to reach the server than the
+//!   between our stamp, taken before the transaction, and the server's stamp, taken
+//!   somewhere in it: if an old transaction took longer to reach the server than the
 //!   new one, an exact boundary would let the server see `count + 1` in its window, and
-//!   for the daily recipient quota that costs a 24-hour block.
+//!   for the daily recipient quota that costs a 24-hour block. The scheduler stamps its
+//!   reservations ahead by about the transaction's duration
+//!   ([`Ledger::reserve_some_ahead`]), so the guard need only cover the misestimate.
 //!
 //! A long queue therefore drains at `W / hold` of the limit (99.9 %), and
 //! [`Reservation::WaitUntil`] is exactly the moment the oldest entry in the way stops

@@ -116,6 +116,9 @@ fn a_queue_of_five_windows_drains_at_the_limit_and_never_over_it() {
     assert!(eventually(Duration::from_secs(5), || t.queued().is_empty()));
     assert_within_limit(&t, &d.log_text());
     assert_eq!(t.emu.max_in_window(WINDOW), COUNT, "the limit is used");
+    // A debug build's transactions take ~50 ms on a busy machine, and the stamp lead
+    // that covers them costs about that much of every 2 s window; bench/pacing measures
+    // the release build against its goal of 97 %.
     let share = achieved_share(&t.emu.accepted_times(), COUNT);
     assert!(
         (0.9..=1.0).contains(&share),

@@ -6,7 +6,7 @@
 //! Every reply from the server goes through [`classify`]. Secrets are only touched
 //! to build the AUTH exchange and never appear in a log line.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -36,6 +36,11 @@ use crate::transport::smtp::{Endpoint, Failure, Login, Session, xtext};
 /// Longest the worker sleeps for the quota window inside one delivery; longer waits
 /// defer the message and free the worker for other work (SIGTERM, other messages).
 const PACE_WAIT_MAX: Duration = Duration::from_secs(120);
+/// The stamp lead before any transaction was timed: MAIL, RCPT, DATA and the dot at
+/// Exchange Online's ~50 ms a reply (see [`Runner::lead`]).
+const FIRST_LEAD: Duration = Duration::from_millis(250);
+/// How many recent transaction times the lead is taken from.
+const LEAD_SAMPLES: usize = 16;
 
 /// Shared stop signal with an interruptible sleep.
 #[derive(Debug, Default)]
@@ -102,6 +107,8 @@ pub enum Outcome {
     Finished,
     /// Some recipients wait until then.
     Deferred(SystemTime),
+    /// Part was sent; the rest gave way to other messages and may go at that moment.
+    Yielded(SystemTime),
     /// Not attempted: locked by another process, not due, or gone.
     Skipped,
 }
@@ -134,6 +141,14 @@ pub struct Runner {
     retry_after: Option<(SystemTime, String)>,
     /// Set by a verdict that closes the connection while a transaction holds it.
     discard_session: bool,
+    /// Whether other messages wait for this account's workers (set by the engine).
+    pub others_waiting: Box<dyn Fn() -> bool + Send>,
+    /// The message in hand gave way to others with recipients still to send.
+    gave_way: bool,
+    /// The session was opened or probed for the transaction about to start.
+    checked: bool,
+    /// How long recent transactions took from reservation to the reply after the dot.
+    took: VecDeque<Duration>,
     pub stop: Arc<Stop>,
 }
 
@@ -217,6 +232,10 @@ impl Runner {
             pauses: 0,
             retry_after: None,
             discard_session: false,
+            others_waiting: Box::new(|| false),
+            gave_way: false,
+            checked: false,
+            took: VecDeque::new(),
             stop,
             account,
             config,
@@ -269,6 +288,7 @@ impl Runner {
     /// which ignores backoff and account holds (but never a quota freeze).
     pub fn deliver(&mut self, id: &QueueId, explicit: bool) -> Report {
         let now = SystemTime::now();
+        self.gave_way = false;
         let mut spawned = Vec::new();
         let mut locked = match self.queue.lock(id) {
             Ok(Some(l)) => l,
@@ -374,20 +394,58 @@ impl Runner {
             if batch.is_empty() {
                 break;
             }
-            let now = SystemTime::now();
-            match self
-                .ledger
-                .reserve_some(now, batch.len() as u32, &self.account.limits)
+            let smtp = self.account.transport == Transport::Smtp;
+            self.checked = false;
+            // Connect (or check the kept connection) before the reservation, so its
+            // stamp need only lead the server's by the transaction itself; not when
+            // the reservation is bound to wait, lest a connection idle for nothing.
+            if smtp
+                && self
+                    .ledger
+                    .room(SystemTime::now(), &self.account.limits)
+                    .is_ok_and(|r| r > 0)
             {
+                let now = SystemTime::now();
+                if let Err(v) = self.ready(now) {
+                    tried.extend(batch.iter().copied());
+                    let flow = self.apply(locked, &batch, &v, now);
+                    if let Err(e) = self.queue.update(&locked.entry) {
+                        self.log(
+                            crate::logging::Level::Error,
+                            &format!("{}: cannot record the result: {e}", locked.entry.id),
+                        );
+                    }
+                    if let Flow::Stop = flow {
+                        break;
+                    }
+                    continue;
+                }
+            }
+            let now = SystemTime::now();
+            let lead = if smtp { self.lead() } else { Duration::ZERO };
+            match self.ledger.reserve_some_ahead(
+                now,
+                lead,
+                batch.len() as u32,
+                &self.account.limits,
+            ) {
                 Ok(Grant::Go(n)) => batch.truncate(n as usize),
                 Ok(Grant::WaitUntil(t)) => {
                     let wait = t.duration_since(now).unwrap_or_default();
-                    if wait <= PACE_WAIT_MAX && self.ledger.frozen(now).ok().flatten().is_none() {
+                    // Having sent part of its recipients, a message gives way to the
+                    // others waiting for this account rather than take all the room as
+                    // it frees: the engine's schedule then takes them in turn.
+                    let give_way = !tried.is_empty() && (self.others_waiting)();
+                    if wait <= PACE_WAIT_MAX
+                        && !give_way
+                        && self.ledger.frozen(now).ok().flatten().is_none()
+                    {
                         if self.stop.sleep_until(t) {
                             continue;
                         }
                         break;
                     }
+                    self.gave_way = give_way;
                     let reason = self
                         .ledger
                         .usage(now, &self.account.limits)
@@ -412,14 +470,18 @@ impl Runner {
                 Transport::Maildir(dir) => {
                     self.capture(locked, &batch, &outgoing, dir.clone(), started)
                 }
-                Transport::Smtp => self.transaction(
-                    locked,
-                    &batch,
-                    &outgoing,
-                    started,
-                    &mut tried,
-                    &mut batch_cap,
-                ),
+                Transport::Smtp => {
+                    let flow = self.transaction(
+                        locked,
+                        &batch,
+                        &outgoing,
+                        started,
+                        &mut tried,
+                        &mut batch_cap,
+                    );
+                    self.learn(now, lead, batch.len() as u32);
+                    flow
+                }
             };
             if let Err(e) = self.queue.update(&locked.entry) {
                 self.log(
@@ -608,6 +670,73 @@ impl Runner {
         }
     }
 
+    /// Opens the account's connection, or checks that the kept one still answers.
+    fn ready(&mut self, now: SystemTime) -> Result<(), Verdict> {
+        if self.session.as_ref().is_some_and(|s| !s.is_usable()) {
+            self.session = None;
+        }
+        // A kept connection that the server closed while idle is found at MAIL
+        // (see `transact`), which costs nothing when it is alive, unlike a probe.
+        if self.session.is_some() {
+            self.checked = true;
+            return Ok(());
+        }
+        match self.open_session(now) {
+            Ok(()) => {
+                self.retry_after = None;
+                self.checked = true;
+                Ok(())
+            }
+            Err(v) => {
+                self.retry_after = Some((now + Duration::from_secs(60), v.reason.clone()));
+                Err(v)
+            }
+        }
+    }
+
+    /// How far ahead to stamp a reservation: twice the longest recent transaction
+    /// (reservation to the reply after the dot), since the server stamps the message
+    /// somewhere in between (see [`Ledger::reserve_some_ahead`]). Twice, because a
+    /// transaction that overruns its lead costs a whole slot for a window (see
+    /// [`Runner::learn`]), while the margin costs only itself once a window: 0.5 s
+    /// a minute at Exchange Online's latency.
+    fn lead(&self) -> Duration {
+        match self.took.iter().max() {
+            Some(&longest) => longest * 2 + Duration::from_millis(5),
+            None => FIRST_LEAD,
+        }
+    }
+
+    /// Records how long the transaction reserved at `reserved` took. If it took longer
+    /// than its `lead` plus a window's guard, the server may have stamped it after its
+    /// entry stops counting; a second entry stamped now covers the rest (over-counting
+    /// a little, never under-counting). Recipients only go in it when the recipient
+    /// window's guard was overrun too, which a 24-hour window's 86 s guard never is.
+    fn learn(&mut self, reserved: SystemTime, lead: Duration, rcpts: u32) {
+        let now = SystemTime::now();
+        let took = now.duration_since(reserved).unwrap_or_default();
+        if self.took.len() == LEAD_SAMPLES {
+            self.took.pop_front();
+        }
+        self.took.push_back(took);
+        let limits = &self.account.limits;
+        let overran =
+            |r: &crate::daemon::quota::Rate| r.is_limited() && took > lead + (r.hold() - r.window);
+        let extra = if overran(&limits.recipient_rate) {
+            rcpts
+        } else if overran(&limits.message_rate) {
+            1
+        } else {
+            return;
+        };
+        if let Err(e) = self.ledger.record_external(now, extra) {
+            self.log(
+                crate::logging::Level::Error,
+                &format!("account {}: quota ledger: {e}", self.account.name),
+            );
+        }
+    }
+
     /// One SMTP transaction for `batch`, on the account's connection (opened if needed).
     fn transaction(
         &mut self,
@@ -619,19 +748,15 @@ impl Runner {
         batch_cap: &mut usize,
     ) -> Flow {
         let now = SystemTime::now();
-        // A cached connection the server closed while idle shows up as MAIL failing
-        // without a reply: then reconnect once rather than defer the message.
+        // A kept connection the server closed while idle shows up as MAIL failing
+        // without a reply (`Stale`): then reconnect once rather than defer the message.
         for _ in 0..2 {
-            if self.session.as_ref().is_some_and(|s| !s.is_usable()) {
-                self.session = None;
-            }
-            if self.session.is_none() {
-                if let Err(v) = self.open_session(now) {
-                    self.retry_after = Some((now + Duration::from_secs(60), v.reason.clone()));
+            if !self.checked {
+                if let Err(v) = self.ready(now) {
                     return self.apply(locked, batch, &v, now);
                 }
-                self.retry_after = None;
             }
+            self.checked = false;
             let Some(mut session) = self.session.take() else {
                 return Flow::Stop;
             };
@@ -992,6 +1117,9 @@ impl Runner {
                     crate::logging::Level::Error,
                     &format!("{id}: cannot record the result: {e}"),
                 );
+            }
+            if self.gave_way {
+                return Outcome::Yielded(locked.entry.next_attempt());
             }
             return Outcome::Deferred(locked.entry.next_attempt());
         }

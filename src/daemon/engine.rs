@@ -198,6 +198,9 @@ impl Engine {
                     self.stop.clone(),
                 )
                 .map_err(|e| EngineError::Setup(e.to_string()))?;
+                let waiting = jobs.clone();
+                runner.others_waiting =
+                    Box::new(move || waiting.queue.lock().is_ok_and(|q| !q.is_empty()));
                 let jobs = jobs.clone();
                 let tx = self.results_tx.clone();
                 let wake = self.wake_write.clone();
@@ -302,7 +305,7 @@ impl Engine {
                 }
                 continue;
             };
-            let explicit = explicit || self.rerun.remove(&id);
+            let explicit = self.rerun.remove(&id) || explicit;
             if let Ok(mut q) = pool.jobs.queue.lock() {
                 q.push_back((id.clone(), explicit));
                 pool.jobs.cv.notify_one();
@@ -341,6 +344,8 @@ impl Engine {
                         self.schedule_at(id, at);
                     }
                 }
+                // Even a flush takes it up again: it only gave way to other messages.
+                Outcome::Yielded(t) => self.schedule_at(id, micros(t)),
                 Outcome::Skipped => {
                     if reschedule && self.queue.contains(&id) {
                         self.schedule_at(id, micros(SystemTime::now() + LOCKED_RETRY));

@@ -19,10 +19,12 @@
 //! - the `+ 1 ms` makes the boundary inclusive (`t - W <= s`), which is conservative
 //!   against a server that counts `t - W < s <= t` or `t - W <= s <= t` on the same clock;
 //! - the `W/1000` guard (60 ms for a minute, 86.4 s for 24 hours) absorbs the jitter
-//!   between our stamp, taken before connecting, and the server's stamp, taken somewhere
-//!   in the transaction: if an old transaction took longer to reach the server than the
+//!   between our stamp, taken before the transaction, and the server's stamp, taken
+//!   somewhere in it: if an old transaction took longer to reach the server than the
 //!   new one, an exact boundary would let the server see `count + 1` in its window, and
-//!   for the daily recipient quota that costs a 24-hour block.
+//!   for the daily recipient quota that costs a 24-hour block. The scheduler stamps its
+//!   reservations ahead by about the transaction's duration
+//!   ([`Ledger::reserve_some_ahead`]), so the guard need only cover the misestimate.
 //!
 //! A long queue therefore drains at `W / hold` of the limit (99.9 %), and
 //! [`Reservation::WaitUntil`] is exactly the moment the oldest entry in the way stops
@@ -117,6 +119,8 @@ const MAX_REASON: usize = 300;
 pub const COMPACT_MIN_DEAD: u64 = 4096;
 /// How far ahead of `now` a stamp may be before it is taken for a clock step back.
 pub const MAX_FUTURE: Duration = Duration::from_secs(600);
+/// The longest lead [`Ledger::reserve_some_ahead`] puts on a stamp.
+pub const MAX_LEAD: Duration = Duration::from_secs(60);
 
 // ---------------------------------------------------------------------------------------
 // Rate
@@ -947,6 +951,22 @@ impl Ledger {
         wanted: u32,
         limits: &Limits,
     ) -> Result<Grant, QuotaError> {
+        self.reserve_some_ahead(now, Duration::ZERO, wanted, limits)
+    }
+
+    /// Like [`Ledger::reserve_some`], but stamps the record `lead` after `now` (at most
+    /// [`MAX_LEAD`]). The server stamps a transaction when it accepts it, which is up to
+    /// the whole transaction after the reservation; the entry must count until a
+    /// window after *that*, or the next send a window later can land inside the
+    /// server's window of this one. A stamp ahead of `now` already counts from `now`
+    /// on, so the lead only makes the entry count longer, never shorter.
+    pub fn reserve_some_ahead(
+        &mut self,
+        now: SystemTime,
+        lead: Duration,
+        wanted: u32,
+        limits: &Limits,
+    ) -> Result<Grant, QuotaError> {
         limits.validate()?;
         if wanted == 0 {
             return Err(QuotaError::NoRecipients);
@@ -960,7 +980,7 @@ impl Ledger {
                 return Ok(Grant::WaitUntil(from_ms(at.max(now_ms.saturating_add(1)))));
             }
             let n = wanted.min(room);
-            l.append(ceil_ms(now), n)?;
+            l.append(ceil_ms(now + lead.min(MAX_LEAD)), n)?;
             Ok(Grant::Go(n))
         })
     }
@@ -1925,6 +1945,38 @@ mod tests {
         assert!(max_in_window(&recs, MIN, false) <= 30);
         assert!(max_in_window(&recs, 10 * MIN, true) <= 100);
         assert_eq!(max_in_window(&recs, 10 * MIN, true), 100);
+    }
+
+    #[test]
+    fn a_lead_makes_the_entry_count_until_a_window_after_the_server_saw_it() {
+        let (_dir, path, mut ledger) = setup();
+        let l = limits("2/1m", "off");
+        let lead = Duration::from_millis(400);
+        assert_eq!(
+            ledger.reserve_some_ahead(at(T0), lead, 1, &l).unwrap(),
+            Grant::Go(1)
+        );
+        // Stamped ahead, it counts from now on all the same: one message left.
+        assert_eq!(ledger.usage(at(T0 + 1), &l).unwrap().messages_left, Some(1));
+        assert_eq!(
+            ledger
+                .reserve_some_ahead(at(T0 + 100), lead, 1, &l)
+                .unwrap(),
+            Grant::Go(1)
+        );
+        assert_eq!(records(&path), [(T0 + 400, 1), (T0 + 500, 1)]);
+        assert_eq!(ledger.room(at(T0 + 200), &l).unwrap(), 0);
+        // The next may go a hold after the first was *accepted* (at the latest T0 + 400).
+        assert_eq!(
+            ledger.reserve_some(at(T0 + 200), 1, &l).unwrap(),
+            Grant::WaitUntil(at(T0 + 400 + MIN + 1 + 60))
+        );
+        // A lead longer than MAX_LEAD is cut to it.
+        let (_dir, path, mut ledger) = setup();
+        let _ = ledger
+            .reserve_some_ahead(at(T0), Duration::from_secs(3600), 1, &l)
+            .unwrap();
+        assert_eq!(records(&path), [(T0 + 60_000, 1)]);
     }
 
     #[test]

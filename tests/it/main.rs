@@ -5,4 +5,5 @@ mod delivery;
 mod harness;
 mod intake;
 mod postfix;
+mod quota;
 mod smtp_stdio;

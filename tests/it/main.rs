@@ -1,5 +1,8 @@
 //! relay365's integration tests: the real binaries against temporary spools and,
 //! for delivery, real servers on 127.0.0.1.
+mod crash;
 mod delivery;
 mod harness;
 mod intake;
+mod resources;
+mod stress;

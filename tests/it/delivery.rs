@@ -774,7 +774,9 @@ fn xoauth2_with_a_certificate_client_assertion() {
     let cert = emu::test_certificate_pem().expect("test certificate");
     let cfg = emu::Config::default()
         .mailbox(emu::Mailbox::new(MAILBOX))
-        .app(emu::App::with_certificate(TENANT, CLIENT_ID, &cert, MAILBOX));
+        .app(emu::App::with_certificate(
+            TENANT, CLIENT_ID, &cert, MAILBOX,
+        ));
     let t = Tenant::with(cfg, Auth::Xoauth2, "");
     let dir = t.spool.dir.path();
     let key = dir.join("app.key");
@@ -787,7 +789,11 @@ fn xoauth2_with_a_certificate_client_assertion() {
     }
     std::fs::write(
         dir.join("secrets.toml"),
-        format!("[app]\ncertificate_key = \"{}\"\ncertificate = \"{}\"\n", key.display(), crt.display()),
+        format!(
+            "[app]\ncertificate_key = \"{}\"\ncertificate = \"{}\"\n",
+            key.display(),
+            crt.display()
+        ),
     )
     .unwrap();
     send(&t, &["-i", "x@example.org"], b"Subject: cert\n\nx\n");

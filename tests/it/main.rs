@@ -2,6 +2,7 @@
 //! for delivery, real servers on 127.0.0.1.
 mod crash;
 mod delivery;
+mod faults;
 mod harness;
 mod intake;
 mod resources;

@@ -132,7 +132,10 @@ fn pad_ledger_to_page(path: &Path) {
     let extra = need - 16 * k;
     let mut pad = String::new();
     for i in 0..k {
-        pad.push_str(&format!("{last_ms} {}\n", if i < extra { "10" } else { "1" }));
+        pad.push_str(&format!(
+            "{last_ms} {}\n",
+            if i < extra { "10" } else { "1" }
+        ));
     }
     assert_eq!(pad.len(), need);
     let mut f = std::fs::OpenOptions::new()
@@ -192,7 +195,8 @@ fn delivery_on_a_full_spool_loses_nothing_and_recovers() {
     assert_eq!(t.emu.message_count(), 4, "delivered once space returned");
 
     // 2. The quota ledger cannot record the send: nothing is sent, all stays queued.
-    t.emu.inject(Fault::reply(Stage::Greeting, "421 4.3.2 Service not active").times(1));
+    t.emu
+        .inject(Fault::reply(Stage::Greeting, "421 4.3.2 Service not active").times(1));
     send(4);
     assert_ok(&t.flush()); // picked up, deferred
     assert_eq!(t.queued().len(), 1);
@@ -204,12 +208,18 @@ fn delivery_on_a_full_spool_loses_nothing_and_recovers() {
         log.contains("quota ledger") && log.contains("No space left"),
         "the ledger error is logged: {log}"
     );
-    assert_eq!(t.emu.message_count(), 4, "no send without its ledger record");
+    assert_eq!(
+        t.emu.message_count(),
+        4,
+        "no send without its ledger record"
+    );
     assert_eq!(t.queued().len(), 1, "nothing lost: {log}");
     report(
         T,
         "ledger_error",
-        log.lines().find(|l| l.contains("quota ledger")).unwrap_or(""),
+        log.lines()
+            .find(|l| l.contains("quota ledger"))
+            .unwrap_or(""),
     );
     fs.free(&filler);
     assert_ok(&t.flush());
@@ -218,7 +228,8 @@ fn delivery_on_a_full_spool_loses_nothing_and_recovers() {
 
     // 3. Inodes exhausted while the daemon runs: new mail is refused with EX_TEMPFAIL,
     // queued mail still goes (updates fail, removal works), and the daemon recovers.
-    t.emu.inject(Fault::reply(Stage::Greeting, "421 4.3.2 Service not active").times(1));
+    t.emu
+        .inject(Fault::reply(Stage::Greeting, "421 4.3.2 Service not active").times(1));
     send(5);
     assert_ok(&t.flush());
     assert_eq!(t.queued().len(), 1);
@@ -272,7 +283,8 @@ fn a_bounce_that_cannot_be_queued_keeps_the_message_until_it_can() {
         &["-i", "-f", "shop@contoso.com", "bad@example.org"],
         b"Subject: doomed\n\nx\n",
     ));
-    t.emu.inject(Fault::reply(Stage::Greeting, "421 4.3.2 Service not active").times(1));
+    t.emu
+        .inject(Fault::reply(Stage::Greeting, "421 4.3.2 Service not active").times(1));
     assert_ok(&t.flush()); // picked up and deferred
     assert_eq!(t.queued().len(), 1);
     t.emu.inject(
@@ -381,7 +393,9 @@ fn a_missing_spool_names_the_fix_everywhere() {
     }
     let t = Tenant::new(Auth::Login);
     std::fs::remove_dir_all(t.spool.root().join("incoming")).unwrap();
-    let out = t.spool.sendmail(&["-i", "x@example.org"], b"Subject: s\n\nx\n");
+    let out = t
+        .spool
+        .sendmail(&["-i", "x@example.org"], b"Subject: s\n\nx\n");
     assert_fails(&out, 73, "relay365 init");
     report(T, "sendmail_without_incoming", stderr(&out).trim());
 }

@@ -694,7 +694,10 @@ fn a_tls_1_1_only_server_is_refused() {
     let t = tenant(Auth::Login);
     retarget(&t, old.port, "tls");
     let why = deferred_against(&t, "tls_1_1_only_implicit");
-    assert!(why.to_lowercase().contains("version") || why.contains("TLS"), "{why}");
+    assert!(
+        why.to_lowercase().contains("version") || why.contains("TLS"),
+        "{why}"
+    );
     // STARTTLS on a plain listener, then the TLS 1.1 server behind it.
     let t = tenant(Auth::Login);
     let server = ScriptedServer::start(
@@ -703,7 +706,10 @@ fn a_tls_1_1_only_server_is_refused() {
     );
     retarget(&t, server.port, "starttls");
     let why = deferred_against(&t, "tls_1_1_only_starttls");
-    assert!(why.to_lowercase().contains("version") || why.contains("TLS"), "{why}");
+    assert!(
+        why.to_lowercase().contains("version") || why.contains("TLS"),
+        "{why}"
+    );
     let lines = server.lines();
     assert!(lines.iter().any(|l| l == "STARTTLS"), "{lines:?}");
     assert!(

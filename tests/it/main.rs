@@ -5,5 +5,6 @@ mod delivery;
 mod faults;
 mod harness;
 mod intake;
+mod load;
 mod resources;
 mod stress;

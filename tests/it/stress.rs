@@ -286,16 +286,3 @@ pub fn set_timeout(spool: &Spool, timeout: &str) {
     )
     .expect("config");
 }
-
-/// Runs `relay365 flush` until the queue is empty (or `tries` runs); the outputs' stderr.
-pub fn drain(t: &Tenant, tries: usize) -> String {
-    let mut logs = String::new();
-    for _ in 0..tries {
-        let out = t.flush();
-        logs.push_str(&stderr(&out));
-        if t.queued().is_empty() && count(&t.spool.root(), "incoming/new") == 0 {
-            break;
-        }
-    }
-    logs
-}

@@ -6,5 +6,6 @@ mod faults;
 mod harness;
 mod intake;
 mod load;
+mod privilege;
 mod resources;
 mod stress;

@@ -1,9 +1,9 @@
 //! Crash tests: continuous load through the real `sendmail` into a real daemon that
 //! delivers to the Exchange Online emulator, while `sendmail` processes and the daemon
 //! are SIGKILLed at random instants (the daemon restarted each time). Afterwards every
-//! message whose `sendmail` exited 0 reached the server exactly once — or twice, where
-//! the kill fell between the server's final reply and the queue update recording it
-//! (counted by Message-ID at the emulator and reported) — and the queue never held a
+//! message whose `sendmail` exited 0 reached the server exactly once — or once more for
+//! each kill that fell between the server's final reply and the queue update recording
+//! it (counted by Message-ID at the emulator and reported) — and the queue never held a
 //! corrupt entry, an entry without its message, or a quarantined (partial) file.
 //!
 //! Sizes: ~100 sendmail and ~30 daemon kills by default (CI); 1,000 of each with
@@ -30,6 +30,9 @@ enum Ended {
     Killed,
 }
 
+/// Connections (so transactions in flight at once) of the daemon's account.
+const CONNECTIONS: u64 = 3;
+
 #[test]
 fn kill9_of_sendmail_and_daemon_under_load_loses_and_corrupts_nothing() {
     const T: &str = "crash";
@@ -43,7 +46,7 @@ fn kill9_of_sendmail_and_daemon_under_load_loses_and_corrupts_nothing() {
     let t = Tenant::with(
         cfg,
         Auth::Login,
-        "message_rate = \"off\"\nrecipient_rate = \"off\"\nconnections = 3",
+        &format!("message_rate = \"off\"\nrecipient_rate = \"off\"\nconnections = {CONNECTIONS}"),
     );
     let config = t.spool.config.clone();
     let root = t.spool.root();
@@ -80,7 +83,9 @@ fn kill9_of_sendmail_and_daemon_under_load_loses_and_corrupts_nothing() {
                     let child = spawn_sendmail(&config, &rcpts, msg);
                     let out = child.wait_with_output().expect("wait");
                     outcomes.lock().unwrap().insert(tag, ended(out.status));
-                    std::thread::sleep(Duration::from_millis(rng.below(10)));
+                    // About 20 messages a second from the three: a steady load that a
+                    // daemon killed every few hundred milliseconds still works off.
+                    std::thread::sleep(Duration::from_millis(100 + rng.below(100)));
                 }
             })
         })
@@ -113,9 +118,27 @@ fn kill9_of_sendmail_and_daemon_under_load_loses_and_corrupts_nothing() {
     // The daemon killer: start, let it run a random while, kill -9, check the queue.
     let mut worst_orphans = 0;
     let mut worst_tmp = 0;
+    let started_count = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("daemon started")
+            .count()
+    };
+    let mut while_running = 0;
     for k in 0..daemon_kills {
+        let before = started_count();
         let d = KillableDaemon::start(&config, &log);
-        std::thread::sleep(Duration::from_micros(rng.below(400_000)));
+        if k % 2 == 1 {
+            // Half the kills land while the daemon works (picking up, delivering,
+            // recording), whatever its start-up costs on a busy machine...
+            if eventually(Duration::from_secs(10), || started_count() > before) {
+                while_running += 1;
+            }
+            std::thread::sleep(Duration::from_micros(rng.below(250_000)));
+        } else {
+            // ...the other half anywhere from exec on, start-up included.
+            std::thread::sleep(Duration::from_micros(rng.below(400_000)));
+        }
         d.kill9();
         let scan = scan_queue(&root);
         assert!(
@@ -140,7 +163,7 @@ fn kill9_of_sendmail_and_daemon_under_load_loses_and_corrupts_nothing() {
         .map(|(t, _)| t)
         .collect();
     let d = KillableDaemon::start(&config, &log);
-    let done = eventually(Duration::from_secs(300), || {
+    let done = eventually(Duration::from_secs(300 + must.len() as u64 / 20), || {
         let got = deliveries(&t.emu);
         if must.iter().all(|t| got.contains_key(*t)) && t.queued().is_empty() {
             return true;
@@ -159,15 +182,31 @@ fn kill9_of_sendmail_and_daemon_under_load_loses_and_corrupts_nothing() {
         must.len(),
         missing.iter().take(10).collect::<Vec<_>>()
     );
+    // A kill after the final dot left the client and before the queue update recording
+    // the reply costs one extra copy of each message in that window (the retry cannot
+    // know the server took it): at most one per connection per kill. A message caught
+    // that way by two kills in a row is sent three times.
     let twice: Vec<(&String, &usize)> = got.iter().filter(|(_, n)| **n > 1).collect();
+    let extra: u64 = twice.iter().map(|(_, n)| **n as u64 - 1).sum();
+    if std::env::var_os("RELAY365_CRASH_DEBUG").is_some() {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        for (tag, n) in &twice {
+            let ids: std::collections::HashSet<&str> = text
+                .lines()
+                .filter(|l| l.contains(tag.as_str()))
+                .filter_map(|l| l.split(": ").nth(1))
+                .collect();
+            eprintln!("== {tag} x{n}: {ids:?}");
+            for l in text.lines() {
+                if ids.iter().any(|id| l.contains(id)) || l.contains("daemon started") {
+                    eprintln!("   {l}");
+                }
+            }
+        }
+    }
     assert!(
-        twice.iter().all(|(_, n)| **n == 2),
-        "nothing is delivered three times: {twice:?}"
-    );
-    assert!(
-        twice.len() as u64 <= daemon_kills,
-        "a duplicate needs a daemon kill between the final reply and its recording: {} duplicates, {daemon_kills} kills",
-        twice.len()
+        extra <= daemon_kills * CONNECTIONS,
+        "every extra copy needs a daemon kill in the window: {extra} extra copies, {daemon_kills} kills"
     );
     let unknown: Vec<&String> = got.keys().filter(|t| !outcomes.contains_key(*t)).collect();
     assert!(unknown.is_empty(), "deliveries nobody sent: {unknown:?}");
@@ -196,15 +235,33 @@ fn kill9_of_sendmail_and_daemon_under_load_loses_and_corrupts_nothing() {
     report(T, "sendmail_sigkilled", sendmail_killed);
     report(T, "sigkilled_but_delivered", killed_delivered);
     report(T, "daemon_sigkills", daemon_kills);
+    report(T, "daemon_sigkills_after_startup", while_running);
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    report(
+        T,
+        "daemon_starts_logged",
+        log_text.matches("daemon started").count(),
+    );
     report(T, "messages_at_server", got.values().sum::<usize>());
     report(T, "lost", missing.len());
-    report(T, "delivered_twice", twice.len());
+    report(
+        T,
+        "delivered_twice",
+        twice.iter().filter(|(_, n)| **n == 2).count(),
+    );
+    report(
+        T,
+        "delivered_three_times_or_more",
+        twice.iter().filter(|(_, n)| **n > 2).count(),
+    );
+    report(T, "extra_copies", extra);
     report(
         T,
         "delivered_twice_ids",
         twice
             .iter()
-            .map(|(t, _)| t.as_str())
+            .take(20)
+            .map(|(t, n)| format!("{t}x{n}"))
             .collect::<Vec<_>>()
             .join(","),
     );

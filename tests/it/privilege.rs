@@ -237,7 +237,7 @@ fn unprivileged_users_get_nothing_they_should_not() {
         );
         report(
             T,
-            &format!("other_user_{}", what.replace(' ', "_").replace('/', "_")),
+            &format!("other_user_{}", what.replace([' ', '/'], "_")),
             stderr(&out).trim(),
         );
     }

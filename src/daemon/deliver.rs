@@ -272,10 +272,14 @@ impl Runner {
             }
         };
         if !locked.entry.is_due(now, explicit) {
-            let outcome = if locked.entry.has_pending() {
-                Outcome::Deferred(locked.entry.next_attempt())
+            let e = &locked.entry;
+            let outcome = if e.held || (e.queue_only && e.attempts == 0) {
+                // Waits for an administrator's release or an explicit queue run (-odq),
+                // not for a moment: rescheduling it at its (past) next attempt made the
+                // daemon spin on it.
+                Outcome::Deferred(UNIX_EPOCH + Duration::from_micros(u64::MAX))
             } else {
-                Outcome::Skipped
+                Outcome::Deferred(e.next_attempt())
             };
             return Report { outcome, spawned };
         }

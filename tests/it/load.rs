@@ -185,3 +185,49 @@ fn twenty_callers_against_scaled_quotas_lose_nothing_and_stay_flat() {
         "daemon descriptors grew: {fds_first} -> {fds_last}"
     );
 }
+
+/// CPU time (user + system, in clock ticks) a process has used.
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the parenthesised command name; utime and stime are 14 and 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
+}
+
+#[test]
+fn a_queue_only_message_does_not_make_the_daemon_spin() {
+    // Regression: a `sendmail -odq` message (and a message held while scheduled) was
+    // rescheduled at its past next-attempt time after every "not due", so the daemon
+    // re-dispatched it in a loop at full CPU until a queue run.
+    const T: &str = "idle";
+    let t = Tenant::new(Auth::Login);
+    let d = KillableDaemon::start(&t.spool.config, &t.spool.dir.path().join("daemon.log"));
+    assert!(eventually(Duration::from_secs(10), || d
+        .log_text()
+        .contains("daemon started")));
+    assert_ok(
+        &t.spool
+            .sendmail(&["-odq", "-i", "x@example.org"], b"Subject: later\n\nx\n"),
+    );
+    assert!(eventually(Duration::from_secs(10), || t.queued().len() == 1));
+    let before = cpu_ticks(d.pid());
+    std::thread::sleep(Duration::from_secs(3));
+    let used = cpu_ticks(d.pid()) - before;
+    report(T, "daemon_cpu_ticks_in_3s_with_an_odq_message", used);
+    assert!(
+        used < 50,
+        "the daemon used {used} ticks of CPU in 3 s while idle"
+    );
+    assert_eq!(t.emu.message_count(), 0, "-odq waits for a queue run");
+    assert_ok(&t.spool.sendmail(&["-q"], b""));
+    assert!(
+        t.emu.wait_for_messages(1, Duration::from_secs(10)),
+        "{}",
+        d.log_text()
+    );
+    assert!(d.stop());
+}

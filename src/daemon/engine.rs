@@ -569,10 +569,14 @@ pub fn daemon_lock(spool: &Spool) -> Result<File, EngineError> {
         .mode(0o600)
         .open(&path)
         .map_err(|e| {
-            let fix = if e.kind() == std::io::ErrorKind::NotFound {
-                ": the spool is missing or incomplete, create it with relay365 init (the package's postinst runs it)"
-            } else {
-                ": check that the spool has the owners and modes relay365 init gives it"
+            let fix = match e.raw_os_error() {
+                Some(nix::libc::ENOENT) | Some(nix::libc::ENOTDIR) => {
+                    ": the spool is missing or incomplete, create it with relay365 init (the package's postinst runs it)"
+                }
+                Some(nix::libc::ENOSPC) | Some(nix::libc::EDQUOT) => {
+                    ": the file system holding the spool is full; free some space (queued mail is kept)"
+                }
+                _ => ": check that the spool has the owners and modes relay365 init gives it",
             };
             EngineError::Setup(format!("cannot open {}: {e}{fix}", path.display()))
         })?;

@@ -220,6 +220,10 @@ impl Engine {
     fn stop_workers(&mut self) {
         self.stop.set();
         for pool in self.pools.values() {
+            // Taking the lock orders this wake-up after a worker's check of the stop
+            // flag: without it a worker between that check and its wait missed the
+            // wake-up and slept out its 30 s idle timeout (flush and SIGTERM hung).
+            let _held = pool.jobs.queue.lock();
             pool.jobs.cv.notify_all();
         }
         for (_, pool) in self.pools.drain() {

@@ -135,6 +135,16 @@ fn twenty_callers_against_scaled_quotas_lose_nothing_and_stay_flat() {
     report(T, "quota_refusals", refusals);
     report(
         T,
+        "error_replies",
+        t.emu
+            .error_replies()
+            .iter()
+            .map(|r| r.chars().take(80).collect::<String>())
+            .collect::<Vec<_>>()
+            .join(" | "),
+    );
+    report(
+        T,
         "quota_freezes_logged",
         log.matches("frozen until").count(),
     );

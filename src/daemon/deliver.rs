@@ -310,11 +310,20 @@ impl Runner {
             }
         };
         if !locked.entry.is_due(now, explicit) {
-            let outcome = if locked.entry.has_pending() {
-                Outcome::Deferred(locked.entry.next_attempt())
+            let e = &locked.entry;
+            let outcome = if e.held || (e.queue_only && e.attempts == 0) {
+                // Waits for an administrator's release or an explicit queue run (-odq),
+                // not for a moment: rescheduling it at its (past) next attempt made the
+                // daemon spin on it.
+                Outcome::Deferred(UNIX_EPOCH + Duration::from_micros(u64::MAX))
             } else {
-                Outcome::Skipped
+                Outcome::Deferred(e.next_attempt())
             };
+            return Report { outcome, spawned };
+        }
+        if !locked.entry.has_pending() {
+            // Left finished by an earlier run whose bounce or removal failed.
+            let outcome = self.settle(&mut locked, now, &mut spawned);
             return Report { outcome, spawned };
         }
         let age = now
@@ -1129,8 +1138,25 @@ impl Runner {
             .iter()
             .any(|r| r.status == RcptStatus::Failed)
         {
-            if let Some(b) = self.bounce(locked, now) {
-                spawned.push(b);
+            match self.bounce(locked, now) {
+                Ok(Some(b)) => spawned.push(b),
+                Ok(None) => {}
+                Err(why) => {
+                    // The sender must hear of the failure: keep the message (every
+                    // recipient final) until its bounce can be queued.
+                    locked.entry.attempts += 1;
+                    locked
+                        .entry
+                        .set_next_attempt(now + backoff(locked.entry.attempts));
+                    locked.entry.reason = Some(format!("bounce not queued yet: {why}"));
+                    if let Err(e) = self.queue.update(&locked.entry) {
+                        self.log(
+                            crate::logging::Level::Error,
+                            &format!("{id}: cannot record the result: {e}"),
+                        );
+                    }
+                    return Outcome::Deferred(locked.entry.next_attempt());
+                }
             }
         }
         if let Err(e) = self.queue.remove(&id) {
@@ -1145,17 +1171,25 @@ impl Runner {
     }
 
     /// Queues a DSN for the failed recipients, unless the message is a bounce itself,
-    /// has the null sender, or asked for no failure notices.
-    fn bounce(&mut self, locked: &mut Locked, now: SystemTime) -> Option<QueueId> {
+    /// has the null sender, or asked for no failure notices. `Err` when it is needed
+    /// but cannot be queued now (full or failing spool): the caller keeps the message.
+    fn bounce(&mut self, locked: &mut Locked, now: SystemTime) -> Result<Option<QueueId>, String> {
         let e = &locked.entry;
         let wants = e
             .notify
             .as_deref()
             .is_none_or(|n| n.split(',').any(|w| w == "failure"));
         if e.is_bounce || bounce::is_bounce_sender(&e.sender) || !wants {
-            return None;
+            return Ok(None);
         }
-        let original = locked.message().ok()?;
+        let original = locked.message().map_err(|err| {
+            let why = format!("cannot read the queued message: {err}");
+            self.log(
+                crate::logging::Level::Error,
+                &format!("{}: cannot queue the bounce: {why}", locked.entry.id),
+            );
+            why
+        })?;
         let e = &locked.entry;
         let recipients: Vec<DsnRecipient> = e
             .recipients
@@ -1216,7 +1250,7 @@ impl Runner {
                     e.id, e.sender
                 ),
             );
-            return None;
+            return Ok(None);
         }
         match self.queue.insert(&entry, &dsn) {
             Ok(()) => {
@@ -1224,14 +1258,19 @@ impl Runner {
                     crate::logging::Level::Info,
                     &format!("{}: sender non-delivery notification: {bid}", e.id),
                 );
-                Some(bid)
+                Ok(Some(bid))
             }
             Err(err) => {
+                // Take back a half-written bounce so the next try starts clean.
+                let _ = self.queue.remove(&bid);
                 self.log(
                     crate::logging::Level::Error,
-                    &format!("{}: cannot queue the bounce: {err}", e.id),
+                    &format!(
+                        "{}: cannot queue the bounce, keeping the message to try again: {err}",
+                        e.id
+                    ),
                 );
-                None
+                Err(err.to_string())
             }
         }
     }

@@ -35,6 +35,8 @@ use crate::sysexits::Exit;
 const SAFETY_SCAN: Duration = Duration::from_secs(60);
 /// When a message was locked by another process, look again after this.
 const LOCKED_RETRY: Duration = Duration::from_secs(5);
+/// Crash leftovers in queue/ older than this are removed (an insert takes milliseconds).
+const LEFTOVER_AGE: Duration = Duration::from_secs(3600);
 
 /// Why the engine could not start.
 #[derive(Debug, thiserror::Error)]
@@ -145,6 +147,12 @@ impl Engine {
         if let Some(p) = problems.iter().find(|p| p.contains("missing")) {
             return Err(EngineError::Setup(p.clone()));
         }
+        let mut log = log;
+        for p in &problems {
+            // Wrong modes still work for the daemon, but may let others in or keep
+            // sendmail out: say so at every start.
+            log.warning(&format!("spool: {p}"));
+        }
         let (wake_read, wake_write) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_CLOEXEC)
                 .map_err(|e| EngineError::Setup(format!("cannot create a pipe: {e}")))?;
@@ -220,6 +228,10 @@ impl Engine {
     fn stop_workers(&mut self) {
         self.stop.set();
         for pool in self.pools.values() {
+            // Taking the lock orders this wake-up after a worker's check of the stop
+            // flag: without it a worker between that check and its wait missed the
+            // wake-up and slept out its 30 s idle timeout (flush and SIGTERM hung).
+            let _held = pool.jobs.queue.lock();
             pool.jobs.cv.notify_all();
         }
         for (_, pool) in self.pools.drain() {
@@ -241,11 +253,23 @@ impl Engine {
         for id in picked.queued {
             if !self.in_flight.contains(&id) && !self.due_of.contains_key(&id) {
                 if let Ok(e) = self.queue.read(&id) {
-                    if e.has_pending() {
+                    // Also when no recipient is pending (all refused at pickup): the
+                    // delivery run settles it, which bounces and removes it.
+                    if !e.held {
                         self.schedule_at(id, e.next_attempt_us);
                     }
                 }
             }
+        }
+    }
+
+    /// Removes old crash leftovers from queue/.
+    fn sweep(&self) {
+        let n = self.queue.sweep(LEFTOVER_AGE);
+        if n > 0 {
+            self.info(&format!(
+                "removed {n} file(s) left in the queue by an interrupted write"
+            ));
         }
     }
 
@@ -254,7 +278,9 @@ impl Engine {
         let Ok(ids) = self.queue.ids() else { return };
         for id in ids {
             match self.queue.read(&id) {
-                Ok(e) if e.has_pending() && !e.held => self.schedule_at(id, e.next_attempt_us),
+                // An entry without pending recipients is still queued only because it
+                // was never settled (its bounce failed, or it was refused at pickup).
+                Ok(e) if !e.held => self.schedule_at(id, e.next_attempt_us),
                 Ok(_) => {}
                 Err(err) => self.warn(&format!("{id}: unreadable queue entry skipped: {err}")),
             }
@@ -402,6 +428,7 @@ impl Engine {
                 ))
             })?;
         let trigger = open_trigger(&self.spool.trigger());
+        self.sweep();
         self.pickup();
         self.load_schedule();
         self.info(&format!(
@@ -473,6 +500,7 @@ impl Engine {
                 .unwrap_or_default()
                 >= SAFETY_SCAN
             {
+                self.sweep();
                 self.pickup();
                 last_scan = SystemTime::now();
             }
@@ -566,7 +594,18 @@ pub fn daemon_lock(spool: &Spool) -> Result<File, EngineError> {
         .write(true)
         .mode(0o600)
         .open(&path)
-        .map_err(|e| EngineError::Setup(format!("cannot open {}: {e}", path.display())))?;
+        .map_err(|e| {
+            let fix = match e.raw_os_error() {
+                Some(nix::libc::ENOENT) | Some(nix::libc::ENOTDIR) => {
+                    ": the spool is missing or incomplete, create it with relay365 init (the package's postinst runs it)"
+                }
+                Some(nix::libc::ENOSPC) | Some(nix::libc::EDQUOT) => {
+                    ": the file system holding the spool is full; free some space (queued mail is kept)"
+                }
+                _ => ": check that the spool has the owners and modes relay365 init gives it",
+            };
+            EngineError::Setup(format!("cannot open {}: {e}{fix}", path.display()))
+        })?;
     f.try_lock_exclusive()
         .map_err(|_| EngineError::AlreadyRunning(path))?;
     Ok(f)

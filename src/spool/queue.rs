@@ -201,8 +201,13 @@ impl QueueEntry {
 
     /// Whether a queue run at `now` should attempt it (`explicit`: a flush or -q).
     pub fn is_due(&self, now: SystemTime, explicit: bool) -> bool {
-        if self.held || !self.has_pending() {
+        if self.held {
             return false;
+        }
+        if !self.has_pending() {
+            // Every recipient is final but the message is still queued: its bounce
+            // could not be queued yet, or its removal failed. It is due to be settled.
+            return explicit || self.next_attempt_us <= micros(now);
         }
         if self.queue_only && !explicit && self.attempts == 0 {
             return false;
@@ -319,7 +324,7 @@ impl Queue {
     }
 
     /// Removes a finished message: the entry first, so a crash leaves at worst an
-    /// orphan `.msg` (swept later), never an entry without its message.
+    /// orphan `.msg` (removed by [`Queue::sweep`]), never an entry without its message.
     pub fn remove(&self, id: &QueueId) -> Result<(), QueueError> {
         let env = self.env_path(id);
         match fs::remove_file(&env) {
@@ -380,6 +385,37 @@ impl Queue {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Removes what a crash left behind: `.msg` files without their `.env` (a crash
+    /// inside [`Queue::insert`] or [`Queue::remove`]) and temporary entry files, once
+    /// older than `min_age` so that an insert in progress in another process (a flush
+    /// queueing a bounce) is never touched. Returns how many files went.
+    pub fn sweep(&self, min_age: Duration) -> usize {
+        let Ok(dir) = fs::read_dir(&self.dir) else {
+            return 0;
+        };
+        let now = SystemTime::now();
+        let mut removed = 0;
+        for e in dir.flatten() {
+            let name = e.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let leftover = if let Some(stem) = name.strip_suffix(".msg") {
+                QueueId::parse(stem).is_ok_and(|id| !self.env_path(&id).exists())
+            } else {
+                name.starts_with('.') && name.ends_with(".env.tmp")
+            };
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|m| now.duration_since(m).ok())
+                .is_some_and(|age| age >= min_age);
+            if leftover && old && fs::remove_file(e.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        removed
     }
 
     /// Whether another process holds the delivery lock (for `mailq`'s `*`).
@@ -488,6 +524,35 @@ mod tests {
         e.next_attempt_us = 0;
         assert!(!e.is_due(now, false));
         assert!(e.is_due(now, true));
+    }
+
+    #[test]
+    fn a_finished_entry_left_in_the_queue_is_due_for_settling() {
+        let id = QueueId::generate(SystemTime::now());
+        let mut e = entry(&id);
+        e.recipients[0].status = RcptStatus::Failed;
+        let now = SystemTime::now();
+        assert!(e.is_due(now, false));
+        e.set_next_attempt(now + Duration::from_secs(60));
+        assert!(!e.is_due(now, false));
+        assert!(e.is_due(now, true));
+        e.held = true;
+        assert!(!e.is_due(now, true));
+    }
+
+    #[test]
+    fn sweep_removes_old_leftovers_only() {
+        let (_d, q) = queue();
+        let kept = QueueId::generate(SystemTime::now());
+        q.insert(&entry(&kept), b"abcd").unwrap();
+        let orphan = QueueId::generate(SystemTime::now());
+        fs::write(q.msg_path(&orphan), b"x").unwrap();
+        let tmp = q.dir().join(format!(".{orphan}.env.tmp"));
+        fs::write(&tmp, b"{").unwrap();
+        assert_eq!(q.sweep(Duration::from_secs(3600)), 0, "too young");
+        assert_eq!(q.sweep(Duration::ZERO), 2);
+        assert!(!q.msg_path(&orphan).exists() && !tmp.exists());
+        assert!(q.msg_path(&kept).exists() && q.env_path(&kept).exists());
     }
 
     #[test]

@@ -115,16 +115,30 @@ def stop_process(p, sig=signal.SIGTERM, timeout=30):
         p.wait()
 
 
-def empty_dir(d):
-    """Removes everything inside d, keeping d (and its owner and mode)."""
+TRASH = WORK / "trash"
+_trashed = [0]
+
+
+def recycle(d):
+    """Replaces directory d by an empty one with the same owner and mode. The old one
+    moves to $BENCH_WORK/trash, emptied only after the measurements: deleting ten
+    thousand files just before a run makes ext4 skip every recently freed inode at the
+    next creations (recently_deleted() in the inode allocator), slowing whichever
+    system runs next."""
     d = Path(d)
-    if not d.is_dir():
+    if not d.exists():
         return
-    for e in os.scandir(d):
-        if e.is_dir(follow_symlinks=False):
-            shutil.rmtree(e.path)
-        else:
-            os.unlink(e.path)
+    st = d.stat()
+    TRASH.mkdir(exist_ok=True)
+    _trashed[0] += 1
+    os.rename(d, TRASH / f"{_trashed[0]:06}-{d.name}")
+    d.mkdir()
+    os.chown(d, st.st_uid, st.st_gid)
+    os.chmod(d, st.st_mode & 0o7777)
+
+
+def empty_trash():
+    shutil.rmtree(TRASH, ignore_errors=True)
 
 
 def count_files(d, prefix=None, suffix=None, recursive=False):
@@ -273,24 +287,30 @@ class Relay365(System):
     durability = "file fsync + directory fsync (incoming/tmp → new)"
     drains = ("flush", "daemon")
 
-    def __init__(self, port):
+    def __init__(self, port, name="relay365", bindir=BIN, version=None):
+        self.name = name
+        self.bin = Path(bindir)
         super().__init__(port)
         self.cfg = self.dir / "relay365.toml"
         self.spool = self.dir / "spool"
         self.daemon = None
+        self.version = version or self.git_version()
+
+    @staticmethod
+    def git_version():
         try:
             rev = run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
                       capture_output=True, text=True).stdout.strip()
             dirty = run(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no",
                          "src"], capture_output=True, text=True).stdout.strip()
-            self.version = rev + ("+src changes" if dirty else "")
+            return rev + ("+src changes" if dirty else "")
         except (OSError, subprocess.CalledProcessError):
-            self.version = "?"
+            return "?"
 
     def available(self):
-        for b in ("sendmail", "relay365", "relay365-emulator"):
-            if not (BIN / b).exists():
-                return f"{BIN / b} is missing (cargo build --release)"
+        for b in ("sendmail", "relay365"):
+            if not (self.bin / b).exists():
+                return f"{self.bin / b} is missing (cargo build --release)"
         return None
 
     def setup(self):
@@ -315,15 +335,16 @@ class Relay365(System):
         self.reset()
 
     def admin(self, *args, **kw):
-        return run([BIN / "relay365", "--config", self.cfg, *args], env=base_env(), **kw)
+        return run([self.bin / "relay365", "--config", self.cfg, *args], env=base_env(), **kw)
 
     def reset(self):
         self.stop_daemon()
-        shutil.rmtree(self.spool, ignore_errors=True)
+        recycle(self.spool)
         self.admin("init", "--private", capture_output=True)
+        os.sync()
 
     def command(self):
-        return [BIN / "sendmail", "-C", self.cfg, "-i", "-f", SENDER, RCPT], base_env()
+        return [self.bin / "sendmail", "-C", self.cfg, "-i", "-f", SENDER, RCPT], base_env()
 
     def queued(self):
         return (count_files(self.spool / "incoming" / "new")
@@ -331,7 +352,7 @@ class Relay365(System):
 
     def start_daemon(self, log):
         self.daemon = subprocess.Popen(
-            [str(BIN / "relay365"), "--config", str(self.cfg), "daemon"],
+            [str(self.bin / "relay365"), "--config", str(self.cfg), "daemon"],
             env=base_env(), stdout=subprocess.DEVNULL, stderr=open(log, "w"))
         return self.daemon
 
@@ -342,7 +363,7 @@ class Relay365(System):
     def drain(self, sink, n, variant, timeout):
         t0 = time.perf_counter()
         if variant == "flush":
-            p = subprocess.Popen([str(BIN / "relay365"), "--config", str(self.cfg), "flush"],
+            p = subprocess.Popen([str(self.bin / "relay365"), "--config", str(self.cfg), "flush"],
                                  env=base_env(), stdout=subprocess.DEVNULL,
                                  stderr=open(WORK / "relay365-flush.log", "w"))
             ok = sink.wait(n, timeout)
@@ -402,9 +423,9 @@ class Nullmailer(System):
         return [self.pkg / "usr/sbin/sendmail", "-i", "-f", SENDER, RCPT], self.env()
 
     def reset(self):
-        empty_dir(self.prefix / "queue/queue")
-        empty_dir(self.prefix / "queue/tmp")
-        empty_dir(self.prefix / "queue/failed")
+        for d in ("queue/queue", "queue/tmp", "queue/failed"):
+            recycle(self.prefix / d)
+        os.sync()
 
     def queued(self):
         return count_files(self.prefix / "queue/queue")
@@ -545,7 +566,8 @@ biff = no
     def reset(self):
         self.stop()
         for q in self.QUEUES:
-            empty_dir(self.queue / q)
+            recycle(self.queue / q)
+        os.sync()
 
     def queued(self):
         return sum(count_files(self.queue / q, recursive=True)
@@ -608,7 +630,8 @@ class Dma(System):
         return [self.pkg / "usr/sbin/dma", "-i", "-f", SENDER, RCPT], base_env()
 
     def reset(self):
-        empty_dir(self.spool)
+        recycle(self.spool)
+        os.sync()
 
     def queued(self):
         return count_files(self.spool, prefix="Q")
@@ -682,6 +705,16 @@ class Ssmtp(System):
 
 
 ALL_SYSTEMS = [Relay365, Nullmailer, Dma, Postfix, Msmtp, Ssmtp]
+
+
+def baseline(port):
+    """BENCH_BASELINE_BIN=<dir with an older sendmail and relay365>: that build runs
+    as one more system, in alternation with the others, for before/after numbers."""
+    return Relay365(port, "relay365-base", os.environ["BENCH_BASELINE_BIN"],
+                    os.environ.get("BENCH_BASELINE_NAME", "baseline"))
+
+
+baseline.name = "relay365-base"
 
 
 # ---------------------------------------------------------------------------------------
@@ -1092,7 +1125,7 @@ class Bench:
         # mailq
         mailq = []
         for _ in range(3):
-            argv = [BIN / "sendmail", "-C", r365.cfg, "-bp"]
+            argv = [r365.bin / "sendmail", "-C", r365.cfg, "-bp"]
             dt, rc = run_timed(argv, base_env(), stdout=WORK / "mailq.out")
             mailq.append(dt)
             tail = (WORK / "mailq.out").read_text()[-200:].strip().splitlines()[-1]
@@ -1190,6 +1223,7 @@ class Bench:
 
     def main(self):
         self.header()
+        empty_trash()
         self.setup()
         try:
             if "enqueue" in self.cases:
@@ -1212,6 +1246,7 @@ class Bench:
                 except (OSError, subprocess.CalledProcessError):
                     pass
         self.report.write()
+        empty_trash()
         say(f"results in {self.out}")
 
 
@@ -1221,10 +1256,12 @@ def main(argv):
     if bad:
         sys.exit(f"bench: unknown case {' '.join(bad)}; cases are: {' '.join(CASES)}")
     names = os.environ.get("BENCH_SYSTEMS")
-    systems = ALL_SYSTEMS
+    systems = list(ALL_SYSTEMS)
+    if os.environ.get("BENCH_BASELINE_BIN"):
+        systems.insert(1, baseline)
     if names:
         wanted = names.split(",")
-        systems = [c for c in ALL_SYSTEMS if c.name in wanted]
+        systems = [c for c in systems if c.name in wanted]
     WORK.mkdir(parents=True, exist_ok=True)
     Bench(cases, systems).main()
 

@@ -152,6 +152,15 @@ pub fn host_name() -> String {
         .unwrap_or_else(|| "localhost".to_string())
 }
 
+/// How one conversation on a connection ended.
+enum Conversation {
+    /// The flow, and whether the connection can carry another transaction.
+    Done(Flow, bool),
+    /// A reused connection turned out to be closed (MAIL got no reply, or 421): nothing
+    /// of this transaction reached the server, so it can start over on a new one.
+    Stale,
+}
+
 /// What one transaction attempt ended with.
 enum Flow {
     /// Go on with the next batch.
@@ -403,11 +412,21 @@ impl Runner {
                     &mut batch_cap,
                 ),
             };
-            if let Err(e) = self.queue.update(&locked.entry) {
-                self.log(
-                    crate::logging::Level::Error,
-                    &format!("{}: cannot record the result: {e}", locked.entry.id),
-                );
+            // A message whose every recipient went out leaves the queue in `settle` at
+            // once; recording that first would cost two fsyncs and a rename without
+            // narrowing the window in which a crash could send it again.
+            let finished = locked
+                .entry
+                .recipients
+                .iter()
+                .all(|r| r.status == RcptStatus::Sent);
+            if !finished {
+                if let Err(e) = self.queue.update(&locked.entry) {
+                    self.log(
+                        crate::logging::Level::Error,
+                        &format!("{}: cannot record the result: {e}", locked.entry.id),
+                    );
+                }
             }
             if let Flow::Stop = flow {
                 break;
@@ -615,21 +634,12 @@ impl Runner {
         let Some(mut session) = self.session.take() else {
             return Flow::Stop;
         };
-        // A cached connection may have been closed by the server while idle; that shows
-        // as MAIL failing without a reply. Reconnect once instead of deferring.
-        if session.transactions > 0 && !session.probe() {
-            session.quit();
-            if let Err(v) = self.open_session(now) {
-                self.retry_after = Some((now + Duration::from_secs(60), v.reason.clone()));
-                return self.apply(locked, batch, &v, now);
-            }
-            match self.session.take() {
-                Some(s) => session = s,
-                None => return Flow::Stop,
-            }
-        }
         self.discard_session = false;
-        let (flow, keep) = self.converse(
+        // A cached connection may have been closed by the server while idle. Rather than
+        // asking first (RSET: a round trip per message), notice it when MAIL fails that
+        // way and start over once on a new connection.
+        let reused = session.mails > 0;
+        let mut conversation = self.converse(
             &mut session,
             locked,
             batch,
@@ -638,7 +648,36 @@ impl Runner {
             tried,
             batch_cap,
             now,
+            reused,
         );
+        if let Conversation::Stale = conversation {
+            session.quit();
+            if let Err(v) = self.open_session(now) {
+                self.retry_after = Some((now + Duration::from_secs(60), v.reason.clone()));
+                return self.apply(locked, batch, &v, now);
+            }
+            session = match self.session.take() {
+                Some(s) => s,
+                None => return Flow::Stop,
+            };
+            self.discard_session = false;
+            conversation = self.converse(
+                &mut session,
+                locked,
+                batch,
+                outgoing,
+                started,
+                tried,
+                batch_cap,
+                now,
+                false,
+            );
+        }
+        let (flow, keep) = match conversation {
+            Conversation::Done(flow, keep) => (flow, keep),
+            // A new connection is never taken for stale; stop if it somehow were.
+            Conversation::Stale => (Flow::Stop, false),
+        };
         if keep && !self.discard_session {
             self.session = Some(session);
         } else {
@@ -649,7 +688,8 @@ impl Runner {
     }
 
     /// MAIL, RCPT for each recipient, DATA. Returns the flow and whether the
-    /// connection can carry another transaction.
+    /// connection can carry another transaction, or — on a `reused` connection whose
+    /// MAIL got no reply or a 421 — that the connection was stale.
     #[allow(clippy::too_many_arguments)]
     fn converse(
         &mut self,
@@ -661,7 +701,8 @@ impl Runner {
         tried: &mut HashSet<usize>,
         batch_cap: &mut usize,
         now: SystemTime,
-    ) -> (Flow, bool) {
+        reused: bool,
+    ) -> Conversation {
         let relay = session.relay.clone();
         if let Some(limit) = session.offer.size {
             if outgoing.len() as u64 > limit {
@@ -672,7 +713,7 @@ impl Runner {
                         outgoing.len()
                     ),
                 };
-                return (self.apply(locked, batch, &v, now), true);
+                return Conversation::Done(self.apply(locked, batch, &v, now), true);
             }
         }
         let e = &locked.entry;
@@ -699,8 +740,11 @@ impl Runner {
             }
         }
         if let Err(f) = session.mail(&self.account.mailbox, &params) {
+            if reused && f.reply.as_ref().is_none_or(|r| r.code == 421) {
+                return Conversation::Stale;
+            }
             let keep = f.reply.is_some() && session.rset();
-            return (self.apply(locked, batch, &verdict_for(&f), now), keep);
+            return Conversation::Done(self.apply(locked, batch, &verdict_for(&f), now), keep);
         }
         let mut accepted = Vec::new();
         for &i in batch {
@@ -717,7 +761,10 @@ impl Runner {
             match session.rcpt(&r.address, &rp) {
                 Ok(_) => accepted.push(i),
                 Err(f) if f.reply.is_none() => {
-                    return (self.apply(locked, batch, &verdict_for(&f), now), false);
+                    return Conversation::Done(
+                        self.apply(locked, batch, &verdict_for(&f), now),
+                        false,
+                    );
                 }
                 Err(f) => {
                     let v = verdict_for(&f);
@@ -736,14 +783,14 @@ impl Runner {
                         }
                         _ => {
                             let keep = session.rset();
-                            return (self.apply(locked, &[i], &v, now), keep);
+                            return Conversation::Done(self.apply(locked, &[i], &v, now), keep);
                         }
                     }
                 }
             }
         }
         if accepted.is_empty() {
-            return (Flow::Continue, session.rset());
+            return Conversation::Done(Flow::Continue, session.rset());
         }
         match session.data(outgoing) {
             Ok(reply) => {
@@ -751,7 +798,7 @@ impl Runner {
                 for &i in &accepted {
                     self.mark_sent(locked, i, &relay, &text, started);
                 }
-                (Flow::Continue, true)
+                Conversation::Done(Flow::Continue, true)
             }
             Err(f) => {
                 let keep = f.reply.is_some();
@@ -761,9 +808,9 @@ impl Runner {
                         tried.remove(i);
                     }
                     *batch_cap = (accepted.len() / 2).max(1);
-                    return (Flow::Continue, keep);
+                    return Conversation::Done(Flow::Continue, keep);
                 }
-                (self.apply(locked, &accepted, &v, now), keep)
+                Conversation::Done(self.apply(locked, &accepted, &v, now), keep)
             }
         }
     }

@@ -230,13 +230,22 @@ impl Engine {
             Ok(mut log) => pickup::pickup(&self.spool, &self.queue, &config, &locals, &mut log),
             Err(_) => return,
         };
-        for id in picked.queued {
-            if !self.in_flight.contains(&id) && !self.due_of.contains_key(&id) {
-                if let Ok(e) = self.queue.read(&id) {
-                    if e.has_pending() {
-                        self.schedule_at(id, e.next_attempt_us);
-                    }
+        let fresh: HashSet<&QueueId> = picked.due.iter().map(|(id, _)| id).collect();
+        let mut due = Vec::new();
+        for id in &picked.queued {
+            if fresh.contains(id) || self.in_flight.contains(id) || self.due_of.contains_key(id) {
+                continue;
+            }
+            // Queued by an earlier pass that did not get to remove the incoming copy.
+            if let Ok(e) = self.queue.read(id) {
+                if e.has_pending() {
+                    due.push((id.clone(), e.next_attempt_us));
                 }
+            }
+        }
+        for (id, at) in picked.due.into_iter().chain(due) {
+            if !self.in_flight.contains(&id) && !self.due_of.contains_key(&id) {
+                self.schedule_at(id, at);
             }
         }
     }
@@ -271,30 +280,38 @@ impl Engine {
             due.push((*at, id.clone()));
         }
         let mut n = 0;
+        // With one account every message goes through it, so there is nothing to read
+        // here: the worker reads the entry under its lock anyway (a message that is
+        // gone by then comes back as skipped).
+        let only = match self.pools.len() {
+            1 => self.pools.keys().next().cloned(),
+            _ => None,
+        };
         for (at, id) in due {
-            let entry = match self.queue.read(&id) {
-                Ok(e) => e,
-                Err(_) => {
-                    self.schedule.remove(&(at, id.clone()));
-                    self.due_of.remove(&id);
-                    continue;
+            let account = match &only {
+                Some(a) => Some(a.clone()),
+                None => {
+                    let entry = match self.queue.read(&id) {
+                        Ok(e) => e,
+                        Err(_) => {
+                            self.schedule.remove(&(at, id.clone()));
+                            self.due_of.remove(&id);
+                            continue;
+                        }
+                    };
+                    let route = self.route(&entry);
+                    if route.is_none() && entry.reason.is_none() {
+                        let mut e = entry;
+                        e.reason = Some(
+                            "no [[account]] is configured in relay365.toml; nothing can be sent"
+                                .into(),
+                        );
+                        let _ = self.queue.update(&e);
+                    }
+                    route
                 }
             };
-            let config = self.loaded.config.clone();
-            let account = entry
-                .account
-                .as_deref()
-                .filter(|a| self.pools.contains_key(*a))
-                .map(str::to_string)
-                .or_else(|| config.accounts.first().map(|a| a.name.clone()));
             let Some(pool) = account.and_then(|a| self.pools.get(&a)) else {
-                if entry.reason.is_none() {
-                    let mut e = entry;
-                    e.reason = Some(
-                        "no [[account]] is configured in relay365.toml; nothing can be sent".into(),
-                    );
-                    let _ = self.queue.update(&e);
-                }
                 continue;
             };
             if let Ok(mut q) = pool.jobs.queue.lock() {
@@ -307,6 +324,17 @@ impl Engine {
             n += 1;
         }
         n
+    }
+
+    /// The account a queued message goes out through: the one it was routed to while
+    /// that exists, else the first.
+    fn route(&self, entry: &crate::spool::queue::QueueEntry) -> Option<String> {
+        entry
+            .account
+            .as_deref()
+            .filter(|a| self.pools.contains_key(*a))
+            .map(str::to_string)
+            .or_else(|| self.loaded.config.accounts.first().map(|a| a.name.clone()))
     }
 
     /// Applies the workers' reports; `reschedule`: put deferred messages back on the
@@ -345,8 +373,10 @@ impl Engine {
 
     /// `relay365 flush`: pick up, deliver everything due once, wait for it, return.
     pub fn flush(&mut self) {
-        self.pickup();
+        // The queue as it stands first, then the new mail, which the pickup schedules
+        // itself (in the other order every new entry would be read back once more).
         self.load_schedule();
+        self.pickup();
         self.dispatch(SystemTime::now(), true);
         while !self.in_flight.is_empty() {
             let fd = self.wake_read.as_fd();
@@ -382,8 +412,8 @@ impl Engine {
                 ))
             })?;
         let trigger = open_trigger(&self.spool.trigger());
-        self.pickup();
         self.load_schedule();
+        self.pickup();
         self.info(&format!(
             "daemon started: {} account(s), {} message(s) queued",
             self.loaded.config.accounts.len(),

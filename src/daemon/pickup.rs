@@ -5,8 +5,9 @@
 //! file), be no larger than the size bound, and parse as a version-1 envelope whose
 //! size matches. The caller is the file's owner uid, never what the envelope says.
 //! Anything else goes to `quarantine/` and is never bounced (its "sender" is
-//! unauthenticated). The queue copy is synced before the incoming file is removed, so
-//! a crash at any point leaves the message in one place or (briefly) both — never none.
+//! unauthenticated). The queue copy is synced before the incoming file is removed (the
+//! queue directory once per pass, not once per message), so a crash at any point
+//! leaves the message in one place or (briefly) both — never none.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Read;
@@ -112,6 +113,9 @@ enum Refusal {
 pub struct Picked {
     /// Messages now in the queue.
     pub queued: Vec<QueueId>,
+    /// Of those, the ones this pass queued with recipients to deliver, each with when
+    /// it is due (µs), so the scheduler need not read back what was just written.
+    pub due: Vec<(QueueId, u64)>,
     pub quarantined: usize,
 }
 
@@ -131,7 +135,8 @@ pub fn pickup(
     let mut names: Vec<_> = entries.flatten().map(|e| e.file_name()).collect();
     names.sort();
     let bound = config.max_message_size.0 + MAX_ENVELOPE_LINE as u64 + 64;
-    let mut removed_any = false;
+    // Incoming files whose message is in the queue, removed once the queue is synced.
+    let mut taken = Vec::new();
     for name in names {
         let path = dir.join(&name);
         let Some(id) = name.to_str().and_then(|n| QueueId::parse(n).ok()) else {
@@ -147,7 +152,7 @@ pub fn pickup(
                     continue;
                 }
                 // A crash after queueing but before the unlink leaves both; the queue wins.
-                if !queue.contains(&id) {
+                if !queue.is_complete(&id) {
                     let recipients: Vec<Recipient> = env
                         .recipients
                         .iter()
@@ -157,10 +162,13 @@ pub fn pickup(
                     let from = route::from_address(&message);
                     entry.account = route::route(config, &env.sender, from.as_deref(), uid)
                         .map(|a| a.name.clone());
-                    if let Err(e) = queue.insert(&entry, &message) {
+                    if let Err(e) = queue.insert_unsynced(&entry, &message) {
                         // Leave it in incoming/ for the next pass: nothing is lost.
                         log.error(&format!("{id}: cannot queue: {e}"));
                         continue;
+                    }
+                    if entry.has_pending() {
+                        picked.due.push((id.clone(), entry.next_attempt_us));
                     }
                     log.info(&format!(
                         "{id}: uid={uid} from=<{}> size={} nrcpt={} (queue active)",
@@ -180,9 +188,7 @@ pub fn pickup(
                         ));
                     }
                 }
-                if fs::remove_file(&path).is_ok() {
-                    removed_any = true;
-                }
+                taken.push(path);
                 picked.queued.push(id);
             }
             Err(e) => {
@@ -191,9 +197,24 @@ pub fn pickup(
             }
         }
     }
-    if removed_any {
-        // The unlinks need not be durable: a resurrected file is recognised as queued.
-        let _ = File::open(&dir).and_then(|d| d.sync_all());
+    // One directory sync for the whole pass makes every new queue entry durable
+    // before any incoming copy goes; per message it was the pickup's largest cost.
+    if !taken.is_empty() {
+        match queue.sync_dir() {
+            Ok(()) => {
+                let mut removed_any = false;
+                for path in &taken {
+                    removed_any |= fs::remove_file(path).is_ok();
+                }
+                if removed_any {
+                    // The unlinks need not be durable: a resurrected file is recognised
+                    // as queued.
+                    let _ = File::open(&dir).and_then(|d| d.sync_all());
+                }
+            }
+            // The incoming copies stay; the next pass finds them queued and removes them.
+            Err(e) => log.error(&format!("cannot sync the queue: {e}")),
+        }
     }
     sweep_tmp(spool);
     picked

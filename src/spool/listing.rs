@@ -186,7 +186,10 @@ pub fn format(entries: &[Listed]) -> String {
             e.id, e.size
         ));
         if e.state == State::Incoming {
-            out.push_str(&format!("{:>45}(waiting for pickup by the relay365 daemon)\n", ""));
+            out.push_str(&format!(
+                "{:>45}(waiting for pickup by the relay365 daemon)\n",
+                ""
+            ));
         }
         if let Some(next) = &e.next_attempt {
             out.push_str(&format!("{:>45}next attempt {next}\n", ""));

@@ -235,10 +235,24 @@ impl Queue {
         self.env_path(id).exists()
     }
 
+    /// Whether both files of a message are in the queue. Before the directory is
+    /// synced a crash may keep one name and lose the other, so the pickup asks this,
+    /// not [`Queue::contains`], before it lets the incoming copy go.
+    pub fn is_complete(&self, id: &QueueId) -> bool {
+        self.env_path(id).exists() && self.msg_path(id).exists()
+    }
+
     /// Queues a new message: the message file first, then its entry, each synced, then
     /// the directory. A crash in between leaves a `.msg` without `.env`, which
     /// [`Queue::ids`] ignores and the pickup overwrites on its retry.
     pub fn insert(&self, entry: &QueueEntry, message: &[u8]) -> Result<(), QueueError> {
+        self.insert_unsynced(entry, message)?;
+        self.sync_dir()
+    }
+
+    /// [`Queue::insert`] without the directory sync, for a caller that queues many
+    /// messages and then calls [`Queue::sync_dir`] once before relying on any of them.
+    pub fn insert_unsynced(&self, entry: &QueueEntry, message: &[u8]) -> Result<(), QueueError> {
         let id = QueueId::parse(&entry.id).map_err(|e| QueueError::Corrupt {
             path: self.dir.clone(),
             reason: e.to_string(),
@@ -254,8 +268,7 @@ impl Queue {
             .map_err(io_err(&msg))?;
         f.write_all(message).map_err(io_err(&msg))?;
         f.sync_all().map_err(io_err(&msg))?;
-        self.write_entry_nosync(entry)?;
-        self.sync_dir()
+        self.write_entry_nosync(entry)
     }
 
     fn write_entry_nosync(&self, entry: &QueueEntry) -> Result<(), QueueError> {
@@ -284,7 +297,8 @@ impl Queue {
         self.sync_dir()
     }
 
-    fn sync_dir(&self) -> Result<(), QueueError> {
+    /// Makes the queue directory's entries (new, renamed, removed) durable.
+    pub fn sync_dir(&self) -> Result<(), QueueError> {
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(io_err(&self.dir))

@@ -35,6 +35,10 @@ use crate::sysexits::Exit;
 const SAFETY_SCAN: Duration = Duration::from_secs(60);
 /// When a message was locked by another process, look again after this.
 const LOCKED_RETRY: Duration = Duration::from_secs(5);
+/// Incoming messages picked up before the workers get them: small enough that the
+/// first go out within a few hundred milliseconds of a large backlog, large enough
+/// that the two directory syncs per chunk do not count.
+const PICKUP_CHUNK: usize = 256;
 
 /// Why the engine could not start.
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +128,9 @@ pub struct Engine {
     due_of: HashMap<QueueId, u64>,
     /// Messages dispatched whose report has not come back.
     in_flight: HashSet<QueueId>,
+    /// Messages a queue run (`sendmail -q`) asked for while they were in flight: each
+    /// goes out again, explicitly, if its report says it is still waiting.
+    rerun: HashSet<QueueId>,
     results_tx: mpsc::Sender<(QueueId, Report)>,
     results_rx: mpsc::Receiver<(QueueId, Report)>,
     wake_read: OwnedFd,
@@ -155,6 +162,7 @@ impl Engine {
             schedule: BTreeSet::new(),
             due_of: HashMap::new(),
             in_flight: HashSet::new(),
+            rerun: HashSet::new(),
             results_tx,
             results_rx,
             wake_read,
@@ -221,15 +229,37 @@ impl Engine {
         }
     }
 
-    /// Moves incoming mail into the queue and schedules it.
-    pub fn pickup(&mut self) {
+    /// Moves incoming mail into the queue and schedules it, [`PICKUP_CHUNK`] messages at
+    /// a time, handing each chunk to the workers (`explicit`: all of it, as a flush or
+    /// `sendmail -q` does) before taking the next, so that delivery overlaps the pickup
+    /// of a long backlog instead of waiting for all of it.
+    pub fn pickup(&mut self, explicit: bool) {
+        loop {
+            let more = self.pickup_chunk();
+            if !more {
+                return;
+            }
+            self.dispatch(SystemTime::now(), explicit);
+        }
+    }
+
+    /// One chunk of [`Engine::pickup`]; true if more is waiting in incoming/.
+    fn pickup_chunk(&mut self) -> bool {
         let config = self.loaded.config.clone();
         let aliases = self.loaded.aliases.clone();
         let locals = Locals::new(&config, &aliases);
         let picked = match self.log.lock() {
-            Ok(mut log) => pickup::pickup(&self.spool, &self.queue, &config, &locals, &mut log),
-            Err(_) => return,
+            Ok(mut log) => pickup::pickup(
+                &self.spool,
+                &self.queue,
+                &config,
+                &locals,
+                &mut log,
+                PICKUP_CHUNK,
+            ),
+            Err(_) => return false,
         };
+        let more = picked.more;
         let fresh: HashSet<&QueueId> = picked.due.iter().map(|(id, _)| id).collect();
         let mut due = Vec::new();
         for id in &picked.queued {
@@ -248,6 +278,7 @@ impl Engine {
                 self.schedule_at(id, at);
             }
         }
+        more
     }
 
     /// Reads every queued entry once into the schedule (start-up).
@@ -314,6 +345,7 @@ impl Engine {
             let Some(pool) = account.and_then(|a| self.pools.get(&a)) else {
                 continue;
             };
+            let explicit = explicit || self.rerun.remove(&id);
             if let Ok(mut q) = pool.jobs.queue.lock() {
                 q.push_back((id.clone(), explicit));
                 pool.jobs.cv.notify_one();
@@ -347,11 +379,20 @@ impl Engine {
         while let Ok((id, report)) = self.results_rx.try_recv() {
             self.in_flight.remove(&id);
             match report.outcome {
-                Outcome::Finished => self.delivered += 1,
+                Outcome::Finished => {
+                    self.delivered += 1;
+                    self.rerun.remove(&id);
+                }
                 Outcome::Deferred(t) => {
                     self.deferred += 1;
                     if reschedule {
-                        self.schedule_at(id, micros(t));
+                        // A queue run came while it was in flight: at once, not at `t`.
+                        let at = if self.rerun.contains(&id) {
+                            0
+                        } else {
+                            micros(t)
+                        };
+                        self.schedule_at(id, at);
                     }
                 }
                 Outcome::Skipped => {
@@ -376,7 +417,7 @@ impl Engine {
         // The queue as it stands first, then the new mail, which the pickup schedules
         // itself (in the other order every new entry would be read back once more).
         self.load_schedule();
-        self.pickup();
+        self.pickup(true);
         self.dispatch(SystemTime::now(), true);
         while !self.in_flight.is_empty() {
             let fd = self.wake_read.as_fd();
@@ -413,7 +454,7 @@ impl Engine {
             })?;
         let trigger = open_trigger(&self.spool.trigger());
         self.load_schedule();
-        self.pickup();
+        self.pickup(false);
         self.info(&format!(
             "daemon started: {} account(s), {} message(s) queued",
             self.loaded.config.accounts.len(),
@@ -463,7 +504,7 @@ impl Engine {
             }
             if ready[1] {
                 let _ = inotify.read_events();
-                self.pickup();
+                self.pickup(false);
             }
             if ready[2] {
                 self.collect(true, false);
@@ -474,7 +515,10 @@ impl Engine {
                     let _ = (&*t).read(&mut buf);
                 }
                 self.info("queue run requested");
-                self.pickup();
+                // What is in flight now may come back deferred after this run's
+                // dispatch; it is part of the run too.
+                self.rerun.extend(self.in_flight.iter().cloned());
+                self.pickup(true);
                 explicit = true;
             }
             if SystemTime::now()
@@ -482,7 +526,7 @@ impl Engine {
                 .unwrap_or_default()
                 >= SAFETY_SCAN
             {
-                self.pickup();
+                self.pickup(false);
                 last_scan = SystemTime::now();
             }
         }
@@ -502,6 +546,7 @@ impl Engine {
                 self.stop = Arc::new(Stop::default());
                 self.loaded = loaded;
                 self.in_flight.clear();
+                self.rerun.clear();
                 if let Err(e) = self.start_workers() {
                     self.warn(&format!("reload: cannot start workers: {e}"));
                 }

@@ -117,15 +117,19 @@ pub struct Picked {
     /// it is due (µs), so the scheduler need not read back what was just written.
     pub due: Vec<(QueueId, u64)>,
     pub quarantined: usize,
+    /// Files were left in `incoming/new` for the next call (the `limit` was reached).
+    pub more: bool,
 }
 
-/// Moves everything in `incoming/new` into the queue.
+/// Moves what is in `incoming/new` into the queue, oldest first, at most `limit` files
+/// (so the caller can hand them to delivery before taking more; see [`Picked::more`]).
 pub fn pickup(
     spool: &Spool,
     queue: &Queue,
     config: &Config,
     locals: &Locals,
     log: &mut Log,
+    limit: usize,
 ) -> Picked {
     let mut picked = Picked::default();
     let dir = spool.incoming_new();
@@ -134,6 +138,10 @@ pub fn pickup(
     };
     let mut names: Vec<_> = entries.flatten().map(|e| e.file_name()).collect();
     names.sort();
+    if names.len() > limit {
+        names.truncate(limit);
+        picked.more = true;
+    }
     let bound = config.max_message_size.0 + MAX_ENVELOPE_LINE as u64 + 64;
     // Incoming files whose message is in the queue, removed once the queue is synced.
     let mut taken = Vec::new();
@@ -216,7 +224,9 @@ pub fn pickup(
             Err(e) => log.error(&format!("cannot sync the queue: {e}")),
         }
     }
-    sweep_tmp(spool);
+    if !picked.more {
+        sweep_tmp(spool);
+    }
     picked
 }
 

@@ -727,3 +727,35 @@ fn an_entry_without_its_message_file_does_not_cost_the_incoming_copy() {
     assert!(t.queued().is_empty(), "{}", stderr(&out));
     assert!(!incoming.exists());
 }
+
+#[test]
+fn sendmail_q_during_a_delivery_retries_it_if_it_comes_back_deferred() {
+    // Regression: a queue run requested while a message was in flight did not include
+    // it; when the attempt then failed, the message waited out its backoff.
+    let t = Tenant::new(Auth::Login);
+    let d = Daemon::start(&t.spool);
+    t.emu
+        .inject(Fault::new(Stage::Data, FaultAction::Stall(Duration::from_millis(1500))).times(1));
+    t.emu
+        .inject(Fault::reply(Stage::AfterDot, "451 4.7.0 Temporary server error").times(1));
+    send(&t, &["-i", "x@example.org"], b"Subject: in flight\n\nx\n");
+    assert!(
+        d.wait_log("(queue active)", Duration::from_secs(10)),
+        "{}",
+        d.log_text()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_ok(&t.spool.sendmail(&["-q"], b""));
+    assert!(
+        t.emu.wait_for_messages(1, Duration::from_secs(10)),
+        "{}",
+        d.log_text()
+    );
+    let log = d.log_text();
+    let run = log.find("queue run requested").expect("the run was logged");
+    let deferred = log
+        .find("status=deferred")
+        .expect("the first attempt failed");
+    assert!(run < deferred, "the run came while it was in flight: {log}");
+    assert!(d.stop().success());
+}

@@ -248,17 +248,14 @@ impl Engine {
         let config = self.loaded.config.clone();
         let aliases = self.loaded.aliases.clone();
         let locals = Locals::new(&config, &aliases);
-        let picked = match self.log.lock() {
-            Ok(mut log) => pickup::pickup(
-                &self.spool,
-                &self.queue,
-                &config,
-                &locals,
-                &mut log,
-                PICKUP_CHUNK,
-            ),
-            Err(_) => return false,
-        };
+        let picked = pickup::pickup(
+            &self.spool,
+            &self.queue,
+            &config,
+            &locals,
+            &self.log,
+            PICKUP_CHUNK,
+        );
         let more = picked.more;
         let fresh: HashSet<&QueueId> = picked.due.iter().map(|(id, _)| id).collect();
         let mut due = Vec::new();

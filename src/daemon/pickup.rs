@@ -13,6 +13,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use crate::config::Config;
@@ -95,6 +96,27 @@ impl<'a> Locals<'a> {
     }
 }
 
+/// The daemon's log, taken a line at a time: the workers log through the same lock,
+/// and holding it for a whole pass stalled every delivery behind the pickup.
+struct Lines<'a>(&'a Mutex<Log>);
+
+impl Lines<'_> {
+    fn log(&self, level: crate::logging::Level, line: &str) {
+        if let Ok(mut l) = self.0.lock() {
+            l.log(level, line);
+        }
+    }
+    fn info(&self, line: &str) {
+        self.log(crate::logging::Level::Info, line);
+    }
+    fn warning(&self, line: &str) {
+        self.log(crate::logging::Level::Warning, line);
+    }
+    fn error(&self, line: &str) {
+        self.log(crate::logging::Level::Error, line);
+    }
+}
+
 /// Why one incoming file was refused.
 #[derive(Debug, thiserror::Error)]
 enum Refusal {
@@ -128,9 +150,10 @@ pub fn pickup(
     queue: &Queue,
     config: &Config,
     locals: &Locals,
-    log: &mut Log,
+    log: &Mutex<Log>,
     limit: usize,
 ) -> Picked {
+    let log = &Lines(log);
     let mut picked = Picked::default();
     let dir = spool.incoming_new();
     let Ok(entries) = fs::read_dir(&dir) else {
@@ -265,7 +288,7 @@ fn take(path: &Path, bound: u64) -> Result<(u32, Envelope, Vec<u8>), Refusal> {
     Ok((meta.uid(), env.clone(), message.to_vec()))
 }
 
-fn quarantine(spool: &Spool, path: &Path, why: &str, log: &mut Log) {
+fn quarantine(spool: &Spool, path: &Path, why: &str, log: &Lines) {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

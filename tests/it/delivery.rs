@@ -759,3 +759,51 @@ fn sendmail_q_during_a_delivery_retries_it_if_it_comes_back_deferred() {
     assert!(run < deferred, "the run came while it was in flight: {log}");
     assert!(d.stop().success());
 }
+
+#[test]
+fn delivery_starts_while_a_backlog_is_still_being_picked_up() {
+    // The pickup takes a backlog in chunks and hands each to the workers at once; the
+    // workers must not wait for the rest (nor for the log lock the pickup uses). The
+    // capture transport keeps the first delivery quick, so the order is telling.
+    use relay365::spool::QueueId;
+    use relay365::spool::envelope::Envelope;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Spool::new(&format!(
+        "[[account]]\nname = \"staging\"\nmailbox = \"app@contoso.com\"\nauth = \"none\"\n\
+         transport = \"maildir:{}\"\nmessage_rate = \"off\"\nrecipient_rate = \"off\"\n",
+        dir.path().join("Maildir").display()
+    ));
+    let n = 700; // three chunks
+    for i in 0..n {
+        let now = std::time::SystemTime::now();
+        let id = QueueId::generate(now);
+        let msg = format!("Subject: backlog {i}\r\n\r\nx\r\n").into_bytes();
+        let env = Envelope {
+            id: id.to_string(),
+            sender: "shop@contoso.com".into(),
+            recipients: vec![format!("r{i}@example.org")],
+            uid: 0,
+            arrival_us: relay365::spool::queue::micros(now),
+            size: msg.len() as u64,
+            notify: None,
+            ret: None,
+            envid: None,
+            body: None,
+            queue_only: false,
+        };
+        std::fs::write(s.new_dir().join(id.as_str()), env.to_file_bytes(&msg))
+            .expect("write an incoming file");
+    }
+    let out = s.relay365(&["flush"]);
+    assert_ok(&out);
+    let log = stderr(&out);
+    assert_eq!(log.matches("status=sent").count(), n, "{log}");
+    let first_sent = log.find("status=sent").expect("sent lines");
+    let last_picked = log.rfind("(queue active)").expect("pickup lines");
+    let picked_before = log[..first_sent].matches("(queue active)").count();
+    assert!(
+        first_sent < last_picked,
+        "the first message went out only after the whole backlog was picked up \
+         ({picked_before} before it)"
+    );
+}

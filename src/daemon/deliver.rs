@@ -492,11 +492,21 @@ impl Runner {
                     flow
                 }
             };
-            if let Err(e) = self.queue.update(&locked.entry) {
-                self.log(
-                    crate::logging::Level::Error,
-                    &format!("{}: cannot record the result: {e}", locked.entry.id),
-                );
+            // A message whose every recipient went out leaves the queue in `settle` at
+            // once; recording that first would cost two fsyncs and a rename without
+            // narrowing the window in which a crash could send it again.
+            let finished = locked
+                .entry
+                .recipients
+                .iter()
+                .all(|r| r.status == RcptStatus::Sent);
+            if !finished {
+                if let Err(e) = self.queue.update(&locked.entry) {
+                    self.log(
+                        crate::logging::Level::Error,
+                        &format!("{}: cannot record the result: {e}", locked.entry.id),
+                    );
+                }
             }
             if let Flow::Stop = flow {
                 break;

@@ -37,6 +37,10 @@ const SAFETY_SCAN: Duration = Duration::from_secs(60);
 const LOCKED_RETRY: Duration = Duration::from_secs(5);
 /// Crash leftovers in queue/ older than this are removed (an insert takes milliseconds).
 const LEFTOVER_AGE: Duration = Duration::from_secs(3600);
+/// Incoming messages picked up before the workers get them: small enough that the
+/// first go out within a few hundred milliseconds of a large backlog, large enough
+/// that the two directory syncs per chunk do not count.
+const PICKUP_CHUNK: usize = 256;
 
 /// Why the engine could not start.
 #[derive(Debug, thiserror::Error)]
@@ -241,26 +245,55 @@ impl Engine {
         }
     }
 
-    /// Moves incoming mail into the queue and schedules it.
-    pub fn pickup(&mut self) {
+    /// Moves incoming mail into the queue and schedules it, [`PICKUP_CHUNK`] messages at
+    /// a time, handing each chunk to the workers (`explicit`: all of it, as a flush or
+    /// `sendmail -q` does) before taking the next, so that delivery overlaps the pickup
+    /// of a long backlog instead of waiting for all of it.
+    pub fn pickup(&mut self, explicit: bool) {
+        loop {
+            let more = self.pickup_chunk();
+            if !more {
+                return;
+            }
+            self.dispatch(SystemTime::now(), explicit);
+        }
+    }
+
+    /// One chunk of [`Engine::pickup`]; true if more is waiting in incoming/.
+    fn pickup_chunk(&mut self) -> bool {
         let config = self.loaded.config.clone();
         let aliases = self.loaded.aliases.clone();
         let locals = Locals::new(&config, &aliases);
-        let picked = match self.log.lock() {
-            Ok(mut log) => pickup::pickup(&self.spool, &self.queue, &config, &locals, &mut log),
-            Err(_) => return,
-        };
-        for id in picked.queued {
-            if !self.in_flight.contains(&id) && !self.due_of.contains_key(&id) {
-                if let Ok(e) = self.queue.read(&id) {
-                    // Also when no recipient is pending (all refused at pickup): the
-                    // delivery run settles it, which bounces and removes it.
-                    if !e.held {
-                        self.schedule_at(id, e.next_attempt_us);
-                    }
+        let picked = pickup::pickup(
+            &self.spool,
+            &self.queue,
+            &config,
+            &locals,
+            &self.log,
+            PICKUP_CHUNK,
+        );
+        let more = picked.more;
+        let fresh: HashSet<&QueueId> = picked.due.iter().map(|(id, _)| id).collect();
+        let mut due = Vec::new();
+        for id in &picked.queued {
+            if fresh.contains(id) || self.in_flight.contains(id) || self.due_of.contains_key(id) {
+                continue;
+            }
+            // Queued by an earlier pass that did not get to remove the incoming copy.
+            // Also when no recipient is pending (all refused at pickup): the delivery
+            // run settles it, which bounces and removes it.
+            if let Ok(e) = self.queue.read(id) {
+                if !e.held {
+                    due.push((id.clone(), e.next_attempt_us));
                 }
             }
         }
+        for (id, at) in picked.due.into_iter().chain(due) {
+            if !self.in_flight.contains(&id) && !self.due_of.contains_key(&id) {
+                self.schedule_at(id, at);
+            }
+        }
+        more
     }
 
     /// Removes old crash leftovers from queue/.
@@ -305,30 +338,38 @@ impl Engine {
             due.push((*at, id.clone()));
         }
         let mut n = 0;
+        // With one account every message goes through it, so there is nothing to read
+        // here: the worker reads the entry under its lock anyway (a message that is
+        // gone by then comes back as skipped).
+        let only = match self.pools.len() {
+            1 => self.pools.keys().next().cloned(),
+            _ => None,
+        };
         for (at, id) in due {
-            let entry = match self.queue.read(&id) {
-                Ok(e) => e,
-                Err(_) => {
-                    self.schedule.remove(&(at, id.clone()));
-                    self.due_of.remove(&id);
-                    continue;
+            let account = match &only {
+                Some(a) => Some(a.clone()),
+                None => {
+                    let entry = match self.queue.read(&id) {
+                        Ok(e) => e,
+                        Err(_) => {
+                            self.schedule.remove(&(at, id.clone()));
+                            self.due_of.remove(&id);
+                            continue;
+                        }
+                    };
+                    let route = self.route(&entry);
+                    if route.is_none() && entry.reason.is_none() {
+                        let mut e = entry;
+                        e.reason = Some(
+                            "no [[account]] is configured in relay365.toml; nothing can be sent"
+                                .into(),
+                        );
+                        let _ = self.queue.update(&e);
+                    }
+                    route
                 }
             };
-            let config = self.loaded.config.clone();
-            let account = entry
-                .account
-                .as_deref()
-                .filter(|a| self.pools.contains_key(*a))
-                .map(str::to_string)
-                .or_else(|| config.accounts.first().map(|a| a.name.clone()));
             let Some(pool) = account.and_then(|a| self.pools.get(&a)) else {
-                if entry.reason.is_none() {
-                    let mut e = entry;
-                    e.reason = Some(
-                        "no [[account]] is configured in relay365.toml; nothing can be sent".into(),
-                    );
-                    let _ = self.queue.update(&e);
-                }
                 continue;
             };
             let explicit = self.rerun.remove(&id) || explicit;
@@ -342,6 +383,17 @@ impl Engine {
             n += 1;
         }
         n
+    }
+
+    /// The account a queued message goes out through: the one it was routed to while
+    /// that exists, else the first.
+    fn route(&self, entry: &crate::spool::queue::QueueEntry) -> Option<String> {
+        entry
+            .account
+            .as_deref()
+            .filter(|a| self.pools.contains_key(*a))
+            .map(str::to_string)
+            .or_else(|| self.loaded.config.accounts.first().map(|a| a.name.clone()))
     }
 
     /// Applies the workers' reports; `reschedule`: put deferred messages back on the
@@ -391,8 +443,10 @@ impl Engine {
 
     /// `relay365 flush`: pick up, deliver everything due once, wait for it, return.
     pub fn flush(&mut self) {
-        self.pickup();
+        // The queue as it stands first, then the new mail, which the pickup schedules
+        // itself (in the other order every new entry would be read back once more).
         self.load_schedule();
+        self.pickup(true);
         self.dispatch(SystemTime::now(), true);
         while !self.in_flight.is_empty() {
             let fd = self.wake_read.as_fd();
@@ -429,8 +483,8 @@ impl Engine {
             })?;
         let trigger = open_trigger(&self.spool.trigger());
         self.sweep();
-        self.pickup();
         self.load_schedule();
+        self.pickup(false);
         self.info(&format!(
             "daemon started: {} account(s), {} message(s) queued",
             self.loaded.config.accounts.len(),
@@ -480,7 +534,7 @@ impl Engine {
             }
             if ready[1] {
                 let _ = inotify.read_events();
-                self.pickup();
+                self.pickup(false);
             }
             if ready[2] {
                 self.collect(true, false);
@@ -491,9 +545,11 @@ impl Engine {
                     let _ = (&*t).read(&mut buf);
                 }
                 self.info("queue run requested");
-                self.pickup();
-                explicit = true;
+                // What is in flight now may come back deferred after this run's
+                // dispatch; it is part of the run too.
                 self.rerun.extend(self.in_flight.iter().cloned());
+                self.pickup(true);
+                explicit = true;
             }
             if SystemTime::now()
                 .duration_since(last_scan)
@@ -501,7 +557,7 @@ impl Engine {
                 >= SAFETY_SCAN
             {
                 self.sweep();
-                self.pickup();
+                self.pickup(false);
                 last_scan = SystemTime::now();
             }
         }

@@ -980,7 +980,11 @@ impl Ledger {
                 return Ok(Grant::WaitUntil(from_ms(at.max(now_ms.saturating_add(1)))));
             }
             let n = wanted.min(room);
-            l.append(ceil_ms(now + lead.min(MAX_LEAD)), n)?;
+            // With both rates off nothing waits on the record, so it need not be on disk
+            // before the send: it only feeds `relay365 quota`, and an fdatasync under
+            // the lock would serialise every worker of the account on the disk.
+            let gating = limits.message_rate.is_limited() || limits.recipient_rate.is_limited();
+            l.append_synced(ceil_ms(now + lead.min(MAX_LEAD)), n, gating)?;
             Ok(Grant::Go(n))
         })
     }
@@ -1355,12 +1359,17 @@ impl Ledger {
 
     /// Appends one record and syncs it; only then may the send begin.
     fn append(&mut self, stamp_ms: u64, rcpts: u32) -> Result<(), QuotaError> {
+        self.append_synced(stamp_ms, rcpts, true)
+    }
+
+    /// Appends one record, synced to disk when `sync` (always, when a limit depends on it).
+    fn append_synced(&mut self, stamp_ms: u64, rcpts: u32, sync: bool) -> Result<(), QuotaError> {
         let ms = self.entries.back().map_or(stamp_ms, |e| e.ms.max(stamp_ms));
         let line = format!("{ms} {rcpts}\n");
         let written = self
             .file
             .write_all(line.as_bytes())
-            .and_then(|()| self.file.sync_data());
+            .and_then(|()| if sync { self.file.sync_data() } else { Ok(()) });
         if let Err(e) = written {
             // Remove a partial line now rather than leave it to the next locker; if this
             // fails too, the next locker cuts it (and it never counted: we return Err).

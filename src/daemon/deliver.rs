@@ -418,12 +418,7 @@ impl Runner {
                 if let Err(v) = self.ready(now) {
                     tried.extend(batch.iter().copied());
                     let flow = self.apply(locked, &batch, &v, now);
-                    if let Err(e) = self.queue.update(&locked.entry) {
-                        self.log(
-                            crate::logging::Level::Error,
-                            &format!("{}: cannot record the result: {e}", locked.entry.id),
-                        );
-                    }
+                    self.record(locked);
                     if let Flow::Stop = flow {
                         break;
                     }
@@ -501,12 +496,7 @@ impl Runner {
                 .iter()
                 .all(|r| r.status == RcptStatus::Sent);
             if !finished {
-                if let Err(e) = self.queue.update(&locked.entry) {
-                    self.log(
-                        crate::logging::Level::Error,
-                        &format!("{}: cannot record the result: {e}", locked.entry.id),
-                    );
-                }
+                self.record(locked);
             }
             if let Flow::Stop = flow {
                 break;
@@ -686,6 +676,17 @@ impl Runner {
                     return Err(v);
                 }
             }
+        }
+    }
+
+    /// Writes the entry's per-recipient state back; a failure is logged (the attempt
+    /// is then repeated from the old state, which may send some recipients twice).
+    fn record(&self, locked: &Locked) {
+        if let Err(e) = self.queue.update(&locked.entry) {
+            self.log(
+                crate::logging::Level::Error,
+                &format!("{}: cannot record the result: {e}", locked.entry.id),
+            );
         }
     }
 

@@ -32,14 +32,7 @@ fn twenty_callers_against_scaled_quotas_lose_nothing_and_stay_flat() {
     );
     let config = t.spool.config.clone();
     let root = t.spool.root();
-    let d = KillableDaemon::start(&config, &t.spool.dir.path().join("daemon.log"));
-    assert!(
-        eventually(Duration::from_secs(10), || d
-            .log_text()
-            .contains("daemon started")),
-        "{}",
-        d.log_text()
-    );
+    let d = KillableDaemon::start_ready(&config, &t.spool.dir.path().join("daemon.log"));
     let pid = d.pid();
     let stop = Arc::new(AtomicBool::new(false));
     let counter = Arc::new(AtomicU64::new(0));
@@ -215,10 +208,7 @@ fn a_queue_only_message_does_not_make_the_daemon_spin() {
     // re-dispatched it in a loop at full CPU until a queue run.
     const T: &str = "idle";
     let t = Tenant::new(Auth::Login);
-    let d = KillableDaemon::start(&t.spool.config, &t.spool.dir.path().join("daemon.log"));
-    assert!(eventually(Duration::from_secs(10), || d
-        .log_text()
-        .contains("daemon started")));
+    let d = KillableDaemon::start_ready(&t.spool.config, &t.spool.dir.path().join("daemon.log"));
     assert_ok(
         &t.spool
             .sendmail(&["-odq", "-i", "x@example.org"], b"Subject: later\n\nx\n"),

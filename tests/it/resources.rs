@@ -414,14 +414,7 @@ fn wrong_spool_modes_are_reported_with_the_fix() {
         "{}",
         stdout(&check)
     );
-    let d = KillableDaemon::start(&t.spool.config, &t.spool.dir.path().join("daemon.log"));
-    assert!(
-        eventually(Duration::from_secs(10), || d
-            .log_text()
-            .contains("daemon started")),
-        "{}",
-        d.log_text()
-    );
+    let d = KillableDaemon::start_ready(&t.spool.config, &t.spool.dir.path().join("daemon.log"));
     let log = d.log_text();
     assert!(
         log.contains("spool:") && log.contains("expected 1770: run relay365 init"),

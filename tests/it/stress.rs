@@ -172,6 +172,19 @@ impl KillableDaemon {
         }
     }
 
+    /// Starts it and waits (bounded) until it says it started.
+    pub fn start_ready(config: &Path, log: &Path) -> KillableDaemon {
+        let d = KillableDaemon::start(config, log);
+        assert!(
+            eventually(Duration::from_secs(10), || d
+                .log_text()
+                .contains("daemon started")),
+            "{}",
+            d.log_text()
+        );
+        d
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
     }

@@ -1,7 +1,7 @@
 //! Header completion as Postfix's cleanup does it, and `-t` recipient extraction.
 //!
-//! Adds Date, Message-ID and From when missing (never duplicates), removes Bcc,
-//! Resent-Bcc and any Return-Path the client wrote. Input: a parsed message from an
+//! Adds Date, Message-ID and From when missing (never duplicates), qualifies bare
+//! names in address fields, removes Bcc, Resent-Bcc and any Return-Path the client wrote. Input: a parsed message from an
 //! untrusted caller; every address taken from it is validated.
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -30,6 +30,8 @@ pub fn complete(msg: &mut Message, c: &Completion) {
     msg.remove("Resent-Bcc");
     // Return-Path is the receiving side's to write, from the envelope.
     msg.remove("Return-Path");
+    // Postfix's cleanup: `To: root` names root@domain, as the envelope does.
+    super::qualify::qualify_headers(&mut msg.headers, c.domain);
     if !msg.has("From") {
         let value = match c.full_name.map(str::trim).filter(|n| !n.is_empty()) {
             Some(name) => format!("{} <{}>", display_name(name), c.from),

@@ -74,9 +74,10 @@ fn debian_cron() {
     );
     assert_eq!(
         header(&msg, "From"),
-        ["From: root (Cron Daemon)"],
-        "existing From kept as written"
+        ["From: root@example.com (Cron Daemon)"],
+        "existing From kept, its bare name qualified as Postfix does"
     );
+    assert_eq!(header(&msg, "To"), ["To: user@example.com"]);
     assert_completed(&msg);
 }
 

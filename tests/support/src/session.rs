@@ -7,6 +7,7 @@
 //! pipelined behind STARTTLS is discarded.
 
 use std::net::TcpStream;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine;
@@ -205,6 +206,10 @@ impl Session<'_> {
                 }
                 Err(_) => return,
             };
+            if self.io.has_buffered() {
+                // The next command came before this one's reply: pipelining.
+                self.sh.store.pipelined.fetch_add(1, Ordering::Relaxed);
+            }
             match self.command(&line) {
                 Ok(Next::Continue) => {}
                 Ok(Next::Close) | Err(_) => return,

@@ -121,8 +121,11 @@ impl Session<'_> {
     }
 
     /// Queues a (possibly multi-line, `\n`-separated) reply, after the configured delay.
+    /// The delay stands for a network round trip: a reply to a command that came with
+    /// the next one (pipelined, RFC 2920) waits in the buffer and goes out with the
+    /// last reply of the group, so a pipelined group costs one delay, as on a real link.
     fn reply(&mut self, text: &str) -> std::io::Result<()> {
-        if !self.sh.cfg.reply_delay.is_zero() {
+        if !self.sh.cfg.reply_delay.is_zero() && !self.io.has_buffered() {
             self.io.flush()?;
             self.io.sleep(self.sh.cfg.reply_delay);
         }

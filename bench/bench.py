@@ -1116,7 +1116,8 @@ class Bench:
             "",
             f"{n} messages queued (by case 2's parallel fill, runners stopped), then the "
             "runner started; time from starting it until the sink has accepted the last "
-            "message" + (f" (the sink waits {delay} ms before every reply)" if delay else "")
+            "message" + (f" (the sink waits {delay} ms before every reply, as a round trip: the replies "
+                         "to a pipelined group of commands wait once)" if delay else "")
             + f". relay365 and Postfix use {CONNECTIONS} connections (Exchange Online's "
             "limit per mailbox); nullmailer-send uses one at a time; `dma -q` forks one "
             "process (and connection) per message, unbounded.",

@@ -859,7 +859,32 @@ impl Runner {
                 params.push(format!("ENVID={}", xtext(envid)));
             }
         }
-        if let Err(f) = session.mail(&self.account.mailbox, &params) {
+        // Each recipient's RCPT parameters, built once for either path.
+        let rcpts: Vec<(String, Vec<String>)> = batch
+            .iter()
+            .map(|&i| {
+                let r = &e.recipients[i];
+                let mut rp = Vec::new();
+                if session.offer.dsn {
+                    if let Some(n) = &e.notify {
+                        rp.push(format!("NOTIFY={}", n.to_ascii_uppercase()));
+                    }
+                    if let Some(o) = &r.original {
+                        rp.push(format!("ORCPT=rfc822;{}", xtext(o)));
+                    }
+                }
+                (r.address.clone(), rp)
+            })
+            .collect();
+        // With PIPELINING, MAIL, the RCPTs and DATA go out together and their replies
+        // are then taken in order exactly as the one-by-one path would get them.
+        let (mail, mut piped) = if session.offer.pipelining {
+            let env = session.envelope(&self.account.mailbox, &params, &rcpts);
+            (env.mail, Some(env.rcpts.into_iter()))
+        } else {
+            (session.mail(&self.account.mailbox, &params), None)
+        };
+        if let Err(f) = mail {
             // An idle connection the server closed answers nothing, or the 421 it
             // sent when it timed us out (Postfix does): reconnect, nothing was sent.
             let closed = f.reply.as_ref().is_none_or(|r| r.code == 421);
@@ -870,18 +895,12 @@ impl Runner {
             return Conversed::Done(self.apply(locked, batch, &verdict_for(&f), now), keep);
         }
         let mut accepted = Vec::new();
-        for &i in batch {
-            let r = &locked.entry.recipients[i];
-            let mut rp = Vec::new();
-            if session.offer.dsn {
-                if let Some(n) = &locked.entry.notify {
-                    rp.push(format!("NOTIFY={}", n.to_ascii_uppercase()));
-                }
-                if let Some(o) = &r.original {
-                    rp.push(format!("ORCPT=rfc822;{}", xtext(o)));
-                }
-            }
-            match session.rcpt(&r.address, &rp) {
+        for (&i, (address, rp)) in batch.iter().zip(&rcpts) {
+            let reply = match piped.as_mut().and_then(Iterator::next) {
+                Some(reply) => reply,
+                None => session.rcpt(address, rp),
+            };
+            match reply {
                 Ok(_) => accepted.push(i),
                 Err(f) if f.reply.is_none() => {
                     return Conversed::Done(

@@ -137,8 +137,8 @@ impl Reply {
         Reply::from_lines(code, texts)
     }
 
-    /// Builds a reply from a code and its text lines as another parser (lettre's
-    /// `Response`: `code().into()` and `message()`) already split them.
+    /// Builds a reply from a code and its text lines as another parser already split
+    /// them (the lines without their `NNN-` prefixes).
     pub fn from_lines<I, S>(code: u16, lines: I) -> Result<Reply, ReplyError>
     where
         I: IntoIterator<Item = S>,

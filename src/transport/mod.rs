@@ -5,3 +5,4 @@ pub mod capture;
 pub mod classify;
 pub mod oauth;
 pub mod smtp;
+pub mod tls;

@@ -20,7 +20,6 @@
 //! goes to `token_url` and nowhere else.
 
 use std::fmt;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -33,6 +32,7 @@ use rustls::pki_types::PrivateKeyDer;
 use serde::Deserialize;
 use ureq::tls::{Certificate, RootCerts, TlsConfig, TlsProvider};
 
+use super::tls::{self, TlsSetupError, pem_certificates, read_pem_file};
 use crate::secrets::{AccountSecrets, Secret};
 
 /// Microsoft's v2.0 token endpoint; `{tenant}` is replaced by [`OAuthSettings::tenant`].
@@ -42,8 +42,6 @@ pub const DEFAULT_SCOPE: &str = "https://outlook.office365.com/.default";
 
 /// Largest token endpoint answer read; a real one is 2-4 KB.
 const MAX_RESPONSE: u64 = 64 * 1024;
-/// Largest certificate or CA file read.
-const MAX_PEM_FILE: u64 = 1024 * 1024;
 /// How long a client assertion is valid (Microsoft accepts up to 10 minutes' skew anyway).
 const ASSERTION_LIFETIME_SECS: u64 = 600;
 /// Refresh a token this much before it expires at most; short tokens refresh at 90 % of life.
@@ -194,14 +192,14 @@ impl AccessToken {
 
 /// The XOAUTH2 SASL client response `user=<mailbox>\x01auth=Bearer <token>\x01\x01`,
 /// **not** base64-encoded: the SMTP layer encodes it for `AUTH XOAUTH2 <base64>`.
-///
-/// lettre builds this same string itself from `Credentials::new(mailbox, token)` with
-/// `Mechanism::Xoauth2`, so the lettre transport passes `token.secret().expose()` and does
-/// not need this; it is for hand-driven SMTP (the `check` command, tests).
 /// `user` must be a validated address; control characters are dropped so they cannot
 /// break the SASL framing.
 pub fn xoauth2_response(user: &str, token: &AccessToken) -> Secret {
-    let token = token.secret().expose();
+    xoauth2_sasl(user, token.secret().expose())
+}
+
+/// [`xoauth2_response`] from the bare token, as the SMTP session holds it.
+pub fn xoauth2_sasl(user: &str, token: &str) -> Secret {
     // Reserve exactly once so building never reallocates and leaves an unzeroed copy.
     let mut response = String::with_capacity(user.len() + token.len() + 22);
     response.push_str("user=");
@@ -634,27 +632,6 @@ fn load_rsa_key(pem: &Secret) -> Result<RsaKeyPair, String> {
         .map_err(|e| format!("is not a usable RSA key ({e}): use an RSA key of 2048 to 4096 bits"))
 }
 
-fn read_pem_file(path: &Path) -> Result<Vec<u8>, String> {
-    let file = std::fs::File::open(path).map_err(|e| format!("cannot open: {e}"))?;
-    let mut data = Vec::new();
-    file.take(MAX_PEM_FILE + 1)
-        .read_to_end(&mut data)
-        .map_err(|e| format!("cannot read: {e}"))?;
-    if data.len() as u64 > MAX_PEM_FILE {
-        return Err("is larger than 1 MiB: is it the right file?".to_owned());
-    }
-    Ok(data)
-}
-
-fn pem_certificates(
-    data: &[u8],
-) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
-    let mut reader = data;
-    rustls_pemfile::certs(&mut reader)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|_| "is not valid PEM".to_owned())
-}
-
 /// `x5t`: base64url of the SHA-1 of the first certificate's DER, which is how Entra ID
 /// finds the uploaded certificate that must verify the assertion.
 fn certificate_thumbprint(path: &Path) -> Result<String, OAuthError> {
@@ -671,41 +648,16 @@ fn certificate_thumbprint(path: &Path) -> Result<String, OAuthError> {
     Ok(URL_SAFE_NO_PAD.encode(digest.as_ref()))
 }
 
-/// The system roots (rustls-native-certs: /etc/ssl/certs, or `SSL_CERT_FILE`/`SSL_CERT_DIR`)
-/// plus the configured CA file.
+/// The roots shared with SMTP submission (see [`super::tls::trusted_roots`]), in ureq's type.
 fn trusted_roots(ca_file: Option<&Path>) -> Result<Vec<Certificate<'static>>, OAuthError> {
-    // Unreadable entries in the system store are skipped; an empty result is caught below.
-    let native = rustls_native_certs::load_native_certs();
-    let mut roots: Vec<Certificate<'static>> = native
-        .certs
+    let roots = tls::trusted_roots(ca_file).map_err(|e| match e {
+        TlsSetupError::CaFile { path, problem } => OAuthError::CaFile { path, problem },
+        TlsSetupError::NoRoots | TlsSetupError::Config(_) => OAuthError::NoRoots,
+    })?;
+    Ok(roots
         .iter()
         .map(|c| Certificate::from_der(c.as_ref()).to_owned())
-        .collect();
-    if let Some(path) = ca_file {
-        let bad = |problem: String| OAuthError::CaFile {
-            path: path.to_path_buf(),
-            problem,
-        };
-        let data = read_pem_file(path).map_err(bad)?;
-        let certs = pem_certificates(&data).map_err(bad)?;
-        if certs.is_empty() {
-            return Err(bad("holds no -----BEGIN CERTIFICATE----- block".to_owned()));
-        }
-        let mut check = rustls::RootCertStore::empty();
-        for cert in certs {
-            // ureq silently skips roots it cannot parse; check here so the admin hears of it.
-            check.add(cert.clone()).map_err(|e| {
-                bad(format!(
-                    "holds a certificate that cannot be a trust anchor: {e}"
-                ))
-            })?;
-            roots.push(Certificate::from_der(cert.as_ref()).to_owned());
-        }
-    }
-    if roots.is_empty() {
-        return Err(OAuthError::NoRoots);
-    }
-    Ok(roots)
+        .collect())
 }
 
 /// Formats 16 random bytes as a version-4 UUID, the form Microsoft's examples use for `jti`.
@@ -979,7 +931,7 @@ fn explain(error: &str, aadsts: Option<u32>, temporary: bool, s: &OAuthSettings)
 mod tests {
     use super::*;
     use ring::signature::{RSA_PKCS1_2048_8192_SHA256, UnparsedPublicKey};
-    use std::io::Write;
+    use std::io::{Read, Write};
     use std::net::{SocketAddr, TcpListener};
     use std::sync::Mutex;
 

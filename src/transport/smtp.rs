@@ -1,23 +1,47 @@
-//! SMTP submission with lettre's connection-level API: connect, STARTTLS (or implicit
-//! TLS), EHLO, AUTH, then per-recipient MAIL/RCPT/DATA so that a recipient refused at
-//! RCPT does not sink the others. Connections are kept and reused between messages;
-//! the message and its final dot go out in one write (see [`Session::data`]).
+//! SMTP submission client: our own small dialogue over a std `TcpStream`, secured with
+//! rustls (STARTTLS or implicit TLS), then EHLO, AUTH (LOGIN, PLAIN, XOAUTH2), and
+//! per-recipient MAIL/RCPT/DATA so that a recipient refused at RCPT does not sink the
+//! others. When the server offers PIPELINING (RFC 2920, as Exchange Online does),
+//! MAIL, every RCPT and DATA go out in one write ([`Session::envelope`]), which halves
+//! the round trips per message; the message and its final dot always go out in one
+//! write. Connections are kept and reused between messages.
 //!
-//! Trusts the server only after rustls has verified its certificate against the
-//! system store plus the account's `ca_file`; there is no way to turn verification
-//! off. Every reply is parsed as untrusted text.
+//! Why not lettre: it refuses reply lines over 1,000 bytes, and Exchange's quota replies
+//! carry long diagnostic tails (read as "no reply", the account was deferred instead of
+//! frozen); it cannot pipeline; and it wrote the body and the final dot apart (a Nagle
+//! stall per message).
+//!
+//! Trusts the server only after rustls has verified its certificate against the system
+//! store plus the account's `ca_file` ([`super::tls`]); there is no way to turn
+//! verification off. Every reply is untrusted: lines of any length are read, but only
+//! a bounded part of each is kept, a whole reply is bounded, and anything that is not
+//! SMTP ends the connection. Any I/O error, timeout or protocol error marks the
+//! session unusable, so the caller reconnects.
 
-use std::net::ToSocketAddrs;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
-use lettre::transport::smtp::authentication::{Credentials, Mechanism};
-use lettre::transport::smtp::client::{Certificate, SmtpConnection, TlsParameters, TlsVersion};
-use lettre::transport::smtp::extension::ClientId;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection, StreamOwned};
+use zeroize::Zeroizing;
 
-use super::classify::{Reply, Stage};
+use super::classify::{MAX_REPLY_LINES, Reply, Stage};
+use super::oauth::xoauth2_sasl;
 use crate::config::TlsMode;
 use crate::secrets::Secret;
+
+/// Most bytes kept of one reply line; the rest of the line is read and dropped.
+pub const MAX_LINE_KEPT: usize = 4 * 1024;
+/// Most bytes kept of one reply (the last line is always kept, bounded as above).
+pub const MAX_REPLY_KEPT: usize = 64 * 1024;
+/// Most bytes read for one reply before the server is taken for broken: bounds the
+/// work a server that never ends its reply can cause (the per-read timeout cannot).
+pub const MAX_REPLY_READ: u64 = 16 * 1024 * 1024;
 
 /// Where and how to connect.
 #[derive(Debug, Clone)]
@@ -30,7 +54,7 @@ pub struct Endpoint<'a> {
     pub helo_name: &'a str,
 }
 
-/// How to authenticate; secrets stay wrapped until lettre needs them.
+/// How to authenticate; secrets stay wrapped until the AUTH line is built.
 #[derive(Debug)]
 pub enum Login<'a> {
     None,
@@ -49,6 +73,22 @@ pub struct Failure {
 }
 
 impl Failure {
+    fn new(stage: Stage, detail: impl Into<String>) -> Failure {
+        Failure {
+            stage,
+            reply: None,
+            detail: detail.into(),
+        }
+    }
+
+    fn refused(stage: Stage, reply: Reply) -> Failure {
+        Failure {
+            stage,
+            detail: reply.to_string(),
+            reply: Some(reply),
+        }
+    }
+
     /// Whether TLS failed because the server's certificate could not be verified.
     pub fn is_certificate_error(&self) -> bool {
         self.reply.is_none()
@@ -66,28 +106,6 @@ impl std::fmt::Display for Failure {
     }
 }
 
-fn failure(stage: Stage, e: &lettre::transport::smtp::Error) -> Failure {
-    let reply = e.status().and_then(|code| {
-        let code: u16 = code.to_string().parse().ok()?;
-        let text = std::error::Error::source(e)
-            .map(|s| s.to_string())
-            .unwrap_or_default();
-        Reply::from_lines(code, text.lines()).ok()
-    });
-    let detail = if e.is_timeout() {
-        format!("timed out: {e}")
-    } else if e.is_tls() {
-        format!("TLS failure (certificate not trusted or protocol refused): {e}")
-    } else {
-        e.to_string()
-    };
-    Failure {
-        stage,
-        reply,
-        detail,
-    }
-}
-
 /// What the server offers, from its EHLO reply after TLS.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Offer {
@@ -98,6 +116,8 @@ pub struct Offer {
     pub dsn: bool,
     pub auth: Vec<String>,
     pub starttls: bool,
+    /// RFC 2920: MAIL, RCPT and DATA may be sent without waiting for each reply.
+    pub pipelining: bool,
 }
 
 impl Offer {
@@ -113,6 +133,7 @@ impl Offer {
                 "SMTPUTF8" => o.smtputf8 = true,
                 "DSN" => o.dsn = true,
                 "STARTTLS" => o.starttls = true,
+                "PIPELINING" => o.pipelining = true,
                 "AUTH" => o.auth = words.map(|w| w.to_ascii_uppercase()).collect(),
                 _ => {}
             }
@@ -121,9 +142,311 @@ impl Offer {
     }
 }
 
+/// The socket, before or after TLS.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<StreamOwned<ClientConnection, TcpStream>>),
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
+        }
+    }
+}
+
+/// Why a reply could not be read.
+#[derive(Debug)]
+enum ReadError {
+    Io(io::Error),
+    Closed,
+    Protocol(String),
+}
+
+/// One reply as read: parsed, plus the kept lines' texts after the code (for EHLO).
+#[derive(Debug)]
+struct Raw {
+    reply: Reply,
+    lines: Vec<String>,
+}
+
+/// Reads one line up to LF, keeping at most `keep` bytes of it (CR LF removed) and
+/// consuming the rest, so the stream stays in step whatever the line's length.
+fn read_line_bounded<R: BufRead>(
+    r: &mut R,
+    keep: usize,
+    budget: &mut u64,
+) -> Result<Vec<u8>, ReadError> {
+    let mut kept = Vec::new();
+    loop {
+        let buf = match r.fill_buf() {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(ReadError::Io(e)),
+        };
+        if buf.is_empty() {
+            return Err(ReadError::Closed);
+        }
+        let (n, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        if kept.len() < keep {
+            let take = (keep - kept.len()).min(n);
+            kept.extend_from_slice(&buf[..take]);
+        }
+        r.consume(n);
+        // SECURITY: a server streaming an endless reply is cut off here.
+        *budget = budget.checked_sub(n as u64).ok_or_else(|| {
+            ReadError::Protocol(format!("reply longer than {MAX_REPLY_READ} bytes"))
+        })?;
+        if done {
+            if kept.last() == Some(&b'\n') {
+                kept.pop();
+            }
+            if kept.last() == Some(&b'\r') {
+                kept.pop();
+            }
+            return Ok(kept);
+        }
+    }
+}
+
+/// Reads one complete reply (`NNN-text` lines ending in one `NNN text` line). Framing
+/// is checked on every line as it is read; the kept text goes to [`Reply::parse`].
+fn read_reply<R: BufRead>(r: &mut R) -> Result<Raw, ReadError> {
+    let mut budget = MAX_REPLY_READ;
+    let mut raw = String::new();
+    let mut kept_lines = 0;
+    let mut first: Option<[u8; 3]> = None;
+    loop {
+        let line = read_line_bounded(r, MAX_LINE_KEPT, &mut budget)?;
+        let code: [u8; 3] = match line.get(..3) {
+            Some(&[a, b, c]) if [a, b, c].iter().all(u8::is_ascii_digit) => [a, b, c],
+            _ => {
+                return Err(ReadError::Protocol(
+                    "a reply line does not start with a three-digit code".into(),
+                ));
+            }
+        };
+        if first.is_some_and(|f| f != code) {
+            return Err(ReadError::Protocol(
+                "a multi-line reply changes its code".into(),
+            ));
+        }
+        first = Some(code);
+        let last = line.get(3) != Some(&b'-');
+        // The first lines up to the bounds, and always the last, so the parser sees a
+        // whole reply; lines in between are read and dropped.
+        if last || (kept_lines + 1 < MAX_REPLY_LINES && raw.len() + line.len() < MAX_REPLY_KEPT) {
+            raw.push_str(&String::from_utf8_lossy(&line));
+            raw.push('\n');
+            kept_lines += 1;
+        }
+        if last {
+            break;
+        }
+    }
+    let reply = Reply::parse(&raw).map_err(|e| ReadError::Protocol(e.to_string()))?;
+    let lines = raw
+        .lines()
+        .map(|l| l.get(4..).unwrap_or("").to_owned())
+        .collect();
+    Ok(Raw { reply, lines })
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// The connection with its read buffer; `broken` once it can no longer be trusted to
+/// be in step with the server.
+struct Conn {
+    io: BufReader<Stream>,
+    timeout: Duration,
+    /// Why the connection broke, if it did.
+    broken: Option<String>,
+}
+
+impl Conn {
+    fn new(stream: Stream, timeout: Duration) -> Conn {
+        Conn {
+            io: BufReader::with_capacity(16 * 1024, stream),
+            timeout,
+            broken: None,
+        }
+    }
+
+    fn break_with(&mut self, stage: Stage, detail: String) -> Failure {
+        self.broken.get_or_insert_with(|| detail.clone());
+        Failure::new(stage, detail)
+    }
+
+    fn io_failure(&mut self, stage: Stage, e: &io::Error, what: &str) -> Failure {
+        let detail = if is_timeout(e) {
+            format!("timed out after {:?} {what}", self.timeout)
+        } else {
+            format!("connection error {what}: {e}")
+        };
+        self.break_with(stage, detail)
+    }
+
+    fn check(&self, stage: Stage) -> Result<(), Failure> {
+        match &self.broken {
+            Some(why) => Err(Failure::new(
+                stage,
+                format!("connection unusable after an earlier error: {why}"),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes `bytes` in one go (one TLS record stream, one `write` on a plain socket
+    /// for all that fits the send buffer) and flushes.
+    fn send(&mut self, stage: Stage, bytes: &[u8]) -> Result<(), Failure> {
+        self.check(stage)?;
+        let stream = self.io.get_mut();
+        match stream.write_all(bytes).and_then(|()| stream.flush()) {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.io_failure(stage, &e, "sending to the server")),
+        }
+    }
+
+    /// Reads the next reply, whatever its code.
+    fn read(&mut self, stage: Stage) -> Result<Raw, Failure> {
+        self.check(stage)?;
+        match read_reply(&mut self.io) {
+            Ok(raw) => {
+                if raw.reply.code == 421 {
+                    // The server is closing the connection (RFC 5321 3.8).
+                    self.broken = Some("the server sent 421".into());
+                }
+                Ok(raw)
+            }
+            Err(ReadError::Io(e)) => Err(self.io_failure(stage, &e, "waiting for the reply")),
+            Err(ReadError::Closed) => Err(self.break_with(
+                stage,
+                "the server closed the connection without a reply".into(),
+            )),
+            Err(ReadError::Protocol(what)) => Err(self.break_with(
+                stage,
+                format!("protocol error: the server's reply is not SMTP ({what})"),
+            )),
+        }
+    }
+
+    /// Reads a reply that must be of `class` (2 or 3): 4xx and 5xx are the server's
+    /// refusal, any other code is a protocol error.
+    fn expect(&mut self, stage: Stage, class: u16) -> Result<Raw, Failure> {
+        let raw = self.read(stage)?;
+        match raw.reply.class() {
+            c if c == class => Ok(raw),
+            4 | 5 => Err(Failure::refused(stage, raw.reply)),
+            _ => Err(self.break_with(
+                stage,
+                format!("protocol error: unexpected reply {}", raw.reply),
+            )),
+        }
+    }
+
+    fn command(&mut self, stage: Stage, line: &[u8], class: u16) -> Result<Raw, Failure> {
+        self.send(stage, line)?;
+        self.expect(stage, class)
+    }
+}
+
+/// Builds `verb` + parameters + CRLF, refusing CR or LF inside (they would inject commands).
+fn command_line(stage: Stage, head: String, params: &[String]) -> Result<String, Failure> {
+    let mut line = head;
+    for p in params {
+        line.push(' ');
+        line.push_str(p);
+    }
+    // SECURITY: one command per line; addresses are validated upstream, this is the backstop.
+    if line.contains(['\r', '\n']) {
+        return Err(Failure::new(
+            stage,
+            "refusing to send a command containing CR or LF",
+        ));
+    }
+    line.push_str("\r\n");
+    Ok(line)
+}
+
+/// `prefix` + base64(`data`) + CRLF, in a buffer that is wiped when dropped.
+fn sasl_line(prefix: &str, data: &[u8]) -> Zeroizing<String> {
+    let len = base64::encoded_len(data.len(), true).unwrap_or(0);
+    // Reserve once so building never reallocates and leaves an unzeroed copy.
+    let mut line = Zeroizing::new(String::with_capacity(prefix.len() + len + 2));
+    line.push_str(prefix);
+    STANDARD.encode_string(data, &mut line);
+    line.push_str("\r\n");
+    line
+}
+
+/// The message as the DATA phase sends it: transparency (RFC 5321 4.5.2: a line that
+/// starts with a dot gets another one, a line being what follows CRLF or the start),
+/// then the final dot. Works on bytes, so a message that is not UTF-8 goes the same
+/// way. The stored message ends in CRLF; one is added only if it does not, so the dot
+/// never joins the last line, and no empty line is added to the body.
+fn data_block(message: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(message.len() + message.len() / 512 + 8);
+    let mut rest = message;
+    while !rest.is_empty() {
+        if rest[0] == b'.' {
+            out.push(b'.');
+        }
+        let end = rest
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .map_or(rest.len(), |i| i + 2);
+        out.extend_from_slice(&rest[..end]);
+        rest = &rest[end..];
+    }
+    if !out.ends_with(b"\r\n") {
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b".\r\n");
+    out
+}
+
+/// The replies to a pipelined MAIL and RCPTs, in order; the DATA reply is kept by the
+/// session for [`Session::data`] or [`Session::rset`].
+#[derive(Debug)]
+pub struct Envelope {
+    pub mail: Result<Reply, Failure>,
+    pub rcpts: Vec<Result<Reply, Failure>>,
+}
+
 /// An open, possibly authenticated, SMTP session.
 pub struct Session {
-    conn: SmtpConnection,
+    conn: Conn,
+    peer: SocketAddr,
+    tls: bool,
+    /// The reply to a pipelined DATA not yet acted on, and whether any of that
+    /// transaction's recipients was accepted.
+    pending_data: Option<(Result<Reply, Failure>, bool)>,
     pub offer: Offer,
     /// `host[address]:port`, for log lines.
     pub relay: String,
@@ -141,68 +464,156 @@ impl std::fmt::Debug for Session {
     }
 }
 
-fn tls_parameters(ep: &Endpoint) -> Result<TlsParameters, Failure> {
-    let mut b = TlsParameters::builder(ep.host.to_string()).set_min_tls_version(TlsVersion::Tlsv12);
-    if let Some(ca) = ep.ca_file {
-        let pem = std::fs::read(ca).map_err(|e| Failure {
-            stage: Stage::Connect,
-            reply: None,
-            detail: format!("cannot read ca_file {}: {e}", ca.display()),
-        })?;
-        let cert = Certificate::from_pem(&pem).map_err(|e| Failure {
-            stage: Stage::Connect,
-            reply: None,
-            detail: format!("ca_file {} is not a PEM certificate: {e}", ca.display()),
-        })?;
-        b = b.add_root_certificate(cert);
+/// Connects to the first address of `host` that answers.
+fn connect(ep: &Endpoint) -> Result<(TcpStream, SocketAddr), Failure> {
+    let addrs: Vec<SocketAddr> = (ep.host, ep.port)
+        .to_socket_addrs()
+        .map(Iterator::collect)
+        .unwrap_or_default();
+    if addrs.is_empty() {
+        return Err(Failure::new(
+            Stage::Connect,
+            format!("cannot resolve {}", ep.host),
+        ));
     }
-    // SECURITY: verification stays on; lettre's dangerous_* switches are never called.
-    b.build_rustls().map_err(|e| failure(Stage::Connect, &e))
+    let mut last = String::new();
+    for addr in addrs {
+        match TcpStream::connect_timeout(&addr, ep.timeout) {
+            Ok(s) => return Ok((s, addr)),
+            Err(e) if is_timeout(&e) => {
+                last = format!("timed out after {:?} connecting to {addr}", ep.timeout);
+            }
+            Err(e) => last = format!("cannot connect to {addr}: {e}"),
+        }
+    }
+    Err(Failure::new(Stage::Connect, last))
+}
+
+/// Runs the TLS handshake to its end, so a certificate or protocol failure shows at
+/// the stage that caused it rather than at the next command.
+fn handshake(
+    mut tcp: TcpStream,
+    config: Arc<ClientConfig>,
+    host: &str,
+    stage: Stage,
+) -> Result<Stream, Failure> {
+    // SECURITY: SNI and certificate name checks use the configured host name.
+    let name = ServerName::try_from(host.to_owned())
+        .map_err(|_| Failure::new(stage, format!("{host} is not a valid TLS server name")))?;
+    let mut conn = ClientConnection::new(config, name)
+        .map_err(|e| Failure::new(stage, format!("cannot start TLS: {e}")))?;
+    while conn.is_handshaking() {
+        match conn.complete_io(&mut tcp) {
+            Ok((0, 0)) if conn.wants_read() => {
+                return Err(Failure::new(
+                    stage,
+                    "the server closed the connection during the TLS handshake",
+                ));
+            }
+            Ok(_) => {}
+            Err(e) if is_timeout(&e) => {
+                return Err(Failure::new(stage, "timed out during the TLS handshake"));
+            }
+            Err(e) => {
+                let untrusted = e
+                    .get_ref()
+                    .and_then(|i| i.downcast_ref::<rustls::Error>())
+                    .is_some_and(|e| matches!(e, rustls::Error::InvalidCertificate(_)));
+                let detail = if untrusted {
+                    format!("TLS failure: the server's certificate is not trusted: {e}")
+                } else {
+                    format!("TLS handshake failed: {e}")
+                };
+                return Err(Failure::new(stage, detail));
+            }
+        }
+    }
+    Ok(Stream::Tls(Box::new(StreamOwned::new(conn, tcp))))
+}
+
+fn tls_config(ep: &Endpoint) -> Result<Arc<ClientConfig>, Failure> {
+    super::tls::client_config(ep.ca_file).map_err(|e| Failure::new(Stage::Connect, e.to_string()))
 }
 
 impl Session {
     /// Connects, secures the connection as configured, and reads the server's offer.
     pub fn open(ep: &Endpoint) -> Result<Session, Failure> {
-        let addr = (ep.host, ep.port)
-            .to_socket_addrs()
-            .ok()
-            .and_then(|mut a| a.next())
-            .ok_or_else(|| Failure {
-                stage: Stage::Connect,
-                reply: None,
-                detail: format!("cannot resolve {}", ep.host),
-            })?;
-        let relay = format!("{}[{}]:{}", ep.host, addr.ip(), ep.port);
-        let hello = ClientId::Domain(ep.helo_name.to_string());
-        let implicit = match ep.tls {
-            TlsMode::Tls => Some(tls_parameters(ep)?),
-            _ => None,
+        if ep.helo_name.is_empty()
+            || ep
+                .helo_name
+                .contains(|c: char| c.is_whitespace() || c.is_control())
+        {
+            return Err(Failure::new(
+                Stage::Ehlo,
+                format!("{:?} is not a usable EHLO name", ep.helo_name),
+            ));
+        }
+        let config = match ep.tls {
+            TlsMode::None => None,
+            TlsMode::Starttls | TlsMode::Tls => Some(tls_config(ep)?),
         };
-        let mut conn =
-            SmtpConnection::connect(addr, Some(ep.timeout), &hello, implicit.as_ref(), None)
-                .map_err(|e| failure(Stage::Connect, &e))?;
-        if ep.tls == TlsMode::Starttls {
-            if !conn.can_starttls() {
+        let (tcp, peer) = connect(ep)?;
+        let relay = format!("{}[{}]:{}", ep.host, peer.ip(), ep.port);
+        let timeout = Some(ep.timeout).filter(|t| !t.is_zero());
+        // Commands are written whole; Nagle would only hold the last segment back.
+        let setup = tcp
+            .set_nodelay(true)
+            .and_then(|()| tcp.set_read_timeout(timeout))
+            .and_then(|()| tcp.set_write_timeout(timeout));
+        if let Err(e) = setup {
+            return Err(Failure::new(
+                Stage::Connect,
+                format!("cannot set up the socket: {e}"),
+            ));
+        }
+        let stream = match (&config, ep.tls) {
+            (Some(c), TlsMode::Tls) => handshake(tcp, c.clone(), ep.host, Stage::Connect)?,
+            _ => Stream::Plain(tcp),
+        };
+        let mut conn = Conn::new(stream, ep.timeout);
+        conn.expect(Stage::Greeting, 2)?;
+        let ehlo = format!("EHLO {}\r\n", ep.helo_name);
+        let mut hello = conn.command(Stage::Ehlo, ehlo.as_bytes(), 2)?;
+        let mut tls = ep.tls == TlsMode::Tls;
+        if let (Some(config), TlsMode::Starttls) = (config, ep.tls) {
+            if !Offer::parse(hello.lines.iter().map(String::as_str)).starttls {
                 // SECURITY: never fall back to plain text, whatever the server offers.
-                return Err(Failure {
-                    stage: Stage::Ehlo,
-                    reply: None,
-                    detail: format!(
+                return Err(Failure::new(
+                    Stage::Ehlo,
+                    format!(
                         "{relay} does not offer STARTTLS; refusing to send credentials or mail in plain text"
                     ),
-                });
+                ));
             }
-            let params = tls_parameters(ep)?;
-            conn.starttls(&params, &hello)
-                .map_err(|e| failure(Stage::StartTls, &e))?;
+            conn.command(Stage::StartTls, b"STARTTLS\r\n", 2)?;
+            // SECURITY: bytes that came with the 220 were sent in plain text, where anyone
+            // on the path could have added them; taking them as replies over TLS is the
+            // STARTTLS injection flaw (CVE-2011-0411 class). Refuse the server instead.
+            if !conn.io.buffer().is_empty() {
+                return Err(Failure::new(
+                    Stage::StartTls,
+                    format!(
+                        "{relay} sent data after its reply to STARTTLS, before TLS began (possible command injection); refusing to continue"
+                    ),
+                ));
+            }
+            let Stream::Plain(tcp) = conn.io.into_inner() else {
+                return Err(Failure::new(Stage::StartTls, "TLS is already on"));
+            };
+            conn = Conn::new(
+                handshake(tcp, config, ep.host, Stage::StartTls)?,
+                ep.timeout,
+            );
+            tls = true;
+            // RFC 3207: forget what was learnt before TLS and ask again.
+            hello = conn.command(Stage::Ehlo, ehlo.as_bytes(), 2)?;
         }
-        // lettre keeps only the keywords it knows; ask again to learn SIZE and DSN.
-        let ehlo = conn
-            .command(format!("EHLO {}\r\n", ep.helo_name))
-            .map_err(|e| failure(Stage::Ehlo, &e))?;
-        let offer = Offer::parse(ehlo.message());
+        let offer = Offer::parse(hello.lines.iter().map(String::as_str));
         Ok(Session {
             conn,
+            peer,
+            tls,
+            pending_data: None,
             offer,
             relay,
             transactions: 0,
@@ -214,132 +625,179 @@ impl Session {
     pub fn authenticate(&mut self, login: &Login) -> Result<(), Failure> {
         let (mechanism, user, secret) = match login {
             Login::None => return Ok(()),
-            Login::Login { user, password } => (Mechanism::Login, user, password),
-            Login::Plain { user, password } => (Mechanism::Plain, user, password),
-            Login::Xoauth2 { user, token } => (Mechanism::Xoauth2, user, token),
+            Login::Login { user, password } => ("LOGIN", user, password),
+            Login::Plain { user, password } => ("PLAIN", user, password),
+            Login::Xoauth2 { user, token } => ("XOAUTH2", user, token),
         };
-        let creds = Credentials::new(user.to_string(), secret.expose().to_string());
-        self.conn
-            .auth(&[mechanism], &creds)
-            .map(|_| ())
-            .map_err(|e| {
-                let mut f = failure(Stage::Auth, &e);
-                if f.reply.is_none() && e.is_client() {
-                    f.detail = format!(
-                        "the server does not offer AUTH {mechanism} (it offers: {})",
-                        self.offer.auth.join(" ")
-                    );
-                }
-                f
-            })
-    }
-
-    fn command(&mut self, stage: Stage, line: String) -> Result<Reply, Failure> {
-        match self.conn.command(line) {
-            Ok(r) => {
-                let code: u16 = r.code().to_string().parse().unwrap_or(250);
-                Ok(Reply::from_lines(code, r.message()).unwrap_or(Reply {
-                    code,
-                    enhanced: None,
-                    text: String::new(),
-                }))
-            }
-            Err(e) => Err(failure(stage, &e)),
+        if !self.offer.auth.iter().any(|m| m == mechanism) {
+            return Err(Failure::new(
+                Stage::Auth,
+                format!(
+                    "the server does not offer AUTH {mechanism} (it offers: {})",
+                    self.offer.auth.join(" ")
+                ),
+            ));
         }
+        // SECURITY: credentials only over TLS, or in plain text to this machine
+        // (tls = "none", which the configuration allows only for a loopback host).
+        if !self.tls && !self.peer.ip().is_loopback() {
+            return Err(Failure::new(
+                Stage::Auth,
+                format!("refusing to send credentials to {} without TLS", self.relay),
+            ));
+        }
+        let secret_text = secret.expose();
+        let secret = secret_text.as_bytes();
+        let stage = Stage::Auth;
+        match mechanism {
+            "LOGIN" => {
+                self.conn.command(stage, b"AUTH LOGIN\r\n", 3)?;
+                self.conn
+                    .command(stage, sasl_line("", user.as_bytes()).as_bytes(), 3)?;
+                self.conn
+                    .command(stage, sasl_line("", secret).as_bytes(), 2)?;
+            }
+            "PLAIN" => {
+                let mut sasl = Zeroizing::new(Vec::with_capacity(user.len() + secret.len() + 2));
+                sasl.push(0);
+                sasl.extend_from_slice(user.as_bytes());
+                sasl.push(0);
+                sasl.extend_from_slice(secret);
+                let line = sasl_line("AUTH PLAIN ", &sasl);
+                self.conn.command(stage, line.as_bytes(), 2)?;
+            }
+            _ => {
+                let sasl = xoauth2_sasl(user, secret_text);
+                let line = sasl_line("AUTH XOAUTH2 ", sasl.expose().as_bytes());
+                self.conn.send(stage, line.as_bytes())?;
+                let raw = self.conn.read(stage)?;
+                match raw.reply.class() {
+                    2 => {}
+                    // The error comes as a base64 JSON challenge; an empty response
+                    // ends the exchange and the final reply is the one to report.
+                    3 => {
+                        let fin = self.conn.command(stage, b"\r\n", 2)?;
+                        // A success after an error challenge is not SMTP as we know it.
+                        return Err(self.conn.break_with(
+                            stage,
+                            format!("protocol error: unexpected reply {}", fin.reply),
+                        ));
+                    }
+                    _ => return Err(Failure::refused(stage, raw.reply)),
+                }
+            }
+        }
+        Ok(())
     }
 
     /// `MAIL FROM:<sender> params`. Addresses are validated (no CR/LF) upstream.
     pub fn mail(&mut self, sender: &str, params: &[String]) -> Result<Reply, Failure> {
-        let mut line = format!("MAIL FROM:<{sender}>");
-        for p in params {
-            line.push(' ');
-            line.push_str(p);
-        }
-        line.push_str("\r\n");
+        let line = command_line(Stage::Mail, format!("MAIL FROM:<{sender}>"), params)?;
         self.mails += 1;
-        self.command(Stage::Mail, line)
+        Ok(self.conn.command(Stage::Mail, line.as_bytes(), 2)?.reply)
     }
 
     /// `RCPT TO:<recipient> params`.
     pub fn rcpt(&mut self, recipient: &str, params: &[String]) -> Result<Reply, Failure> {
-        let mut line = format!("RCPT TO:<{recipient}>");
-        for p in params {
-            line.push(' ');
-            line.push_str(p);
-        }
-        line.push_str("\r\n");
-        self.command(Stage::Rcpt, line)
+        let line = command_line(Stage::Rcpt, format!("RCPT TO:<{recipient}>"), params)?;
+        Ok(self.conn.command(Stage::Rcpt, line.as_bytes(), 2)?.reply)
     }
 
-    /// `DATA`, the message (dot-stuffed), and the final dot.
-    pub fn data(&mut self, message: &[u8]) -> Result<Reply, Failure> {
-        self.command(Stage::Data, "DATA\r\n".to_string())?;
-        // The final dot goes after the message's own last CRLF, as the one lettre adds
-        // would leave an empty line at the end of the body.
-        let body = message.strip_suffix(b"\r\n").unwrap_or(message);
-        // One write for the message and the dot: lettre's `message` writes them apart,
-        // and with the message's last segment unacknowledged, Nagle's algorithm holds
-        // the dot back until the server's delayed ACK (40 ms on Linux, up to 200 ms on
-        // Windows) — per message. lettre's only single-write path is `command`, which
-        // takes text; the rare message that is not UTF-8 still goes the two-write way.
-        let sent = match std::str::from_utf8(body) {
-            Ok(text) => self.conn.command(DataBlock(text)),
-            Err(_) => self.conn.message(body),
+    /// RFC 2920 pipelining: MAIL FROM, every RCPT TO and DATA in one write, then their
+    /// replies in order. The DATA reply is kept: [`Session::data`] sends the message if
+    /// it was 354, and [`Session::rset`] ends the transaction otherwise. Only for a
+    /// server whose offer has `pipelining`.
+    pub fn envelope(
+        &mut self,
+        sender: &str,
+        params: &[String],
+        rcpts: &[(String, Vec<String>)],
+    ) -> Envelope {
+        let mut group = match command_line(Stage::Mail, format!("MAIL FROM:<{sender}>"), params) {
+            Ok(l) => l,
+            Err(f) => return self.envelope_failed(f, rcpts.len()),
         };
-        match sent {
-            Ok(r) => {
-                self.transactions += 1;
-                let code: u16 = r.code().to_string().parse().unwrap_or(250);
-                Ok(Reply::from_lines(code, r.message()).unwrap_or(Reply {
-                    code,
-                    enhanced: None,
-                    text: String::new(),
-                }))
+        for (to, p) in rcpts {
+            match command_line(Stage::Rcpt, format!("RCPT TO:<{to}>"), p) {
+                Ok(l) => group.push_str(&l),
+                Err(f) => return self.envelope_failed(f, rcpts.len()),
             }
-            Err(e) => Err(failure(Stage::AfterDot, &e)),
         }
+        group.push_str("DATA\r\n");
+        self.mails += 1;
+        if let Err(f) = self.conn.send(Stage::Mail, group.as_bytes()) {
+            return self.envelope_failed(f, rcpts.len());
+        }
+        // Every reply is read, whatever came before, to stay in step (RFC 2920 3.1).
+        let mail = self.conn.expect(Stage::Mail, 2).map(|r| r.reply);
+        let rcpts: Vec<_> = rcpts
+            .iter()
+            .map(|_| self.conn.expect(Stage::Rcpt, 2).map(|r| r.reply))
+            .collect();
+        let data = self.conn.expect(Stage::Data, 3).map(|r| r.reply);
+        let accepted = mail.is_ok() && rcpts.iter().any(Result::is_ok);
+        self.pending_data = Some((data, accepted));
+        Envelope { mail, rcpts }
+    }
+
+    fn envelope_failed(&mut self, f: Failure, rcpts: usize) -> Envelope {
+        let at = |stage| Failure { stage, ..f.clone() };
+        self.pending_data = Some((Err(at(Stage::Data)), false));
+        Envelope {
+            mail: Err(at(Stage::Mail)),
+            rcpts: (0..rcpts).map(|_| Err(at(Stage::Rcpt))).collect(),
+        }
+    }
+
+    /// `DATA` (unless pipelined with the envelope), the message (dot-stuffed) and the
+    /// final dot, those two in one write.
+    pub fn data(&mut self, message: &[u8]) -> Result<Reply, Failure> {
+        match self.pending_data.take() {
+            Some((started, _)) => started?,
+            None => self.conn.command(Stage::Data, b"DATA\r\n", 3)?.reply,
+        };
+        // One write for the message and the dot: written apart, with the message's last
+        // segment unacknowledged, the dot could wait for the server's delayed ACK.
+        self.conn.send(Stage::AfterDot, &data_block(message))?;
+        let done = self.conn.expect(Stage::AfterDot, 2)?;
+        self.transactions += 1;
+        Ok(done.reply)
     }
 
     /// Ends a transaction that will not be completed.
     pub fn rset(&mut self) -> bool {
-        self.conn.command("RSET\r\n").is_ok()
+        if let Some((Ok(_), accepted)) = self.pending_data.take() {
+            if accepted {
+                // The server waits for the message of accepted recipients; any end we
+                // could send would deliver an empty one. Only closing is safe.
+                self.conn.broken = Some("a pipelined transaction was abandoned".into());
+                return false;
+            }
+            // RFC 2920 3.1: DATA accepted though no recipient was: end it with a lone dot.
+            if self.conn.send(Stage::Data, b".\r\n").is_err()
+                || self.conn.read(Stage::AfterDot).is_err()
+            {
+                return false;
+            }
+        }
+        self.conn.command(Stage::Mail, b"RSET\r\n", 2).is_ok()
     }
 
     /// Whether the connection can carry another transaction.
     pub fn is_usable(&self) -> bool {
-        !self.conn.has_broken()
+        self.conn.broken.is_none() && self.pending_data.is_none()
     }
 
-    /// Says goodbye; errors do not matter any more.
+    /// Says goodbye; errors do not matter any more. A broken connection is just
+    /// closed: no QUIT that would wait another timeout for a dead server.
     pub fn quit(mut self) {
-        let _ = self.conn.quit();
-    }
-}
-
-/// A message body as the DATA phase sends it: transparency (RFC 5321 4.5.2: a line
-/// that starts with a dot gets another one, a line being what follows CRLF or the
-/// start), then CRLF, the final dot and CRLF. `body` has no final CRLF of its own.
-struct DataBlock<'a>(&'a str);
-
-impl std::fmt::Display for DataBlock<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut rest = self.0;
-        loop {
-            if rest.starts_with('.') {
-                f.write_str(".")?;
-            }
-            match rest.find("\r\n") {
-                Some(i) => {
-                    f.write_str(&rest[..i + 2])?;
-                    rest = &rest[i + 2..];
-                }
-                None => {
-                    f.write_str(rest)?;
-                    break;
-                }
-            }
+        if self.is_usable() && self.conn.send(Stage::Mail, b"QUIT\r\n").is_ok() {
+            let _ = self.conn.read(Stage::Mail);
         }
-        f.write_str("\r\n.\r\n")
+        if let Stream::Tls(s) = self.conn.io.get_mut() {
+            s.conn.send_close_notify();
+            let _ = s.flush();
+        }
     }
 }
 
@@ -376,22 +834,309 @@ mod tests {
         ];
         let o = Offer::parse(lines.into_iter());
         assert_eq!(o.size, Some(157_286_400));
-        assert!(o.eight_bit && o.smtputf8 && o.dsn && !o.starttls);
+        assert!(o.eight_bit && o.smtputf8 && o.dsn && o.pipelining && !o.starttls);
         assert_eq!(o.auth, ["LOGIN", "XOAUTH2"]);
+    }
+
+    fn read(bytes: &[u8]) -> Result<Raw, ReadError> {
+        // A small buffer, so lines arrive in many pieces as from a slow socket.
+        read_reply(&mut BufReader::with_capacity(7, bytes))
+    }
+
+    #[test]
+    fn multi_line_replies_are_read_whole() {
+        let raw = read(b"250-mx.example Hello [127.0.0.1]\r\n250-SIZE 157286400\r\n250-PIPELINING\r\n250 SMTPUTF8\r\n").unwrap();
+        assert_eq!(raw.reply.code, 250);
+        assert_eq!(
+            raw.lines,
+            [
+                "mx.example Hello [127.0.0.1]",
+                "SIZE 157286400",
+                "PIPELINING",
+                "SMTPUTF8"
+            ]
+        );
+        let offer = Offer::parse(raw.lines.iter().map(String::as_str));
+        assert!(offer.pipelining && offer.smtputf8);
+        // Bare LF and a code-only last line are accepted too.
+        let raw = read(b"354-go\n354\n").unwrap();
+        assert_eq!(raw.reply.code, 354);
+    }
+
+    #[test]
+    fn a_long_line_is_read_and_the_stream_stays_in_step() {
+        let tail = "x".repeat(5000);
+        let wire = format!(
+            "554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException; {tail}\r\n250 2.0.0 Resetting\r\n"
+        );
+        let mut r = BufReader::with_capacity(64, wire.as_bytes());
+        let raw = read_reply(&mut r).unwrap();
+        assert_eq!(raw.reply.code, 554);
+        assert_eq!(raw.reply.enhanced, Some((5, 2, 0)));
+        assert!(raw.reply.text.contains("SubmissionQuotaExceededException"));
+        assert!(raw.reply.text.len() <= MAX_LINE_KEPT);
+        // The rest of the long line was consumed: the next reply is read cleanly.
+        assert_eq!(read_reply(&mut r).unwrap().reply.code, 250);
+    }
+
+    #[test]
+    fn a_reply_beyond_the_caps_is_bounded_or_refused() {
+        // 4,000 lines of 250 bytes (the emulator's LongReply): read through, kept bounded.
+        let mut wire = String::new();
+        for i in 0..4000 {
+            wire.push_str(&format!("451-4.3.0 {i:04} {}\r\n", "x".repeat(240)));
+        }
+        wire.push_str("451 4.3.0 Long reply ends\r\n250 OK\r\n");
+        let mut r = BufReader::new(wire.as_bytes());
+        let raw = read_reply(&mut r).unwrap();
+        assert_eq!(raw.reply.code, 451);
+        assert!(raw.lines.len() <= MAX_REPLY_LINES);
+        assert!(
+            raw.lines
+                .last()
+                .is_some_and(|l| l.contains("Long reply ends"))
+        );
+        assert_eq!(read_reply(&mut r).unwrap().reply.code, 250);
+        // A reply that never ends is cut off at MAX_REPLY_READ, not read forever.
+        let endless = io::repeat(b'x').take(MAX_REPLY_READ + 10);
+        let mut r = BufReader::new(b"250-".chain(endless));
+        assert!(matches!(read_reply(&mut r), Err(ReadError::Protocol(_))));
+        let endless_lines = b"250-more\r\n".repeat(2_000_000);
+        assert!(matches!(read(&endless_lines), Err(ReadError::Protocol(_))));
+    }
+
+    #[test]
+    fn garbage_and_truncation_are_not_replies() {
+        for bad in [
+            &b"* OK garbage \x01\x02 this is not an SMTP reply\r\n"[..],
+            b"25 short\r\n",
+            b"250-first\r\n550 second\r\n",
+            b"250x\r\n",
+        ] {
+            assert!(
+                matches!(read(bad), Err(ReadError::Protocol(_))),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert!(matches!(read(b""), Err(ReadError::Closed)));
+        assert!(matches!(read(b"250-more\r\n"), Err(ReadError::Closed)));
+        assert!(matches!(read(b"250 no end"), Err(ReadError::Closed)));
     }
 
     #[test]
     fn data_block_stuffs_dots_at_line_starts_only() {
-        let block = |s: &str| DataBlock(s).to_string();
-        assert_eq!(block(""), "\r\n.\r\n");
-        assert_eq!(block("."), "..\r\n.\r\n");
+        let block = |s: &[u8]| String::from_utf8_lossy(&data_block(s)).into_owned();
+        assert_eq!(block(b""), "\r\n.\r\n");
+        assert_eq!(block(b".\r\n"), "..\r\n.\r\n");
+        // The stored message ends in CRLF: nothing is added before the dot.
+        assert_eq!(block(b"a\r\n"), "a\r\n.\r\n");
         assert_eq!(
-            block("Subject: x\r\n\r\n.\r\n..a\r\nb.c\r\n.d"),
+            block(b"Subject: x\r\n\r\n.\r\n..a\r\nb.c\r\n.d\r\n"),
             "Subject: x\r\n\r\n..\r\n...a\r\nb.c\r\n..d\r\n.\r\n"
         );
-        // A bare CR or LF does not start a line (as lettre's codec and RFC 5321 say).
-        assert_eq!(block("a\n.b\r.c"), "a\n.b\r.c\r\n.\r\n");
-        assert_eq!(block("a\r\r\n.b"), "a\r\r\n..b\r\n.\r\n");
+        // Without a final CRLF one is added, so the dot stands on its own line.
+        assert_eq!(block(b"x\r\n.d"), "x\r\n..d\r\n.\r\n");
+        // A bare CR or LF does not start a line (RFC 5321).
+        assert_eq!(block(b"a\n.b\r.c\r\n"), "a\n.b\r.c\r\n.\r\n");
+        assert_eq!(block(b"a\r\r\n.b\r\n"), "a\r\r\n..b\r\n.\r\n");
+        // Bytes, not text: 8-bit and invalid UTF-8 pass unchanged.
+        assert_eq!(
+            data_block(b"\xff\xfe\r\n.\xe9\r\n"),
+            b"\xff\xfe\r\n..\xe9\r\n.\r\n"
+        );
+    }
+
+    #[test]
+    fn xoauth2_initial_response_encoding() {
+        let line = sasl_line(
+            "AUTH XOAUTH2 ",
+            xoauth2_sasl("app@contoso.com", "tok").expose().as_bytes(),
+        );
+        assert_eq!(
+            line.as_str(),
+            "AUTH XOAUTH2 dXNlcj1hcHBAY29udG9zby5jb20BYXV0aD1CZWFyZXIgdG9rAQE=\r\n"
+        );
+        let b64 = line
+            .strip_prefix("AUTH XOAUTH2 ")
+            .and_then(|l| l.strip_suffix("\r\n"))
+            .unwrap();
+        assert_eq!(
+            STANDARD.decode(b64).unwrap(),
+            b"user=app@contoso.com\x01auth=Bearer tok\x01\x01"
+        );
+        assert_eq!(sasl_line("", b"\0u\0p").as_str(), "AHUAcA==\r\n");
+    }
+
+    #[test]
+    fn commands_never_carry_line_breaks() {
+        assert!(
+            command_line(
+                Stage::Mail,
+                "MAIL FROM:<a@b>".into(),
+                &["X=1\r\nRSET".into()]
+            )
+            .is_err()
+        );
+        assert_eq!(
+            command_line(
+                Stage::Rcpt,
+                "RCPT TO:<a@b>".into(),
+                &["NOTIFY=NEVER".into()]
+            )
+            .unwrap(),
+            "RCPT TO:<a@b> NOTIFY=NEVER\r\n"
+        );
+    }
+
+    /// A plain-TCP server on loopback that sends `greeting`, then answers each line it
+    /// reads with the next reply of `script` (an empty reply sends nothing), and returns
+    /// the lines it read.
+    fn scripted(
+        greeting: &'static str,
+        script: Vec<&'static str>,
+    ) -> (u16, std::thread::JoinHandle<Vec<String>>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let (sock, _) = listener.accept().unwrap();
+            let mut out = sock.try_clone().unwrap();
+            let mut lines = BufReader::new(sock);
+            out.write_all(greeting.as_bytes()).unwrap();
+            let mut seen = Vec::new();
+            for reply in script {
+                let mut line = String::new();
+                if lines.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                seen.push(line.trim_end().to_owned());
+                out.write_all(reply.as_bytes()).unwrap();
+            }
+            // Hold the connection open until the client closes it.
+            let mut rest = String::new();
+            while lines.read_line(&mut rest).unwrap_or(0) > 0 {}
+            seen
+        });
+        (port, server)
+    }
+
+    fn endpoint(port: u16, tls: TlsMode) -> Endpoint<'static> {
+        Endpoint {
+            host: "127.0.0.1",
+            port,
+            tls,
+            ca_file: None,
+            timeout: Duration::from_secs(5),
+            helo_name: "client.example",
+        }
+    }
+
+    const EHLO: &str = "250-mx Hello\r\n250-PIPELINING\r\n250 AUTH LOGIN PLAIN XOAUTH2\r\n";
+
+    #[test]
+    fn an_xoauth2_error_challenge_is_answered_and_its_final_reply_reported() {
+        let (port, server) = scripted(
+            "220 mx ESMTP\r\n",
+            vec![
+                EHLO,
+                "334 eyJzdGF0dXMiOiI0MDEiLCJzY2hlbWVzIjoiYmVhcmVyIn0=\r\n",
+                "535 5.7.3 Authentication unsuccessful\r\n",
+            ],
+        );
+        let mut s = Session::open(&endpoint(port, TlsMode::None)).unwrap();
+        assert!(s.offer.pipelining);
+        let token = Secret::new("tok".into());
+        let f = s
+            .authenticate(&Login::Xoauth2 {
+                user: "app@contoso.com",
+                token: &token,
+            })
+            .unwrap_err();
+        assert_eq!(f.reply.map(|r| r.code), Some(535));
+        drop(s);
+        let seen = server.join().unwrap();
+        assert!(
+            seen[1].starts_with("AUTH XOAUTH2 dXNlcj1hcHBAY29udG9zby5jb20B"),
+            "{seen:?}"
+        );
+        assert_eq!(seen[2], "", "an empty response to the error challenge");
+    }
+
+    #[test]
+    fn a_pipelined_data_accepted_with_no_recipient_is_ended_with_a_lone_dot() {
+        let (port, server) = scripted(
+            "220 mx ESMTP\r\n",
+            vec![
+                EHLO,
+                "250 2.1.0 Sender OK\r\n",
+                "550 5.1.1 no such user\r\n",
+                "354 go ahead\r\n",
+                "554 5.5.1 no valid recipients\r\n",
+                "250 2.0.0 Resetting\r\n",
+                "221 bye\r\n",
+            ],
+        );
+        let mut s = Session::open(&endpoint(port, TlsMode::None)).unwrap();
+        let env = s.envelope(
+            "a@contoso.com",
+            &["SIZE=10".into()],
+            &[("x@example.org".into(), vec![])],
+        );
+        assert!(env.mail.is_ok());
+        assert_eq!(
+            env.rcpts[0]
+                .as_ref()
+                .unwrap_err()
+                .reply
+                .as_ref()
+                .map(|r| r.code),
+            Some(550)
+        );
+        assert!(!s.is_usable(), "a DATA reply is pending");
+        assert!(s.rset());
+        assert!(s.is_usable());
+        s.quit();
+        let seen = server.join().unwrap();
+        assert_eq!(
+            seen,
+            [
+                "EHLO client.example",
+                "MAIL FROM:<a@contoso.com> SIZE=10",
+                "RCPT TO:<x@example.org>",
+                "DATA",
+                ".",
+                "RSET",
+                "QUIT"
+            ]
+        );
+    }
+
+    #[test]
+    fn bytes_after_the_starttls_reply_are_refused() {
+        let (port, server) = scripted(
+            "220 mx ESMTP\r\n",
+            vec![
+                "250-mx Hello\r\n250 STARTTLS\r\n",
+                "220 2.0.0 go ahead\r\n250 injected\r\n",
+            ],
+        );
+        let f = Session::open(&endpoint(port, TlsMode::Starttls)).unwrap_err();
+        assert_eq!(f.stage, Stage::StartTls);
+        assert!(f.detail.contains("injection"), "{f}");
+        let _ = server.join();
+    }
+
+    #[test]
+    fn a_timeout_is_reported_and_breaks_the_session() {
+        let (port, server) = scripted("220 mx ESMTP\r\n", vec![EHLO, ""]);
+        let mut ep = endpoint(port, TlsMode::None);
+        ep.timeout = Duration::from_millis(300);
+        let mut s = Session::open(&ep).unwrap();
+        let f = s.mail("a@contoso.com", &[]).unwrap_err();
+        assert!(f.reply.is_none() && f.detail.contains("timed out"), "{f}");
+        assert!(!s.is_usable());
+        s.quit();
+        let _ = server.join();
     }
 
     #[test]

@@ -338,6 +338,60 @@ fn a_refused_recipient_does_not_sink_the_others_and_is_bounced() {
         "{text}"
     );
     assert!(t.queued().is_empty());
+    // The emulator offers PIPELINING: MAIL, the RCPTs and DATA went out together.
+    assert!(
+        t.emu.pipelined_commands() >= 4,
+        "pipelined commands: {}",
+        t.emu.pipelined_commands()
+    );
+}
+
+#[test]
+fn pipelining_sends_mail_rcpt_and_data_in_one_go() {
+    let t = Tenant::new(Auth::Login);
+    for i in 0..3 {
+        send(
+            &t,
+            &[
+                "-i",
+                "-f",
+                "shop@contoso.com",
+                "a@example.org",
+                "b@example.org",
+            ],
+            format!("Subject: piped {i}\n\nbody\n").as_bytes(),
+        );
+    }
+    // A recipient refused by a pipelined RCPT: the others of the batch still go.
+    t.emu.inject(
+        Fault::new(
+            Stage::Rcpt(Some("a@example.org".into())),
+            FaultAction::Reply("450 4.2.1 Mailbox busy, try later".into()),
+        )
+        .times(1),
+    );
+    let out = t.flush();
+    assert_ok(&out);
+    let msgs = t.emu.messages();
+    assert_eq!(msgs.len(), 3, "{}", stderr(&out));
+    let first = msgs.iter().filter(|m| m.rcpts == ["b@example.org"]).count();
+    assert_eq!(
+        first, 1,
+        "the batch with the refused RCPT still reached b: {msgs:?}"
+    );
+    // Per message: MAIL with 2 RCPTs and DATA behind it = 3 commands that came early.
+    assert!(
+        t.emu.pipelined_commands() >= 9,
+        "pipelined commands: {}",
+        t.emu.pipelined_commands()
+    );
+    // The refused recipient waits for its retry, then goes alone.
+    let queued = t.queued();
+    assert_eq!(queued.len(), 1, "{queued:?}");
+    let out = t.flush();
+    assert_ok(&out);
+    assert!(t.queued().is_empty(), "{}", stderr(&out));
+    assert_eq!(t.emu.messages().len(), 4);
 }
 
 #[test]
@@ -922,8 +976,8 @@ fn a_421_on_a_new_connection_still_defers() {
 
 #[test]
 fn leading_dots_and_8bit_bodies_arrive_unchanged() {
-    // The message and its final dot now go out in one write (with our own dot
-    // stuffing); the rare body that is not UTF-8 still takes lettre's path.
+    // The message and its final dot go out in one write, dot-stuffed as bytes, so a
+    // body that is not UTF-8 takes the same path.
     let t = Tenant::new(Auth::Login);
     send(
         &t,

@@ -60,7 +60,7 @@ fn row(
     inject: impl FnOnce(),
     clear: impl FnOnce(),
     fin: Final,
-) {
+) -> String {
     *n += 1;
     let tag = tag(name, *n);
     let (code, err) = send_tagged(
@@ -138,6 +138,7 @@ fn row(
             "yes (final reply lost)",
         );
     }
+    why
 }
 
 #[test]
@@ -236,6 +237,8 @@ fn stalls_are_bounded_by_the_configured_timeout() {
     }
 }
 
+/// Garbage is a protocol error (no reply, connection dropped); a 1 MiB multi-line 451
+/// is read through (only a bounded part is kept) and classified by its code.
 #[test]
 fn garbage_multiline_and_overlong_replies_defer() {
     let t = tenant(Auth::Login);
@@ -261,7 +264,7 @@ fn garbage_multiline_and_overlong_replies_defer() {
             } else {
                 Final::Once
             };
-            row(
+            let why = row(
                 &t,
                 &name,
                 &mut n,
@@ -272,6 +275,14 @@ fn garbage_multiline_and_overlong_replies_defer() {
                 || t.emu.clear_faults(),
                 fin,
             );
+            if action == FaultAction::LongReply {
+                assert!(
+                    why.contains("451") && !why.contains("no reply"),
+                    "{name}: read and classified by its code: {why}"
+                );
+            } else {
+                assert!(why.contains("protocol error"), "{name}: {why}");
+            }
         }
     }
     for stage in [Stage::Mail, Stage::Rcpt(None), Stage::AfterDot] {

@@ -280,6 +280,44 @@ fn a_server_quota_reply_freezes_only_its_account() {
 }
 
 #[test]
+fn a_long_server_quota_reply_freezes_the_account_like_the_short_one() {
+    // Real STOREDRV replies carry kilobytes of diagnostic text; lettre refused lines
+    // over 1,000 bytes and so read this as "no reply" and only deferred.
+    let mut long = QUOTA_REPLY.to_string();
+    let diag = " Microsoft.Exchange.Data.Storage.SubmissionQuotaExceededException: Sender's submission quota was exceeded. at Microsoft.Exchange.Transport.Storage.Messaging.StoreDriverSubmission.SubmitMessage(MailItem item, SubmissionContext ctx) [Stage: CreateMessage] 0.35250:0A00AC8B, 1.36674:0A000000, 1.61250:00000000, 1.45378:02000000, 1.44866:0B000000, 1.36674:0A000000;";
+    let at = long.find("[EndDiagnosticData]").unwrap_or(long.len());
+    long.insert_str(at, &diag.repeat(6));
+    assert!(long.len() > 1500, "{}", long.len());
+    let t = Tenant::with(tenant_config(), Auth::Login, "");
+    let d = Daemon::start(&t.spool);
+    t.emu.inject(Fault::reply(Stage::AfterDot, &long));
+    queue(&t.spool, 1, "first", None);
+    assert!(
+        d.wait_log("frozen until", Duration::from_secs(10)),
+        "{}",
+        d.log_text()
+    );
+    queue(&t.spool, 2, "more", None);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(t.emu.message_count(), 0, "{}", d.log_text());
+    assert_eq!(t.queued().len(), 3, "the mail waits, nothing bounced");
+    let quota = stdout(&t.spool.relay365(&["quota"]));
+    assert!(quota.contains("frozen until"), "{quota}");
+    // The reply was read, not taken for a dropped connection.
+    let why: Vec<String> = t
+        .queued()
+        .iter()
+        .flat_map(|e| {
+            e.recipients
+                .iter()
+                .filter_map(|r| r.reply.clone())
+                .chain(e.reason.clone())
+        })
+        .collect();
+    assert!(!why.iter().any(|w| w.contains("no reply")), "{why:?}");
+}
+
+#[test]
 fn two_accounts_drain_in_parallel_at_their_own_limits() {
     let t = Tenant::with_accounts(
         limited(),

@@ -171,7 +171,8 @@ pub struct Config {
     /// Advertised in EHLO SIZE and enforced on MAIL SIZE= and on the received data.
     pub max_size: u64,
     pub over_rate: OverRate,
-    /// Added before every reply (an Exchange-like latency is about 50 ms).
+    /// Added before every reply, as a round trip: replies to a pipelined group of
+    /// commands go out together after one delay (an Exchange-like latency is about 50 ms).
     pub reply_delay: Duration,
     /// A connection silent this long gets `421 4.4.1` and is closed.
     pub idle_timeout: Duration,

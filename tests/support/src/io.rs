@@ -79,6 +79,11 @@ impl Io {
         })
     }
 
+    /// Whether bytes beyond what was read so far already sit in the buffer.
+    pub(crate) fn has_buffered(&self) -> bool {
+        self.start < self.end
+    }
+
     pub(crate) fn is_tls(&self) -> bool {
         matches!(self.transport, Transport::Tls(_))
     }

@@ -179,6 +179,12 @@ impl Emulator {
         self.shared.store.connections_opened.load(Ordering::Relaxed)
     }
 
+    /// Commands that arrived before the reply to the command before them was sent
+    /// (the client pipelined them, RFC 2920).
+    pub fn pipelined_commands(&self) -> u64 {
+        self.shared.store.pipelined.load(Ordering::Relaxed)
+    }
+
     /// Connections open right now.
     pub fn connections_current(&self) -> u64 {
         self.shared

@@ -76,7 +76,8 @@ struct Args {
     basic_auth_disabled: bool,
     #[arg(long)]
     no_send_as_check: bool,
-    /// Delay before every reply, in milliseconds (about 50 is Exchange-like).
+    /// Delay before every reply, in milliseconds (about 50 is Exchange-like); replies to
+    /// a pipelined group of commands share one delay, as one round trip.
     #[arg(long, default_value_t = 0)]
     reply_delay_ms: u64,
     /// COUNT/WINDOW like 30/60s, 30/1m, or "off".

@@ -7,6 +7,7 @@
 //! pipelined behind STARTTLS is discarded.
 
 use std::net::TcpStream;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine;
@@ -120,8 +121,11 @@ impl Session<'_> {
     }
 
     /// Queues a (possibly multi-line, `\n`-separated) reply, after the configured delay.
+    /// The delay stands for a network round trip: a reply to a command that came with
+    /// the next one (pipelined, RFC 2920) waits in the buffer and goes out with the
+    /// last reply of the group, so a pipelined group costs one delay, as on a real link.
     fn reply(&mut self, text: &str) -> std::io::Result<()> {
-        if !self.sh.cfg.reply_delay.is_zero() {
+        if !self.sh.cfg.reply_delay.is_zero() && !self.io.has_buffered() {
             self.io.flush()?;
             self.io.sleep(self.sh.cfg.reply_delay);
         }
@@ -205,6 +209,10 @@ impl Session<'_> {
                 }
                 Err(_) => return,
             };
+            if self.io.has_buffered() {
+                // The next command came before this one's reply: pipelining.
+                self.sh.store.pipelined.fetch_add(1, Ordering::Relaxed);
+            }
             match self.command(&line) {
                 Ok(Next::Continue) => {}
                 Ok(Next::Close) | Err(_) => return,

@@ -78,6 +78,9 @@ pub(crate) struct Store {
     pub(crate) connections_current: AtomicU64,
     pub(crate) connections_max: AtomicU64,
     pub(crate) throttled: AtomicU64,
+    /// Commands that had already arrived when the one before them was read, i.e.
+    /// before its reply was sent: the client pipelined them (RFC 2920).
+    pub(crate) pipelined: AtomicU64,
     replies: Box<[AtomicU64]>,
 }
 
@@ -90,6 +93,7 @@ impl Default for Store {
             connections_current: AtomicU64::new(0),
             connections_max: AtomicU64::new(0),
             throttled: AtomicU64::new(0),
+            pipelined: AtomicU64::new(0),
             replies: (0..1000).map(|_| AtomicU64::new(0)).collect(),
         }
     }
@@ -180,6 +184,7 @@ impl Store {
             c.store(0, Ordering::Relaxed);
         }
         self.throttled.store(0, Ordering::Relaxed);
+        self.pipelined.store(0, Ordering::Relaxed);
         let current = self.connections_current.load(Ordering::Relaxed);
         self.connections_opened.store(0, Ordering::Relaxed);
         self.connections_max.store(current, Ordering::Relaxed);

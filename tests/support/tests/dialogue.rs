@@ -693,6 +693,25 @@ fn reply_delay_applies_to_every_reply() {
 }
 
 #[test]
+fn a_pipelined_group_waits_one_reply_delay() {
+    let emu = start(Config::sink().reply_delay(Duration::from_millis(200)));
+    let (mut c, _) = Smtp::open(&emu);
+    c.cmd("EHLO x");
+    let t0 = Instant::now();
+    c.send_raw(b"NOOP\r\nNOOP\r\nNOOP\r\n");
+    for _ in 0..3 {
+        assert_eq!(c.read_reply().unwrap().code, 250);
+    }
+    let took = t0.elapsed();
+    // One round trip, not three (600 ms); generous for a loaded machine.
+    assert!(
+        took >= Duration::from_millis(200) && took < Duration::from_millis(500),
+        "{took:?}"
+    );
+    assert_eq!(emu.pipelined_commands(), 2);
+}
+
+#[test]
 fn plaintext_pipelined_behind_starttls_is_discarded() {
     let emu = start(tenant());
     let (mut c, _) = Smtp::open(&emu);

@@ -64,7 +64,10 @@ impl Log {
                 Level::Warning => "warning: ",
                 Level::Error => "error: ",
             };
-            let _ = writeln!(std::io::stderr(), "{}: {prefix}{line}", self.tag);
+            // One write per line: stderr is unbuffered, and a line written in pieces
+            // costs a system call each and can interleave with another writer's.
+            let text = format!("{}: {prefix}{line}\n", self.tag);
+            let _ = std::io::stderr().write_all(text.as_bytes());
         }
     }
 

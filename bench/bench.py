@@ -832,6 +832,14 @@ class Report:
                 text = f"### {title}: " + text[3:]
         self.blocks[key] = text.rstrip() + "\n"
 
+    def current(self, key):
+        """The block `key` as the file holds it now, or None."""
+        text = self.path.read_text() if self.path.exists() else ""
+        begin, end = f"<!-- bench:{key} -->", f"<!-- /bench:{key} -->"
+        if begin in text and end in text:
+            return text[text.index(begin) + len(begin): text.index(end)].strip()
+        return None
+
     def write(self):
         text = self.path.read_text() if self.path.exists() else ""
         for key, body in self.blocks.items():
@@ -1359,6 +1367,15 @@ class Bench:
         ]
         if self.skipped:
             lines.append("- Skipped: " + "; ".join(f"{k}: {v}" for k, v in self.skipped.items()))
+        # A run of some cases keeps the whole run's description and adds a line, so the
+        # blocks it did not replace keep the date and versions they were measured with.
+        previous = None if os.environ.get("BENCH_TAG") else self.report.current("machine")
+        if set(self.cases) != set(CASES) and previous:
+            kept = [l for l in previous.splitlines() if l.strip()]
+            versions = ", ".join(f"{s.name} {s.version}" for s in self.systems)
+            kept.append(f"- Re-run {m['date']}: `bench/run {' '.join(self.cases)}` "
+                        f"({versions}; load {loadavg()})")
+            lines = kept[:1] + [""] + kept[1:]
         self.report.set("machine", "\n".join(lines))
 
     def main(self):

@@ -425,23 +425,34 @@ impl Queue {
         let Ok(dir) = fs::read_dir(&self.dir) else {
             return 0;
         };
+        // One listing, no stat per entry: the daemon sweeps at start, when the queue
+        // may hold 100,000 messages.
+        let names: std::collections::HashSet<String> = dir
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect();
         let now = SystemTime::now();
         let mut removed = 0;
-        for e in dir.flatten() {
-            let name = e.file_name();
-            let Some(name) = name.to_str() else { continue };
-            let leftover = if let Some(stem) = name.strip_suffix(".msg") {
-                QueueId::parse(stem).is_ok_and(|id| !self.env_path(&id).exists())
-            } else {
-                name.starts_with('.') && name.ends_with(".env.tmp")
-            };
-            let old = e
-                .metadata()
+        for name in &names {
+            let orphan = name.strip_suffix(".msg").and_then(|stem| {
+                let id = QueueId::parse(stem).ok()?;
+                (!names.contains(&format!("{stem}.env"))).then_some(id)
+            });
+            let temporary = name.starts_with('.') && name.ends_with(".env.tmp");
+            if orphan.is_none() && !temporary {
+                continue;
+            }
+            // The listing is a moment's view: an insert may have completed since.
+            if orphan.is_some_and(|id| self.env_path(&id).exists()) {
+                continue;
+            }
+            let path = self.dir.join(name);
+            let old = fs::symlink_metadata(&path)
                 .and_then(|m| m.modified())
                 .ok()
                 .and_then(|m| now.duration_since(m).ok())
                 .is_some_and(|age| age >= min_age);
-            if leftover && old && fs::remove_file(e.path()).is_ok() {
+            if old && fs::remove_file(&path).is_ok() {
                 removed += 1;
             }
         }

@@ -226,10 +226,14 @@ fn bare_piece(piece: &str) -> Result<Option<Address>, AddressError> {
         }
     }
     let mut t = text.trim();
-    if let (Some(open), Some(close)) = (t.find('<'), t.rfind('>')) {
-        t = t[open + 1..close].trim();
-    } else if let Some((_, rest)) = t.split_once(':') {
-        t = rest.trim();
+    match (t.find('<'), t.rfind('>')) {
+        // A `>` before the `<` (`a>b<c`) is no bracketed address; slicing it would panic.
+        (Some(open), Some(close)) if open < close => t = t[open + 1..close].trim(),
+        _ => {
+            if let Some((_, rest)) = t.split_once(':') {
+                t = rest.trim();
+            }
+        }
     }
     if t.is_empty() {
         return Ok(None);
@@ -344,5 +348,14 @@ mod tests {
         );
         assert_eq!(parse_argument("a@x, b@y").unwrap().len(), 2);
         assert!(parse_argument("a@x\r\nDATA").is_err());
+    }
+
+    #[test]
+    fn closing_bracket_before_opening_is_refused_not_a_panic() {
+        // Found by fuzzing (fuzz/ address, intake, rewrite): `>` before `<` in a piece
+        // mailparse refuses made the fallback slice out of order and panic.
+        assert!(parse_list(b"To: a>b<c\r\n").is_err());
+        assert!(parse_list(b"From: =?UTF-8>B?w4k=?\xaa= <e@x.ex\r\n").is_err());
+        assert!(parse_argument("x> <y").is_err());
     }
 }

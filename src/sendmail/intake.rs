@@ -58,28 +58,31 @@ pub fn read_message(input: impl Read, ignore_dots: bool, max: u64) -> Result<Vec
     // the limit is enough to know it is exceeded, and bounds memory for a hostile input.
     let mut reader = BufReader::with_capacity(64 * 1024, input.take(max.saturating_add(1)));
     let mut out = Vec::with_capacity(8 * 1024);
-    let mut line = Vec::with_capacity(1024);
     let mut line_no = 0;
     loop {
-        line.clear();
-        if reader.read_until(b'\n', &mut line)? == 0 {
+        // Each line is read straight into `out` and its ending fixed in place: a copy
+        // through a line buffer would hold a single 100 MB line twice.
+        let start = out.len();
+        if reader.read_until(b'\n', &mut out)? == 0 {
             break;
         }
         line_no += 1;
-        let mut content: &[u8] = &line;
-        if let Some(c) = content.strip_suffix(b"\n") {
-            content = c;
+        let mut end = out.len();
+        if out[start..end].ends_with(b"\n") {
+            end -= 1;
         }
-        if let Some(c) = content.strip_suffix(b"\r") {
-            content = c;
+        if out[start..end].ends_with(b"\r") {
+            end -= 1;
         }
+        let content = &out[start..end];
         if !ignore_dots && content == b"." {
+            out.truncate(start);
             return finish(out, max);
         }
         if content.contains(&0) {
             return Err(IntakeError::Nul { line: line_no });
         }
-        out.extend_from_slice(content);
+        out.truncate(end);
         out.extend_from_slice(b"\r\n");
         if out.len() as u64 > max {
             return Err(IntakeError::TooBig { limit: max });

@@ -2,4 +2,5 @@
 //! for delivery, real servers on 127.0.0.1.
 mod delivery;
 mod harness;
+mod hostile;
 mod intake;

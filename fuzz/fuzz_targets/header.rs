@@ -24,13 +24,24 @@ fuzz_target!(|data: &[u8]| {
         );
         assert!(h.raw().starts_with(name));
     }
-    // What the reader may drop: a first line that is an mbox envelope line.
-    let kept = match (data.starts_with(b"From "), msg.headers.first()) {
-        (true, first) if first.is_none_or(|h| !data.starts_with(h.raw())) => data
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .map_or(&data[data.len()..], |i| &data[i + 2..]),
-        _ => data,
+    // What the reader may drop: a first line that is an mbox envelope line, that is one
+    // starting `From ` that is not a header line (`From : x` is, in obsolete syntax).
+    let first_end = data.windows(2).position(|w| w == b"\r\n");
+    let first = &data[..first_end.unwrap_or(data.len())];
+    let is_header_line = first.iter().position(|&b| b == b':').is_some_and(|colon| {
+        let name = &first[..colon];
+        let name_len = name.len()
+            - name
+                .iter()
+                .rev()
+                .take_while(|&&b| b == b' ' || b == b'\t')
+                .count();
+        name_len > 0 && name[..name_len].iter().all(|&b| (33..=126).contains(&b))
+    });
+    let kept = if data.starts_with(b"From ") && !is_header_line {
+        first_end.map_or(&data[data.len()..], |i| &data[i + 2..])
+    } else {
+        data
     };
     let out = msg.to_bytes();
     let mut all_headers = kept.to_vec();

@@ -86,11 +86,13 @@ impl Address {
     }
 
     /// Appends `@domain` to a bare local name; qualified addresses are returned as is.
-    pub fn qualify(self, domain: &str) -> Address {
+    /// Fails when the qualified address would be too long (a 320-character local name).
+    pub fn qualify(self, domain: &str) -> Result<Address, AddressError> {
         if self.is_qualified() {
-            self
+            Ok(self)
         } else {
-            Address(format!("{}@{domain}", self.0))
+            // SECURITY: the result is re-validated, as the daemon will when it reads it.
+            Address::parse(&format!("{}@{domain}", self.0))
         }
     }
 }
@@ -295,10 +297,21 @@ mod tests {
     fn qualifies_bare_names_only() {
         let d = "example.com";
         assert_eq!(
-            Address::parse("root").unwrap().qualify(d).as_str(),
+            Address::parse("root").unwrap().qualify(d).unwrap().as_str(),
             "root@example.com"
         );
-        assert_eq!(Address::parse("a@b").unwrap().qualify(d).as_str(), "a@b");
+        assert_eq!(
+            Address::parse("a@b").unwrap().qualify(d).unwrap().as_str(),
+            "a@b"
+        );
+        // Found by fuzzing (fuzz/ intake): a 320-character bare name passed, and its
+        // qualified form was refused only by the daemon, after sendmail had said yes.
+        let long = "a".repeat(315);
+        assert!(Address::parse(&long).is_ok());
+        assert!(matches!(
+            Address::parse(&long).unwrap().qualify(d),
+            Err(AddressError::TooLong(_))
+        ));
     }
 
     #[test]

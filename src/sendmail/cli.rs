@@ -156,11 +156,18 @@ fn verify(opts: &Options, config: &Config, uid: u32) -> Exit {
                     } else {
                         "qualified with the configured domain"
                     };
-                    let q = a.clone().qualify(&config.domain);
-                    let _ = writeln!(
-                        out,
-                        "{a} -> <{q}> ({how}): deliverable through Microsoft 365"
-                    );
+                    match a.clone().qualify(&config.domain) {
+                        Ok(q) => {
+                            let _ = writeln!(
+                                out,
+                                "{a} -> <{q}> ({how}): deliverable through Microsoft 365"
+                            );
+                        }
+                        Err(e) => {
+                            let _ = writeln!(out, "{arg}: undeliverable: {e}");
+                            status = Exit::NoUser;
+                        }
+                    }
                 }
             }
             Err(e) => {

@@ -66,6 +66,11 @@ enum Command {
         #[command(subcommand)]
         action: QueueAction,
     },
+    /// Print the path table as TSV (path, kind, owner, group, octal mode), spool
+    /// entries under the configured spool_dir: what the package tests compare the
+    /// installed system against.
+    #[command(hide = true)]
+    Paths,
     /// Create the spool directories with the owners and modes of the path table.
     Init {
         /// Leave everything owned by the calling user (a private spool for tests and
@@ -135,6 +140,10 @@ pub fn main(argv: Vec<OsString>) -> Exit {
                 Exit::CantCreat
             }
         },
+        Command::Paths => {
+            let _ = std::io::stdout().write_all(paths::table_tsv(&spool).as_bytes());
+            Exit::Ok
+        }
         Command::Flush { wake: true } => wake(&spool),
         Command::Flush { wake: false } => flush(&cli.config),
         Command::Check => {

@@ -535,7 +535,8 @@ fn default_domain() -> Option<String> {
     host_fqdn()
 }
 
-fn host_fqdn() -> Option<String> {
+/// This host's fully qualified name (hostname, else its qualified form in /etc/hosts).
+pub fn host_fqdn() -> Option<String> {
     let name = nix::unistd::gethostname().ok()?.into_string().ok()?;
     if name.contains('.') {
         return validate_domain(&name).ok();

@@ -22,6 +22,10 @@
 //! - [`secrets`]: the only module that reads secrets; redacts them everywhere.
 //! - [`sysexits`]: the one mapping of errors to exit codes.
 #![deny(unsafe_code)]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 pub mod admin;
 pub mod config;

@@ -323,7 +323,10 @@ fn check_facts(
         // SECURITY: devices, FIFOs and directories are never read as secrets.
         return Err(SecretsError::NotRegular { what, path });
     }
-    if facts.uid != euid && facts.uid != 0 {
+    // Root (relay365 check, relay365 flush run by the administrator) may also read
+    // the daemon user's file, which is how the package installs it.
+    let daemon_file_read_by_root = euid == 0 && Some(facts.uid) == daemon_uid();
+    if facts.uid != euid && facts.uid != 0 && !daemon_file_read_by_root {
         // SECURITY: someone else's file could be swapped for theirs at any time.
         return Err(SecretsError::Owner {
             what,
@@ -719,6 +722,14 @@ impl Secrets {
             accounts: accounts.into_iter().collect(),
         }
     }
+}
+
+/// The uid of the daemon's user, if it exists on this system.
+fn daemon_uid() -> Option<u32> {
+    nix::unistd::User::from_name(DAEMON_USER)
+        .ok()
+        .flatten()
+        .map(|u| u.uid.as_raw())
 }
 
 #[cfg(test)]

@@ -112,10 +112,7 @@ pub fn check(config: &Config) -> Vec<Finding> {
                 }
             }
         };
-        let helo = a
-            .helo_name
-            .clone()
-            .unwrap_or_else(crate::daemon::deliver::host_name);
+        let helo = crate::daemon::deliver::helo_name(a);
         let ep = Endpoint {
             host: &a.host,
             port: a.port,
@@ -156,10 +153,9 @@ pub fn check(config: &Config) -> Vec<Finding> {
             ))),
             Err(f) => {
                 let advice = match f.reply.as_ref().map(|r| classify::classify(r, f.stage)) {
-                    Some(v) if v.action == Action::AuthFailed => format!(
-                        "{} — check the mailbox name and the secret; for OAuth2 also that the app's service principal has FullAccess: Add-MailboxPermission -Identity {} -User <service principal id> -AccessRights FullAccess",
-                        v.reason, a.mailbox
-                    ),
+                    Some(v) if v.action == Action::AuthFailed => {
+                        crate::daemon::deliver::auth_rejected(a, &config.secrets_file, &f).reason
+                    }
                     Some(v) => v.reason,
                     None => f.to_string(),
                 };

@@ -6,7 +6,7 @@
 //! Every reply from the server goes through [`classify`]. Secrets are only touched
 //! to build the AUTH exchange and never appear in a log line.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -36,6 +36,11 @@ use crate::transport::smtp::{Endpoint, Failure, Login, Session, xtext};
 /// Longest the worker sleeps for the quota window inside one delivery; longer waits
 /// defer the message and free the worker for other work (SIGTERM, other messages).
 const PACE_WAIT_MAX: Duration = Duration::from_secs(120);
+/// The stamp lead before any transaction was timed: MAIL, RCPT, DATA and the dot at
+/// Exchange Online's ~50 ms a reply (see [`Runner::lead`]).
+const FIRST_LEAD: Duration = Duration::from_millis(250);
+/// How many recent transaction times the lead is taken from.
+const LEAD_SAMPLES: usize = 16;
 
 /// Shared stop signal with an interruptible sleep.
 #[derive(Debug, Default)]
@@ -102,6 +107,8 @@ pub enum Outcome {
     Finished,
     /// Some recipients wait until then.
     Deferred(SystemTime),
+    /// Part was sent; the rest gave way to other messages and may go at that moment.
+    Yielded(SystemTime),
     /// Not attempted: locked by another process, not due, or gone.
     Skipped,
 }
@@ -134,6 +141,14 @@ pub struct Runner {
     retry_after: Option<(SystemTime, String)>,
     /// Set by a verdict that closes the connection while a transaction holds it.
     discard_session: bool,
+    /// Whether other messages wait for this account's workers (set by the engine).
+    pub others_waiting: Box<dyn Fn() -> bool + Send>,
+    /// The message in hand gave way to others with recipients still to send.
+    gave_way: bool,
+    /// The session was opened or probed for the transaction about to start.
+    checked: bool,
+    /// How long recent transactions took from reservation to the reply after the dot.
+    took: VecDeque<Duration>,
     pub stop: Arc<Stop>,
 }
 
@@ -150,6 +165,24 @@ pub fn host_name() -> String {
         .ok()
         .and_then(|h| h.into_string().ok())
         .unwrap_or_else(|| "localhost".to_string())
+}
+
+/// The name given in EHLO: the account's `helo_name`, else this host's fully
+/// qualified name (servers may refuse a bare one), else the short name.
+pub fn helo_name(account: &Account) -> String {
+    account
+        .helo_name
+        .clone()
+        .or_else(crate::config::host_fqdn)
+        .unwrap_or_else(host_name)
+}
+
+/// How a conversation on a connection ended.
+enum Conversed {
+    /// The flow for the message, and whether the connection may be kept.
+    Done(Flow, bool),
+    /// A reused connection was dead before MAIL got an answer: nothing happened yet.
+    Stale,
 }
 
 /// What one transaction attempt ended with.
@@ -199,6 +232,10 @@ impl Runner {
             pauses: 0,
             retry_after: None,
             discard_session: false,
+            others_waiting: Box::new(|| false),
+            gave_way: false,
+            checked: false,
+            took: VecDeque::new(),
             stop,
             account,
             config,
@@ -251,6 +288,7 @@ impl Runner {
     /// which ignores backoff and account holds (but never a quota freeze).
     pub fn deliver(&mut self, id: &QueueId, explicit: bool) -> Report {
         let now = SystemTime::now();
+        self.gave_way = false;
         let mut spawned = Vec::new();
         let mut locked = match self.queue.lock(id) {
             Ok(Some(l)) => l,
@@ -272,11 +310,20 @@ impl Runner {
             }
         };
         if !locked.entry.is_due(now, explicit) {
-            let outcome = if locked.entry.has_pending() {
-                Outcome::Deferred(locked.entry.next_attempt())
+            let e = &locked.entry;
+            let outcome = if e.held || (e.queue_only && e.attempts == 0) {
+                // Waits for an administrator's release or an explicit queue run (-odq),
+                // not for a moment: rescheduling it at its (past) next attempt made the
+                // daemon spin on it.
+                Outcome::Deferred(UNIX_EPOCH + Duration::from_micros(u64::MAX))
             } else {
-                Outcome::Skipped
+                Outcome::Deferred(e.next_attempt())
             };
+            return Report { outcome, spawned };
+        }
+        if !locked.entry.has_pending() {
+            // Left finished by an earlier run whose bounce or removal failed.
+            let outcome = self.settle(&mut locked, now, &mut spawned);
             return Report { outcome, spawned };
         }
         let age = now
@@ -356,20 +403,53 @@ impl Runner {
             if batch.is_empty() {
                 break;
             }
-            let now = SystemTime::now();
-            match self
-                .ledger
-                .reserve_some(now, batch.len() as u32, &self.account.limits)
+            let smtp = self.account.transport == Transport::Smtp;
+            self.checked = false;
+            // Connect (or check the kept connection) before the reservation, so its
+            // stamp need only lead the server's by the transaction itself; not when
+            // the reservation is bound to wait, lest a connection idle for nothing.
+            if smtp
+                && self
+                    .ledger
+                    .room(SystemTime::now(), &self.account.limits)
+                    .is_ok_and(|r| r > 0)
             {
+                let now = SystemTime::now();
+                if let Err(v) = self.ready(now) {
+                    tried.extend(batch.iter().copied());
+                    let flow = self.apply(locked, &batch, &v, now);
+                    self.record(locked);
+                    if let Flow::Stop = flow {
+                        break;
+                    }
+                    continue;
+                }
+            }
+            let now = SystemTime::now();
+            let lead = if smtp { self.lead() } else { Duration::ZERO };
+            match self.ledger.reserve_some_ahead(
+                now,
+                lead,
+                batch.len() as u32,
+                &self.account.limits,
+            ) {
                 Ok(Grant::Go(n)) => batch.truncate(n as usize),
                 Ok(Grant::WaitUntil(t)) => {
                     let wait = t.duration_since(now).unwrap_or_default();
-                    if wait <= PACE_WAIT_MAX && self.ledger.frozen(now).ok().flatten().is_none() {
+                    // Having sent part of its recipients, a message gives way to the
+                    // others waiting for this account rather than take all the room as
+                    // it frees: the engine's schedule then takes them in turn.
+                    let give_way = !tried.is_empty() && (self.others_waiting)();
+                    if wait <= PACE_WAIT_MAX
+                        && !give_way
+                        && self.ledger.frozen(now).ok().flatten().is_none()
+                    {
                         if self.stop.sleep_until(t) {
                             continue;
                         }
                         break;
                     }
+                    self.gave_way = give_way;
                     let reason = self
                         .ledger
                         .usage(now, &self.account.limits)
@@ -394,20 +474,29 @@ impl Runner {
                 Transport::Maildir(dir) => {
                     self.capture(locked, &batch, &outgoing, dir.clone(), started)
                 }
-                Transport::Smtp => self.transaction(
-                    locked,
-                    &batch,
-                    &outgoing,
-                    started,
-                    &mut tried,
-                    &mut batch_cap,
-                ),
+                Transport::Smtp => {
+                    let flow = self.transaction(
+                        locked,
+                        &batch,
+                        &outgoing,
+                        started,
+                        &mut tried,
+                        &mut batch_cap,
+                    );
+                    self.learn(now, lead, batch.len() as u32);
+                    flow
+                }
             };
-            if let Err(e) = self.queue.update(&locked.entry) {
-                self.log(
-                    crate::logging::Level::Error,
-                    &format!("{}: cannot record the result: {e}", locked.entry.id),
-                );
+            // A message whose every recipient went out leaves the queue in `settle` at
+            // once; recording that first would cost two fsyncs and a rename without
+            // narrowing the window in which a crash could send it again.
+            let finished = locked
+                .entry
+                .recipients
+                .iter()
+                .all(|r| r.status == RcptStatus::Sent);
+            if !finished {
+                self.record(locked);
             }
             if let Flow::Stop = flow {
                 break;
@@ -533,11 +622,7 @@ impl Runner {
 
     /// Opens and authenticates a session, refreshing an OAuth2 token once on 535.
     fn open_session(&mut self, now: SystemTime) -> Result<(), Verdict> {
-        let helo = self
-            .account
-            .helo_name
-            .clone()
-            .unwrap_or_else(|| self.host.clone());
+        let helo = helo_name(&self.account);
         let host = self.account.host.clone();
         let ca_file = self.account.ca_file.clone();
         let ep = Endpoint {
@@ -585,9 +670,90 @@ impl Runner {
                         }
                         continue;
                     }
+                    if v.action == Action::AuthFailed {
+                        return Err(auth_rejected(&self.account, &self.config.secrets_file, &f));
+                    }
                     return Err(v);
                 }
             }
+        }
+    }
+
+    /// Writes the entry's per-recipient state back; a failure is logged (the attempt
+    /// is then repeated from the old state, which may send some recipients twice).
+    fn record(&self, locked: &Locked) {
+        if let Err(e) = self.queue.update(&locked.entry) {
+            self.log(
+                crate::logging::Level::Error,
+                &format!("{}: cannot record the result: {e}", locked.entry.id),
+            );
+        }
+    }
+
+    /// Opens the account's connection, or checks that the kept one still answers.
+    fn ready(&mut self, now: SystemTime) -> Result<(), Verdict> {
+        if self.session.as_ref().is_some_and(|s| !s.is_usable()) {
+            self.session = None;
+        }
+        // A kept connection that the server closed while idle is found at MAIL
+        // (see `transact`), which costs nothing when it is alive, unlike a probe.
+        if self.session.is_some() {
+            self.checked = true;
+            return Ok(());
+        }
+        match self.open_session(now) {
+            Ok(()) => {
+                self.retry_after = None;
+                self.checked = true;
+                Ok(())
+            }
+            Err(v) => {
+                self.retry_after = Some((now + Duration::from_secs(60), v.reason.clone()));
+                Err(v)
+            }
+        }
+    }
+
+    /// How far ahead to stamp a reservation: twice the longest recent transaction
+    /// (reservation to the reply after the dot), since the server stamps the message
+    /// somewhere in between (see [`Ledger::reserve_some_ahead`]). Twice, because a
+    /// transaction that overruns its lead costs a whole slot for a window (see
+    /// [`Runner::learn`]), while the margin costs only itself once a window: 0.5 s
+    /// a minute at Exchange Online's latency.
+    fn lead(&self) -> Duration {
+        match self.took.iter().max() {
+            Some(&longest) => longest * 2 + Duration::from_millis(5),
+            None => FIRST_LEAD,
+        }
+    }
+
+    /// Records how long the transaction reserved at `reserved` took. If it took longer
+    /// than its `lead` plus a window's guard, the server may have stamped it after its
+    /// entry stops counting; a second entry stamped now covers the rest (over-counting
+    /// a little, never under-counting). Recipients only go in it when the recipient
+    /// window's guard was overrun too, which a 24-hour window's 86 s guard never is.
+    fn learn(&mut self, reserved: SystemTime, lead: Duration, rcpts: u32) {
+        let now = SystemTime::now();
+        let took = now.duration_since(reserved).unwrap_or_default();
+        if self.took.len() == LEAD_SAMPLES {
+            self.took.pop_front();
+        }
+        self.took.push_back(took);
+        let limits = &self.account.limits;
+        let overran =
+            |r: &crate::daemon::quota::Rate| r.is_limited() && took > lead + (r.hold() - r.window);
+        let extra = if overran(&limits.recipient_rate) {
+            rcpts
+        } else if overran(&limits.message_rate) {
+            1
+        } else {
+            return;
+        };
+        if let Err(e) = self.ledger.record_external(now, extra) {
+            self.log(
+                crate::logging::Level::Error,
+                &format!("account {}: quota ledger: {e}", self.account.name),
+            );
         }
     }
 
@@ -602,54 +768,49 @@ impl Runner {
         batch_cap: &mut usize,
     ) -> Flow {
         let now = SystemTime::now();
-        if self.session.as_ref().is_some_and(|s| !s.is_usable()) {
-            self.session = None;
-        }
-        if self.session.is_none() {
-            if let Err(v) = self.open_session(now) {
-                self.retry_after = Some((now + Duration::from_secs(60), v.reason.clone()));
-                return self.apply(locked, batch, &v, now);
+        // A kept connection the server closed while idle shows up as MAIL failing
+        // without a reply (`Stale`): then reconnect once rather than defer the message.
+        for _ in 0..2 {
+            if !self.checked {
+                if let Err(v) = self.ready(now) {
+                    return self.apply(locked, batch, &v, now);
+                }
             }
-            self.retry_after = None;
-        }
-        let Some(mut session) = self.session.take() else {
-            return Flow::Stop;
-        };
-        // A cached connection may have been closed by the server while idle; that shows
-        // as MAIL failing without a reply. Reconnect once instead of deferring.
-        if session.transactions > 0 && !session.probe() {
-            session.quit();
-            if let Err(v) = self.open_session(now) {
-                self.retry_after = Some((now + Duration::from_secs(60), v.reason.clone()));
-                return self.apply(locked, batch, &v, now);
+            self.checked = false;
+            let Some(mut session) = self.session.take() else {
+                return Flow::Stop;
+            };
+            self.discard_session = false;
+            let result = self.converse(
+                &mut session,
+                locked,
+                batch,
+                outgoing,
+                started,
+                tried,
+                batch_cap,
+                now,
+            );
+            let (flow, keep) = match result {
+                Conversed::Stale => {
+                    session.quit();
+                    continue;
+                }
+                Conversed::Done(flow, keep) => (flow, keep),
+            };
+            if keep && !self.discard_session {
+                self.session = Some(session);
+            } else {
+                session.quit();
             }
-            match self.session.take() {
-                Some(s) => session = s,
-                None => return Flow::Stop,
-            }
+            self.discard_session = false;
+            return flow;
         }
-        self.discard_session = false;
-        let (flow, keep) = self.converse(
-            &mut session,
-            locked,
-            batch,
-            outgoing,
-            started,
-            tried,
-            batch_cap,
-            now,
-        );
-        if keep && !self.discard_session {
-            self.session = Some(session);
-        } else {
-            session.quit();
-        }
-        self.discard_session = false;
-        flow
+        Flow::Stop
     }
 
-    /// MAIL, RCPT for each recipient, DATA. Returns the flow and whether the
-    /// connection can carry another transaction.
+    /// MAIL, RCPT for each recipient, DATA: the flow and whether the connection can
+    /// carry another transaction, or `Stale` when a reused connection turned out dead.
     #[allow(clippy::too_many_arguments)]
     fn converse(
         &mut self,
@@ -661,7 +822,7 @@ impl Runner {
         tried: &mut HashSet<usize>,
         batch_cap: &mut usize,
         now: SystemTime,
-    ) -> (Flow, bool) {
+    ) -> Conversed {
         let relay = session.relay.clone();
         if let Some(limit) = session.offer.size {
             if outgoing.len() as u64 > limit {
@@ -672,7 +833,7 @@ impl Runner {
                         outgoing.len()
                     ),
                 };
-                return (self.apply(locked, batch, &v, now), true);
+                return Conversed::Done(self.apply(locked, batch, &v, now), true);
             }
         }
         let e = &locked.entry;
@@ -699,8 +860,14 @@ impl Runner {
             }
         }
         if let Err(f) = session.mail(&self.account.mailbox, &params) {
+            // An idle connection the server closed answers nothing, or the 421 it
+            // sent when it timed us out (Postfix does): reconnect, nothing was sent.
+            let closed = f.reply.as_ref().is_none_or(|r| r.code == 421);
+            if closed && session.transactions > 0 {
+                return Conversed::Stale;
+            }
             let keep = f.reply.is_some() && session.rset();
-            return (self.apply(locked, batch, &verdict_for(&f), now), keep);
+            return Conversed::Done(self.apply(locked, batch, &verdict_for(&f), now), keep);
         }
         let mut accepted = Vec::new();
         for &i in batch {
@@ -717,7 +884,10 @@ impl Runner {
             match session.rcpt(&r.address, &rp) {
                 Ok(_) => accepted.push(i),
                 Err(f) if f.reply.is_none() => {
-                    return (self.apply(locked, batch, &verdict_for(&f), now), false);
+                    return Conversed::Done(
+                        self.apply(locked, batch, &verdict_for(&f), now),
+                        false,
+                    );
                 }
                 Err(f) => {
                     let v = verdict_for(&f);
@@ -736,14 +906,14 @@ impl Runner {
                         }
                         _ => {
                             let keep = session.rset();
-                            return (self.apply(locked, &[i], &v, now), keep);
+                            return Conversed::Done(self.apply(locked, &[i], &v, now), keep);
                         }
                     }
                 }
             }
         }
         if accepted.is_empty() {
-            return (Flow::Continue, session.rset());
+            return Conversed::Done(Flow::Continue, session.rset());
         }
         match session.data(outgoing) {
             Ok(reply) => {
@@ -751,7 +921,7 @@ impl Runner {
                 for &i in &accepted {
                     self.mark_sent(locked, i, &relay, &text, started);
                 }
-                (Flow::Continue, true)
+                Conversed::Done(Flow::Continue, true)
             }
             Err(f) => {
                 let keep = f.reply.is_some();
@@ -761,9 +931,9 @@ impl Runner {
                         tried.remove(i);
                     }
                     *batch_cap = (accepted.len() / 2).max(1);
-                    return (Flow::Continue, keep);
+                    return Conversed::Done(Flow::Continue, keep);
                 }
-                (self.apply(locked, &accepted, &v, now), keep)
+                Conversed::Done(self.apply(locked, &accepted, &v, now), keep)
             }
         }
     }
@@ -968,6 +1138,9 @@ impl Runner {
                     &format!("{id}: cannot record the result: {e}"),
                 );
             }
+            if self.gave_way {
+                return Outcome::Yielded(locked.entry.next_attempt());
+            }
             return Outcome::Deferred(locked.entry.next_attempt());
         }
         if locked
@@ -976,8 +1149,25 @@ impl Runner {
             .iter()
             .any(|r| r.status == RcptStatus::Failed)
         {
-            if let Some(b) = self.bounce(locked, now) {
-                spawned.push(b);
+            match self.bounce(locked, now) {
+                Ok(Some(b)) => spawned.push(b),
+                Ok(None) => {}
+                Err(why) => {
+                    // The sender must hear of the failure: keep the message (every
+                    // recipient final) until its bounce can be queued.
+                    locked.entry.attempts += 1;
+                    locked
+                        .entry
+                        .set_next_attempt(now + backoff(locked.entry.attempts));
+                    locked.entry.reason = Some(format!("bounce not queued yet: {why}"));
+                    if let Err(e) = self.queue.update(&locked.entry) {
+                        self.log(
+                            crate::logging::Level::Error,
+                            &format!("{id}: cannot record the result: {e}"),
+                        );
+                    }
+                    return Outcome::Deferred(locked.entry.next_attempt());
+                }
             }
         }
         if let Err(e) = self.queue.remove(&id) {
@@ -992,17 +1182,25 @@ impl Runner {
     }
 
     /// Queues a DSN for the failed recipients, unless the message is a bounce itself,
-    /// has the null sender, or asked for no failure notices.
-    fn bounce(&mut self, locked: &mut Locked, now: SystemTime) -> Option<QueueId> {
+    /// has the null sender, or asked for no failure notices. `Err` when it is needed
+    /// but cannot be queued now (full or failing spool): the caller keeps the message.
+    fn bounce(&mut self, locked: &mut Locked, now: SystemTime) -> Result<Option<QueueId>, String> {
         let e = &locked.entry;
         let wants = e
             .notify
             .as_deref()
             .is_none_or(|n| n.split(',').any(|w| w == "failure"));
         if e.is_bounce || bounce::is_bounce_sender(&e.sender) || !wants {
-            return None;
+            return Ok(None);
         }
-        let original = locked.message().ok()?;
+        let original = locked.message().map_err(|err| {
+            let why = format!("cannot read the queued message: {err}");
+            self.log(
+                crate::logging::Level::Error,
+                &format!("{}: cannot queue the bounce: {why}", locked.entry.id),
+            );
+            why
+        })?;
         let e = &locked.entry;
         let recipients: Vec<DsnRecipient> = e
             .recipients
@@ -1046,26 +1244,15 @@ impl Runner {
             now,
         });
         let bid = QueueId::generate(SystemTime::now());
-        let entry = QueueEntry {
-            version: crate::spool::queue::VERSION,
-            id: bid.to_string(),
-            sender: String::new(),
-            uid: nix::unistd::getuid().as_raw(),
-            arrival_us: micros(now),
-            size: dsn.len() as u64,
-            recipients: to,
-            notify: None,
-            ret: None,
-            envid: None,
-            body: None,
-            attempts: 0,
-            next_attempt_us: 0,
-            held: false,
-            queue_only: false,
-            is_bounce: true,
-            account: None,
-            reason: None,
-        };
+        let mut entry = QueueEntry::new(
+            &bid,
+            "",
+            nix::unistd::getuid().as_raw(),
+            now,
+            dsn.len() as u64,
+            to,
+        );
+        entry.is_bounce = true;
         if !entry.has_pending() {
             self.log(
                 crate::logging::Level::Warning,
@@ -1074,7 +1261,7 @@ impl Runner {
                     e.id, e.sender
                 ),
             );
-            return None;
+            return Ok(None);
         }
         match self.queue.insert(&entry, &dsn) {
             Ok(()) => {
@@ -1082,23 +1269,138 @@ impl Runner {
                     crate::logging::Level::Info,
                     &format!("{}: sender non-delivery notification: {bid}", e.id),
                 );
-                Some(bid)
+                Ok(Some(bid))
             }
             Err(err) => {
+                // Take back a half-written bounce so the next try starts clean.
+                let _ = self.queue.remove(&bid);
                 self.log(
                     crate::logging::Level::Error,
-                    &format!("{}: cannot queue the bounce: {err}", e.id),
+                    &format!(
+                        "{}: cannot queue the bounce, keeping the message to try again: {err}",
+                        e.id
+                    ),
                 );
-                None
+                Err(err.to_string())
             }
         }
     }
 }
 
-/// The verdict for a failed step.
+/// The hold for credentials the server refused for good: a password is wrong, or a
+/// token was refused even after one refresh. The classifier's generic reason promises
+/// a token refresh, which here has already happened or does not apply, and names no
+/// fix; this one says what to change and how to resume.
+pub fn auth_rejected(account: &Account, secrets_file: &std::path::Path, f: &Failure) -> Verdict {
+    let name = &account.name;
+    let fix = match account.auth {
+        AuthMode::Xoauth2 => format!(
+            "the server refused a freshly fetched OAuth2 token for {}: check that the app \
+             registration has SMTP.SendAsApp with admin consent, that its service principal \
+             exists (New-ServicePrincipal) and has FullAccess on the mailbox \
+             (Add-MailboxPermission), then run relay365 account release {name}",
+            account.mailbox
+        ),
+        _ => format!(
+            "the server refused the password of {}: correct password in the [{name}] table \
+             of {}, then run relay365 account release {name}",
+            account.mailbox,
+            secrets_file.display()
+        ),
+    };
+    Verdict {
+        action: Action::AuthFailed,
+        reason: format!("{fix} (server said: {f})"),
+    }
+}
+
+/// The verdict for a failed step. An untrusted server certificate is an account
+/// problem only the administrator can fix (wrong host, a missing `ca_file`, an
+/// intercepting proxy): the account is held and probed hourly, never bounced.
 fn verdict_for(f: &Failure) -> Verdict {
     match &f.reply {
         Some(r) => classify::classify(r, f.stage),
+        None if f.is_certificate_error() => {
+            let fix = format!(
+                "the server's TLS certificate is not trusted ({}): check host, and set ca_file if the server uses a private CA",
+                f.detail
+            );
+            Verdict {
+                action: Action::HoldAccount {
+                    until: HoldUntil::Release,
+                    fix: fix.clone(),
+                },
+                reason: fix,
+            }
+        }
         None => classify::classify_no_reply(f.stage, &f.detail),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::classify::Stage;
+
+    fn account(auth: &str) -> Account {
+        let oauth = "[account.oauth]\ntenant = \"contoso.onmicrosoft.com\"\nclient_id = \"x\"\n";
+        let text = format!(
+            "domain = \"a.b\"\n[[account]]\nname = \"app\"\nmailbox = \"app@contoso.com\"\nauth = \"{auth}\"\n{oauth}"
+        );
+        crate::config::Config::from_toml(std::path::Path::new("/t.toml"), &text)
+            .unwrap()
+            .accounts
+            .remove(0)
+    }
+
+    fn refused() -> Failure {
+        Failure {
+            stage: Stage::Auth,
+            reply: Reply::parse("535 5.7.8 Error: authentication failed: authentication failure")
+                .ok(),
+            detail: String::new(),
+        }
+    }
+
+    // Regression: a wrong password held the account with "refreshing the OAuth2 token
+    // once" as the reason, which neither applies to passwords nor says what to fix.
+    #[test]
+    fn a_refused_password_holds_with_the_fix() {
+        let v = auth_rejected(
+            &account("login"),
+            std::path::Path::new("/etc/relay365/secrets.toml"),
+            &refused(),
+        );
+        assert_eq!(v.action, Action::AuthFailed);
+        assert!(!v.reason.contains("OAuth2"), "{}", v.reason);
+        assert!(
+            v.reason
+                .contains("[app] table of /etc/relay365/secrets.toml"),
+            "{}",
+            v.reason
+        );
+        assert!(
+            v.reason.contains("relay365 account release app"),
+            "{}",
+            v.reason
+        );
+        assert!(v.reason.contains("535 5.7.8"), "{}", v.reason);
+    }
+
+    #[test]
+    fn a_refused_fresh_token_holds_with_the_permissions_to_check() {
+        let v = auth_rejected(
+            &account("xoauth2"),
+            std::path::Path::new("/etc/relay365/secrets.toml"),
+            &refused(),
+        );
+        assert!(!v.reason.contains("refreshing"), "{}", v.reason);
+        assert!(v.reason.contains("SMTP.SendAsApp"), "{}", v.reason);
+        assert!(v.reason.contains("Add-MailboxPermission"), "{}", v.reason);
+        assert!(
+            v.reason.contains("relay365 account release app"),
+            "{}",
+            v.reason
+        );
     }
 }

@@ -35,6 +35,12 @@ use crate::sysexits::Exit;
 const SAFETY_SCAN: Duration = Duration::from_secs(60);
 /// When a message was locked by another process, look again after this.
 const LOCKED_RETRY: Duration = Duration::from_secs(5);
+/// Crash leftovers in queue/ older than this are removed (an insert takes milliseconds).
+const LEFTOVER_AGE: Duration = Duration::from_secs(3600);
+/// Incoming messages picked up before the workers get them: small enough that the
+/// first go out within a few hundred milliseconds of a large backlog, large enough
+/// that the two directory syncs per chunk do not count.
+const PICKUP_CHUNK: usize = 256;
 
 /// Why the engine could not start.
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +130,10 @@ pub struct Engine {
     due_of: HashMap<QueueId, u64>,
     /// Messages dispatched whose report has not come back.
     in_flight: HashSet<QueueId>,
+    /// Messages in flight when a queue run was requested (`sendmail -q`): if their
+    /// attempt ends deferred, they are retried at once, as the request asked, instead
+    /// of waiting out the backoff that attempt set.
+    rerun: HashSet<QueueId>,
     results_tx: mpsc::Sender<(QueueId, Report)>,
     results_rx: mpsc::Receiver<(QueueId, Report)>,
     wake_read: OwnedFd,
@@ -141,6 +151,12 @@ impl Engine {
         if let Some(p) = problems.iter().find(|p| p.contains("missing")) {
             return Err(EngineError::Setup(p.clone()));
         }
+        let mut log = log;
+        for p in &problems {
+            // Wrong modes still work for the daemon, but may let others in or keep
+            // sendmail out: say so at every start.
+            log.warning(&format!("spool: {p}"));
+        }
         let (wake_read, wake_write) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_CLOEXEC)
                 .map_err(|e| EngineError::Setup(format!("cannot create a pipe: {e}")))?;
@@ -155,6 +171,7 @@ impl Engine {
             schedule: BTreeSet::new(),
             due_of: HashMap::new(),
             in_flight: HashSet::new(),
+            rerun: HashSet::new(),
             results_tx,
             results_rx,
             wake_read,
@@ -193,6 +210,9 @@ impl Engine {
                     self.stop.clone(),
                 )
                 .map_err(|e| EngineError::Setup(e.to_string()))?;
+                let waiting = jobs.clone();
+                runner.others_waiting =
+                    Box::new(move || waiting.queue.lock().is_ok_and(|q| !q.is_empty()));
                 let jobs = jobs.clone();
                 let tx = self.results_tx.clone();
                 let wake = self.wake_write.clone();
@@ -212,6 +232,10 @@ impl Engine {
     fn stop_workers(&mut self) {
         self.stop.set();
         for pool in self.pools.values() {
+            // Taking the lock orders this wake-up after a worker's check of the stop
+            // flag: without it a worker between that check and its wait missed the
+            // wake-up and slept out its 30 s idle timeout (flush and SIGTERM hung).
+            let _held = pool.jobs.queue.lock();
             pool.jobs.cv.notify_all();
         }
         for (_, pool) in self.pools.drain() {
@@ -221,23 +245,64 @@ impl Engine {
         }
     }
 
-    /// Moves incoming mail into the queue and schedules it.
-    pub fn pickup(&mut self) {
+    /// Moves incoming mail into the queue and schedules it, [`PICKUP_CHUNK`] messages at
+    /// a time, handing each chunk to the workers (`explicit`: all of it, as a flush or
+    /// `sendmail -q` does) before taking the next, so that delivery overlaps the pickup
+    /// of a long backlog instead of waiting for all of it.
+    pub fn pickup(&mut self, explicit: bool) {
+        loop {
+            let more = self.pickup_chunk();
+            if !more {
+                return;
+            }
+            self.dispatch(SystemTime::now(), explicit);
+        }
+    }
+
+    /// One chunk of [`Engine::pickup`]; true if more is waiting in incoming/.
+    fn pickup_chunk(&mut self) -> bool {
         let config = self.loaded.config.clone();
         let aliases = self.loaded.aliases.clone();
         let locals = Locals::new(&config, &aliases);
-        let picked = match self.log.lock() {
-            Ok(mut log) => pickup::pickup(&self.spool, &self.queue, &config, &locals, &mut log),
-            Err(_) => return,
-        };
-        for id in picked.queued {
-            if !self.in_flight.contains(&id) && !self.due_of.contains_key(&id) {
-                if let Ok(e) = self.queue.read(&id) {
-                    if e.has_pending() {
-                        self.schedule_at(id, e.next_attempt_us);
-                    }
+        let picked = pickup::pickup(
+            &self.spool,
+            &self.queue,
+            &config,
+            &locals,
+            &self.log,
+            PICKUP_CHUNK,
+        );
+        let more = picked.more;
+        let fresh: HashSet<&QueueId> = picked.due.iter().map(|(id, _)| id).collect();
+        let mut due = Vec::new();
+        for id in &picked.queued {
+            if fresh.contains(id) || self.in_flight.contains(id) || self.due_of.contains_key(id) {
+                continue;
+            }
+            // Queued by an earlier pass that did not get to remove the incoming copy.
+            // Also when no recipient is pending (all refused at pickup): the delivery
+            // run settles it, which bounces and removes it.
+            if let Ok(e) = self.queue.read(id) {
+                if !e.held {
+                    due.push((id.clone(), e.next_attempt_us));
                 }
             }
+        }
+        for (id, at) in picked.due.into_iter().chain(due) {
+            if !self.in_flight.contains(&id) && !self.due_of.contains_key(&id) {
+                self.schedule_at(id, at);
+            }
+        }
+        more
+    }
+
+    /// Removes old crash leftovers from queue/.
+    fn sweep(&self) {
+        let n = self.queue.sweep(LEFTOVER_AGE);
+        if n > 0 {
+            self.info(&format!(
+                "removed {n} file(s) left in the queue by an interrupted write"
+            ));
         }
     }
 
@@ -246,7 +311,9 @@ impl Engine {
         let Ok(ids) = self.queue.ids() else { return };
         for id in ids {
             match self.queue.read(&id) {
-                Ok(e) if e.has_pending() && !e.held => self.schedule_at(id, e.next_attempt_us),
+                // An entry without pending recipients is still queued only because it
+                // was never settled (its bounce failed, or it was refused at pickup).
+                Ok(e) if !e.held => self.schedule_at(id, e.next_attempt_us),
                 Ok(_) => {}
                 Err(err) => self.warn(&format!("{id}: unreadable queue entry skipped: {err}")),
             }
@@ -271,32 +338,41 @@ impl Engine {
             due.push((*at, id.clone()));
         }
         let mut n = 0;
+        // With one account every message goes through it, so there is nothing to read
+        // here: the worker reads the entry under its lock anyway (a message that is
+        // gone by then comes back as skipped).
+        let only = match self.pools.len() {
+            1 => self.pools.keys().next().cloned(),
+            _ => None,
+        };
         for (at, id) in due {
-            let entry = match self.queue.read(&id) {
-                Ok(e) => e,
-                Err(_) => {
-                    self.schedule.remove(&(at, id.clone()));
-                    self.due_of.remove(&id);
-                    continue;
+            let account = match &only {
+                Some(a) => Some(a.clone()),
+                None => {
+                    let entry = match self.queue.read(&id) {
+                        Ok(e) => e,
+                        Err(_) => {
+                            self.schedule.remove(&(at, id.clone()));
+                            self.due_of.remove(&id);
+                            continue;
+                        }
+                    };
+                    let route = self.route(&entry);
+                    if route.is_none() && entry.reason.is_none() {
+                        let mut e = entry;
+                        e.reason = Some(
+                            "no [[account]] is configured in relay365.toml; nothing can be sent"
+                                .into(),
+                        );
+                        let _ = self.queue.update(&e);
+                    }
+                    route
                 }
             };
-            let config = self.loaded.config.clone();
-            let account = entry
-                .account
-                .as_deref()
-                .filter(|a| self.pools.contains_key(*a))
-                .map(str::to_string)
-                .or_else(|| config.accounts.first().map(|a| a.name.clone()));
             let Some(pool) = account.and_then(|a| self.pools.get(&a)) else {
-                if entry.reason.is_none() {
-                    let mut e = entry;
-                    e.reason = Some(
-                        "no [[account]] is configured in relay365.toml; nothing can be sent".into(),
-                    );
-                    let _ = self.queue.update(&e);
-                }
                 continue;
             };
+            let explicit = self.rerun.remove(&id) || explicit;
             if let Ok(mut q) = pool.jobs.queue.lock() {
                 q.push_back((id.clone(), explicit));
                 pool.jobs.cv.notify_one();
@@ -309,6 +385,17 @@ impl Engine {
         n
     }
 
+    /// The account a queued message goes out through: the one it was routed to while
+    /// that exists, else the first.
+    fn route(&self, entry: &crate::spool::queue::QueueEntry) -> Option<String> {
+        entry
+            .account
+            .as_deref()
+            .filter(|a| self.pools.contains_key(*a))
+            .map(str::to_string)
+            .or_else(|| self.loaded.config.accounts.first().map(|a| a.name.clone()))
+    }
+
     /// Applies the workers' reports; `reschedule`: put deferred messages back on the
     /// schedule (the daemon) or let them wait for the next run (a flush).
     fn collect(&mut self, reschedule: bool, explicit_spawn: bool) {
@@ -318,14 +405,25 @@ impl Engine {
         {}
         while let Ok((id, report)) = self.results_rx.try_recv() {
             self.in_flight.remove(&id);
+            if !matches!(report.outcome, Outcome::Deferred(_)) || !reschedule {
+                self.rerun.remove(&id);
+            }
             match report.outcome {
                 Outcome::Finished => self.delivered += 1,
                 Outcome::Deferred(t) => {
                     self.deferred += 1;
                     if reschedule {
-                        self.schedule_at(id, micros(t));
+                        // Kept in `rerun`, so dispatch sends it explicitly.
+                        let at = if self.rerun.contains(&id) {
+                            0
+                        } else {
+                            micros(t)
+                        };
+                        self.schedule_at(id, at);
                     }
                 }
+                // Even a flush takes it up again: it only gave way to other messages.
+                Outcome::Yielded(t) => self.schedule_at(id, micros(t)),
                 Outcome::Skipped => {
                     if reschedule && self.queue.contains(&id) {
                         self.schedule_at(id, micros(SystemTime::now() + LOCKED_RETRY));
@@ -345,8 +443,10 @@ impl Engine {
 
     /// `relay365 flush`: pick up, deliver everything due once, wait for it, return.
     pub fn flush(&mut self) {
-        self.pickup();
+        // The queue as it stands first, then the new mail, which the pickup schedules
+        // itself (in the other order every new entry would be read back once more).
         self.load_schedule();
+        self.pickup(true);
         self.dispatch(SystemTime::now(), true);
         while !self.in_flight.is_empty() {
             let fd = self.wake_read.as_fd();
@@ -382,8 +482,9 @@ impl Engine {
                 ))
             })?;
         let trigger = open_trigger(&self.spool.trigger());
-        self.pickup();
+        self.sweep();
         self.load_schedule();
+        self.pickup(false);
         self.info(&format!(
             "daemon started: {} account(s), {} message(s) queued",
             self.loaded.config.accounts.len(),
@@ -433,7 +534,7 @@ impl Engine {
             }
             if ready[1] {
                 let _ = inotify.read_events();
-                self.pickup();
+                self.pickup(false);
             }
             if ready[2] {
                 self.collect(true, false);
@@ -444,7 +545,10 @@ impl Engine {
                     let _ = (&*t).read(&mut buf);
                 }
                 self.info("queue run requested");
-                self.pickup();
+                // What is in flight now may come back deferred after this run's
+                // dispatch; it is part of the run too.
+                self.rerun.extend(self.in_flight.iter().cloned());
+                self.pickup(true);
                 explicit = true;
             }
             if SystemTime::now()
@@ -452,7 +556,8 @@ impl Engine {
                 .unwrap_or_default()
                 >= SAFETY_SCAN
             {
-                self.pickup();
+                self.sweep();
+                self.pickup(false);
                 last_scan = SystemTime::now();
             }
         }
@@ -472,6 +577,7 @@ impl Engine {
                 self.stop = Arc::new(Stop::default());
                 self.loaded = loaded;
                 self.in_flight.clear();
+                self.rerun.clear();
                 if let Err(e) = self.start_workers() {
                     self.warn(&format!("reload: cannot start workers: {e}"));
                 }
@@ -544,7 +650,18 @@ pub fn daemon_lock(spool: &Spool) -> Result<File, EngineError> {
         .write(true)
         .mode(0o600)
         .open(&path)
-        .map_err(|e| EngineError::Setup(format!("cannot open {}: {e}", path.display())))?;
+        .map_err(|e| {
+            let fix = match e.raw_os_error() {
+                Some(nix::libc::ENOENT) | Some(nix::libc::ENOTDIR) => {
+                    ": the spool is missing or incomplete, create it with relay365 init (the package's postinst runs it)"
+                }
+                Some(nix::libc::ENOSPC) | Some(nix::libc::EDQUOT) => {
+                    ": the file system holding the spool is full; free some space (queued mail is kept)"
+                }
+                _ => ": check that the spool has the owners and modes relay365 init gives it",
+            };
+            EngineError::Setup(format!("cannot open {}: {e}{fix}", path.display()))
+        })?;
     f.try_lock_exclusive()
         .map_err(|_| EngineError::AlreadyRunning(path))?;
     Ok(f)

@@ -5,13 +5,15 @@
 //! file), be no larger than the size bound, and parse as a version-1 envelope whose
 //! size matches. The caller is the file's owner uid, never what the envelope says.
 //! Anything else goes to `quarantine/` and is never bounced (its "sender" is
-//! unauthenticated). The queue copy is synced before the incoming file is removed, so
-//! a crash at any point leaves the message in one place or (briefly) both — never none.
+//! unauthenticated). The queue copy is synced before the incoming file is removed (the
+//! queue directory once per pass, not once per message), so a crash at any point
+//! leaves the message in one place or (briefly) both — never none.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use crate::config::Config;
@@ -94,6 +96,27 @@ impl<'a> Locals<'a> {
     }
 }
 
+/// The daemon's log, taken a line at a time: the workers log through the same lock,
+/// and holding it for a whole pass stalled every delivery behind the pickup.
+struct Lines<'a>(&'a Mutex<Log>);
+
+impl Lines<'_> {
+    fn log(&self, level: crate::logging::Level, line: &str) {
+        if let Ok(mut l) = self.0.lock() {
+            l.log(level, line);
+        }
+    }
+    fn info(&self, line: &str) {
+        self.log(crate::logging::Level::Info, line);
+    }
+    fn warning(&self, line: &str) {
+        self.log(crate::logging::Level::Warning, line);
+    }
+    fn error(&self, line: &str) {
+        self.log(crate::logging::Level::Error, line);
+    }
+}
+
 /// Why one incoming file was refused.
 #[derive(Debug, thiserror::Error)]
 enum Refusal {
@@ -112,17 +135,25 @@ enum Refusal {
 pub struct Picked {
     /// Messages now in the queue.
     pub queued: Vec<QueueId>,
+    /// Of those, the ones this pass queued with recipients to deliver, each with when
+    /// it is due (µs), so the scheduler need not read back what was just written.
+    pub due: Vec<(QueueId, u64)>,
     pub quarantined: usize,
+    /// Files were left in `incoming/new` for the next call (the `limit` was reached).
+    pub more: bool,
 }
 
-/// Moves everything in `incoming/new` into the queue.
+/// Moves what is in `incoming/new` into the queue, oldest first, at most `limit` files
+/// (so the caller can hand them to delivery before taking more; see [`Picked::more`]).
 pub fn pickup(
     spool: &Spool,
     queue: &Queue,
     config: &Config,
     locals: &Locals,
-    log: &mut Log,
+    log: &Mutex<Log>,
+    limit: usize,
 ) -> Picked {
+    let log = &Lines(log);
     let mut picked = Picked::default();
     let dir = spool.incoming_new();
     let Ok(entries) = fs::read_dir(&dir) else {
@@ -130,8 +161,13 @@ pub fn pickup(
     };
     let mut names: Vec<_> = entries.flatten().map(|e| e.file_name()).collect();
     names.sort();
+    if names.len() > limit {
+        names.truncate(limit);
+        picked.more = true;
+    }
     let bound = config.max_message_size.0 + MAX_ENVELOPE_LINE as u64 + 64;
-    let mut removed_any = false;
+    // Incoming files whose message is in the queue, removed once the queue is synced.
+    let mut taken = Vec::new();
     for name in names {
         let path = dir.join(&name);
         let Some(id) = name.to_str().and_then(|n| QueueId::parse(n).ok()) else {
@@ -147,7 +183,7 @@ pub fn pickup(
                     continue;
                 }
                 // A crash after queueing but before the unlink leaves both; the queue wins.
-                if !queue.contains(&id) {
+                if !queue.is_complete(&id) {
                     let recipients: Vec<Recipient> = env
                         .recipients
                         .iter()
@@ -157,11 +193,14 @@ pub fn pickup(
                     let from = route::from_address(&message);
                     entry.account = route::route(config, &env.sender, from.as_deref(), uid)
                         .map(|a| a.name.clone());
-                    if let Err(e) = queue.insert(&entry, &message) {
+                    if let Err(e) = queue.insert_unsynced(&entry, &message) {
                         // Leave it in incoming/ for the next pass: nothing is lost.
                         log.error(&format!("{id}: cannot queue: {e}"));
                         continue;
                     }
+                    // Also when no recipient is pending (all refused here): the delivery
+                    // run settles it, which bounces and removes it.
+                    picked.due.push((id.clone(), entry.next_attempt_us));
                     log.info(&format!(
                         "{id}: uid={uid} from=<{}> size={} nrcpt={} (queue active)",
                         env.sender,
@@ -180,9 +219,7 @@ pub fn pickup(
                         ));
                     }
                 }
-                if fs::remove_file(&path).is_ok() {
-                    removed_any = true;
-                }
+                taken.push(path);
                 picked.queued.push(id);
             }
             Err(e) => {
@@ -191,11 +228,28 @@ pub fn pickup(
             }
         }
     }
-    if removed_any {
-        // The unlinks need not be durable: a resurrected file is recognised as queued.
-        let _ = File::open(&dir).and_then(|d| d.sync_all());
+    // One directory sync for the whole pass makes every new queue entry durable
+    // before any incoming copy goes; per message it was the pickup's largest cost.
+    if !taken.is_empty() {
+        match queue.sync_dir() {
+            Ok(()) => {
+                let mut removed_any = false;
+                for path in &taken {
+                    removed_any |= fs::remove_file(path).is_ok();
+                }
+                if removed_any {
+                    // The unlinks need not be durable: a resurrected file is recognised
+                    // as queued.
+                    let _ = File::open(&dir).and_then(|d| d.sync_all());
+                }
+            }
+            // The incoming copies stay; the next pass finds them queued and removes them.
+            Err(e) => log.error(&format!("cannot sync the queue: {e}")),
+        }
     }
-    sweep_tmp(spool);
+    if !picked.more {
+        sweep_tmp(spool);
+    }
     picked
 }
 
@@ -234,7 +288,7 @@ fn take(path: &Path, bound: u64) -> Result<(u32, Envelope, Vec<u8>), Refusal> {
     Ok((meta.uid(), env.clone(), message.to_vec()))
 }
 
-fn quarantine(spool: &Spool, path: &Path, why: &str, log: &mut Log) {
+fn quarantine(spool: &Spool, path: &Path, why: &str, log: &Lines) {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

@@ -19,10 +19,12 @@
 //! - the `+ 1 ms` makes the boundary inclusive (`t - W <= s`), which is conservative
 //!   against a server that counts `t - W < s <= t` or `t - W <= s <= t` on the same clock;
 //! - the `W/1000` guard (60 ms for a minute, 86.4 s for 24 hours) absorbs the jitter
-//!   between our stamp, taken before connecting, and the server's stamp, taken somewhere
-//!   in the transaction: if an old transaction took longer to reach the server than the
+//!   between our stamp, taken before the transaction, and the server's stamp, taken
+//!   somewhere in it: if an old transaction took longer to reach the server than the
 //!   new one, an exact boundary would let the server see `count + 1` in its window, and
-//!   for the daily recipient quota that costs a 24-hour block.
+//!   for the daily recipient quota that costs a 24-hour block. The scheduler stamps its
+//!   reservations ahead by about the transaction's duration
+//!   ([`Ledger::reserve_some_ahead`]), so the guard need only cover the misestimate.
 //!
 //! A long queue therefore drains at `W / hold` of the limit (99.9 %), and
 //! [`Reservation::WaitUntil`] is exactly the moment the oldest entry in the way stops
@@ -117,6 +119,8 @@ const MAX_REASON: usize = 300;
 pub const COMPACT_MIN_DEAD: u64 = 4096;
 /// How far ahead of `now` a stamp may be before it is taken for a clock step back.
 pub const MAX_FUTURE: Duration = Duration::from_secs(600);
+/// The longest lead [`Ledger::reserve_some_ahead`] puts on a stamp.
+pub const MAX_LEAD: Duration = Duration::from_secs(60);
 
 // ---------------------------------------------------------------------------------------
 // Rate
@@ -639,23 +643,9 @@ pub fn format_moment(t: SystemTime, now: SystemTime) -> String {
     if day == n.div_euclid(86_400) {
         format!("{clock} UTC")
     } else {
-        let (y, m, d) = civil_from_days(day);
+        let (y, m, d) = crate::message::complete::civil_from_days(day);
         format!("{y:04}-{m:02}-{d:02} {clock} UTC")
     }
-}
-
-/// Proleptic Gregorian date of a day count since 1970-01-01 (H. Hinnant's algorithm).
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -961,6 +951,22 @@ impl Ledger {
         wanted: u32,
         limits: &Limits,
     ) -> Result<Grant, QuotaError> {
+        self.reserve_some_ahead(now, Duration::ZERO, wanted, limits)
+    }
+
+    /// Like [`Ledger::reserve_some`], but stamps the record `lead` after `now` (at most
+    /// [`MAX_LEAD`]). The server stamps a transaction when it accepts it, which is up to
+    /// the whole transaction after the reservation; the entry must count until a
+    /// window after *that*, or the next send a window later can land inside the
+    /// server's window of this one. A stamp ahead of `now` already counts from `now`
+    /// on, so the lead only makes the entry count longer, never shorter.
+    pub fn reserve_some_ahead(
+        &mut self,
+        now: SystemTime,
+        lead: Duration,
+        wanted: u32,
+        limits: &Limits,
+    ) -> Result<Grant, QuotaError> {
         limits.validate()?;
         if wanted == 0 {
             return Err(QuotaError::NoRecipients);
@@ -974,7 +980,11 @@ impl Ledger {
                 return Ok(Grant::WaitUntil(from_ms(at.max(now_ms.saturating_add(1)))));
             }
             let n = wanted.min(room);
-            l.append(ceil_ms(now), n)?;
+            // With both rates off nothing waits on the record, so it need not be on disk
+            // before the send: it only feeds `relay365 quota`, and an fdatasync under
+            // the lock would serialise every worker of the account on the disk.
+            let gating = limits.message_rate.is_limited() || limits.recipient_rate.is_limited();
+            l.append_synced(ceil_ms(now + lead.min(MAX_LEAD)), n, gating)?;
             Ok(Grant::Go(n))
         })
     }
@@ -1349,12 +1359,17 @@ impl Ledger {
 
     /// Appends one record and syncs it; only then may the send begin.
     fn append(&mut self, stamp_ms: u64, rcpts: u32) -> Result<(), QuotaError> {
+        self.append_synced(stamp_ms, rcpts, true)
+    }
+
+    /// Appends one record, synced to disk when `sync` (always, when a limit depends on it).
+    fn append_synced(&mut self, stamp_ms: u64, rcpts: u32, sync: bool) -> Result<(), QuotaError> {
         let ms = self.entries.back().map_or(stamp_ms, |e| e.ms.max(stamp_ms));
         let line = format!("{ms} {rcpts}\n");
         let written = self
             .file
             .write_all(line.as_bytes())
-            .and_then(|()| self.file.sync_data());
+            .and_then(|()| if sync { self.file.sync_data() } else { Ok(()) });
         if let Err(e) = written {
             // Remove a partial line now rather than leave it to the next locker; if this
             // fails too, the next locker cuts it (and it never counted: we return Err).
@@ -1942,6 +1957,38 @@ mod tests {
     }
 
     #[test]
+    fn a_lead_makes_the_entry_count_until_a_window_after_the_server_saw_it() {
+        let (_dir, path, mut ledger) = setup();
+        let l = limits("2/1m", "off");
+        let lead = Duration::from_millis(400);
+        assert_eq!(
+            ledger.reserve_some_ahead(at(T0), lead, 1, &l).unwrap(),
+            Grant::Go(1)
+        );
+        // Stamped ahead, it counts from now on all the same: one message left.
+        assert_eq!(ledger.usage(at(T0 + 1), &l).unwrap().messages_left, Some(1));
+        assert_eq!(
+            ledger
+                .reserve_some_ahead(at(T0 + 100), lead, 1, &l)
+                .unwrap(),
+            Grant::Go(1)
+        );
+        assert_eq!(records(&path), [(T0 + 400, 1), (T0 + 500, 1)]);
+        assert_eq!(ledger.room(at(T0 + 200), &l).unwrap(), 0);
+        // The next may go a hold after the first was *accepted* (at the latest T0 + 400).
+        assert_eq!(
+            ledger.reserve_some(at(T0 + 200), 1, &l).unwrap(),
+            Grant::WaitUntil(at(T0 + 400 + MIN + 1 + 60))
+        );
+        // A lead longer than MAX_LEAD is cut to it.
+        let (_dir, path, mut ledger) = setup();
+        let _ = ledger
+            .reserve_some_ahead(at(T0), Duration::from_secs(3600), 1, &l)
+            .unwrap();
+        assert_eq!(records(&path), [(T0 + 60_000, 1)]);
+    }
+
+    #[test]
     fn room_splits_a_big_message() {
         let (_dir, _path, mut ledger) = setup();
         let l = Limits {
@@ -2085,9 +2132,6 @@ mod tests {
             "2023-11-15 00:13:20 UTC"
         );
         assert_eq!(format_moment(UNIX_EPOCH, UNIX_EPOCH), "00:00:00 UTC");
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
-        assert_eq!(civil_from_days(-1), (1969, 12, 31));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Header completion as Postfix's cleanup does it, and `-t` recipient extraction.
 //!
-//! Adds Date, Message-ID and From when missing (never duplicates), removes Bcc,
-//! Resent-Bcc and any Return-Path the client wrote. Input: a parsed message from an
+//! Adds Date, Message-ID and From when missing (never duplicates), qualifies bare
+//! names in address fields, removes Bcc, Resent-Bcc and any Return-Path the client wrote. Input: a parsed message from an
 //! untrusted caller; every address taken from it is validated.
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -30,6 +30,8 @@ pub fn complete(msg: &mut Message, c: &Completion) {
     msg.remove("Resent-Bcc");
     // Return-Path is the receiving side's to write, from the envelope.
     msg.remove("Return-Path");
+    // Postfix's cleanup: `To: root` names root@domain, as the envelope does.
+    super::qualify::qualify_headers(&mut msg.headers, c.domain);
     if !msg.has("From") {
         let value = match c.full_name.map(str::trim).filter(|n| !n.is_empty()) {
             Some(name) => format!("{} <{}>", display_name(name), c.from),
@@ -85,7 +87,7 @@ pub fn display_name(name: &str) -> String {
 }
 
 /// Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
+pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
@@ -179,6 +181,13 @@ mod tests {
 
     fn at(secs: u64) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn civil_days() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        assert_eq!(civil_from_days(-1), (1969, 12, 31));
     }
 
     #[test]

@@ -37,6 +37,20 @@ impl Header {
     pub fn raw(&self) -> &[u8] {
         &self.raw
     }
+
+    /// Where the value starts in [`Header::raw`]: just after the colon.
+    pub fn value_offset(&self) -> usize {
+        self.raw[self.name_len..]
+            .iter()
+            .position(|&b| b == b':')
+            .map_or(self.raw.len(), |p| self.name_len + p + 1)
+    }
+
+    /// Replaces the field's bytes, keeping its name: for edits of the value only.
+    pub(crate) fn set_raw(&mut self, raw: Vec<u8>) {
+        debug_assert!(raw.starts_with(&self.raw[..self.value_offset()]));
+        self.raw = raw;
+    }
 }
 
 /// A message split into its header block and body.

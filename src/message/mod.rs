@@ -3,4 +3,5 @@
 pub mod address;
 pub mod complete;
 pub mod header;
+pub mod qualify;
 pub mod rewrite;

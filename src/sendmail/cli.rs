@@ -16,9 +16,10 @@ use crate::spool::paths::{self, Spool};
 use crate::spool::{QueueId, incoming, listing};
 use crate::sysexits::Exit;
 
-use super::intake::{self, Caller, IntakeSettings};
+use super::intake::{self, Caller, IntakeSettings, Submission};
 use super::options::{self, Mode, Options};
 use super::privilege::{self, DropGroup};
+use super::smtp::{self, Session, Spooler};
 
 /// Prints `sendmail: <message>` on stderr.
 fn say(message: impl std::fmt::Display) {
@@ -81,12 +82,7 @@ pub fn main(argv: Vec<OsString>) -> Exit {
             ));
             Exit::Usage
         }
-        Mode::Smtp => {
-            say(
-                "-bs (SMTP on standard input) is not supported yet: use -t, or give the recipients as arguments",
-            );
-            Exit::Usage
-        }
+        Mode::Smtp => smtp_session(&opts, &config, &spool, &group, uid),
         Mode::ListQueue => list_queue(&spool),
         Mode::QueueRun => queue_run(&spool, &group),
         Mode::Verify => verify(&opts, &config, uid),
@@ -135,6 +131,9 @@ fn queue_run(spool: &Spool, group: &DropGroup) -> Exit {
 }
 
 fn verify(opts: &Options, config: &Config, uid: u32) -> Exit {
+    use crate::daemon::aliases::{AliasError, Aliases};
+    use crate::daemon::pickup::Locals;
+    use crate::spool::queue::RcptStatus;
     let caller = Caller::lookup(uid);
     let mut out = std::io::stdout().lock();
     match intake::envelope_sender(opts, &caller, &config.domain) {
@@ -146,27 +145,46 @@ fn verify(opts: &Options, config: &Config, uid: u32) -> Exit {
             return Exit::NoUser;
         }
     }
+    // The aliases file is world-readable; a problem with it is reported, not fatal.
+    let aliases = match Aliases::load(&config.aliases) {
+        Ok(a) => a,
+        Err(AliasError::Read { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            Aliases::default()
+        }
+        Err(e) => {
+            say(format_args!("warning: {e}"));
+            Aliases::default()
+        }
+    };
+    let locals = Locals::new(config, &aliases);
     let mut status = Exit::Ok;
     for arg in &opts.recipients {
         match crate::message::address::parse_argument(arg) {
             Ok(list) => {
                 for a in list {
-                    let how = if a.is_qualified() {
-                        "as given"
-                    } else {
-                        "qualified with the configured domain"
-                    };
-                    match a.clone().qualify(&config.domain) {
-                        Ok(q) => {
-                            let _ = writeln!(
-                                out,
-                                "{a} -> <{q}> ({how}): deliverable through Microsoft 365"
-                            );
-                        }
+                    // qualify re-validates: a bare name that is valid alone can be
+                    // too long once the domain is added (found by fuzzing).
+                    let q = match a.clone().qualify(&config.domain) {
+                        Ok(q) => q,
                         Err(e) => {
                             let _ = writeln!(out, "{arg}: undeliverable: {e}");
                             status = Exit::NoUser;
+                            continue;
                         }
+                    };
+                    for r in locals.resolve(q.as_str()) {
+                        let how = match (&r.status, r.address == q.as_str(), a.is_qualified()) {
+                            (RcptStatus::Failed, _, _) => {
+                                status = Exit::NoUser;
+                                format!("undeliverable: {}", r.reply.as_deref().unwrap_or(""))
+                            }
+                            (_, false, _) => {
+                                "local recipient, through the aliases or admin address".to_string()
+                            }
+                            (_, true, false) => "qualified with the configured domain".to_string(),
+                            _ => "as given".to_string(),
+                        };
+                        let _ = writeln!(out, "{a} -> <{}> ({how})", r.address);
                     }
                 }
             }
@@ -234,4 +252,94 @@ fn deliver(opts: &Options, config: &Config, spool: &Spool, group: &DropGroup, ui
             }
         }
     }
+}
+
+/// Queues the messages of an SMTP session into the incoming maildir, logging each.
+struct SpoolSink<'a> {
+    spool: &'a Spool,
+    group: &'a DropGroup,
+    log: Log,
+    uid: u32,
+}
+
+impl Spooler for SpoolSink<'_> {
+    fn deposit(&mut self, id: &QueueId, s: &Submission) -> Result<(), incoming::SpoolError> {
+        let bytes = s.envelope.to_file_bytes(&s.message);
+        let env = &s.envelope;
+        match incoming::deposit(self.spool, self.group, id, &bytes) {
+            Ok(_) => {
+                self.log.info(&format!(
+                    "{id}: uid={} from=<{}> size={} nrcpt={} proto=ESMTP",
+                    self.uid,
+                    env.sender,
+                    env.size,
+                    env.recipients.len()
+                ));
+                Ok(())
+            }
+            Err(e) => {
+                self.log
+                    .error(&format!("uid={}: not queued: {e}", self.uid));
+                Err(e)
+            }
+        }
+    }
+}
+
+/// `-bs`: the SMTP dialogue on stdin/stdout. The envelope comes from MAIL FROM and
+/// RCPT TO, so `-t`, `-f` and recipient arguments do not apply (as with Postfix).
+fn smtp_session(
+    opts: &Options,
+    config: &Config,
+    spool: &Spool,
+    group: &DropGroup,
+    uid: u32,
+) -> Exit {
+    if opts.extract || !opts.recipients.is_empty() || opts.sender.is_some() {
+        say(
+            "warning: -t, -f and recipient arguments are ignored with -bs: the envelope comes from MAIL FROM and RCPT TO",
+        );
+    }
+    let caller = Caller::lookup(uid);
+    let tag = opts.log_tag.as_deref().unwrap_or("relay365/sendmail");
+    let sink = SpoolSink {
+        spool,
+        group,
+        log: Log::open(tag, false),
+        uid,
+    };
+    let settings = smtp::Settings {
+        domain: &config.domain,
+        max_message_size: config.max_message_size.0,
+        max_recipients: smtp::DEFAULT_MAX_RECIPIENTS,
+    };
+    let report = Session::new(settings, opts, &caller, sink)
+        .run(std::io::stdin().lock(), std::io::stdout().lock());
+    match &report.ending {
+        smtp::Ending::Abandoned { in_data } => say(format_args!(
+            "the SMTP input ended {} without QUIT: that message was not queued; send it again",
+            if *in_data {
+                "in the middle of a message (no line with a single dot)"
+            } else {
+                "after MAIL FROM but before the message data"
+            }
+        )),
+        smtp::Ending::Io(e) => say(format_args!(
+            "SMTP session on standard input/output failed: {e}"
+        )),
+        smtp::Ending::Quit | smtp::Ending::EndOfInput => {}
+    }
+    if opts.verbose {
+        say(format_args!(
+            "queued {} message(s): {}",
+            report.queued.len(),
+            report
+                .queued
+                .iter()
+                .map(QueueId::as_str)
+                .collect::<Vec<_>>()
+                .join(" ")
+        ));
+    }
+    report.ending.exit()
 }

@@ -151,9 +151,54 @@ impl Spool {
     }
 }
 
+/// The whole table as TSV lines (absolute path, kind, owner, group, octal mode), the
+/// spool rooted at `spool`: what `relay365 paths` prints for the package tests.
+pub fn table_tsv(spool: &Spool) -> String {
+    let row = |path: &Path, e: &Entry| {
+        let kind = match e.kind {
+            Kind::Dir => "dir",
+            Kind::Fifo => "fifo",
+            Kind::File => "file",
+        };
+        let owner = match e.owner {
+            Owner::Root => "root",
+            Owner::Daemon => DAEMON_USER,
+        };
+        let group = match e.group {
+            Group::Root => "root",
+            Group::Daemon => DAEMON_USER,
+            Group::Drop => DROP_GROUP,
+        };
+        format!(
+            "{}\t{kind}\t{owner}\t{group}\t{:04o}\n",
+            path.display(),
+            e.mode
+        )
+    };
+    let spool_rows = SPOOL_TABLE.iter().map(|e| row(&spool.join(e.path), e));
+    let installed = INSTALLED_TABLE.iter().map(|e| row(Path::new(e.path), e));
+    spool_rows.chain(installed).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tsv_lists_every_entry_with_absolute_paths() {
+        let tsv = table_tsv(&Spool::new("/var/spool/relay365"));
+        let lines: Vec<&str> = tsv.lines().collect();
+        assert_eq!(lines.len(), SPOOL_TABLE.len() + INSTALLED_TABLE.len());
+        assert!(
+            lines.contains(&"/var/spool/relay365/incoming/tmp\tdir\trelay365\trelay365-drop\t1730")
+        );
+        assert!(lines.contains(&"/usr/sbin/sendmail\tfile\troot\trelay365-drop\t2755"));
+        assert!(
+            lines
+                .iter()
+                .all(|l| l.starts_with('/') && l.split('\t').count() == 5)
+        );
+    }
 
     #[test]
     fn parents_come_before_children() {

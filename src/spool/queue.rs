@@ -121,27 +121,55 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> QueueError + '_ {
 }
 
 impl QueueEntry {
+    /// A fresh entry with no DSN options, due now.
+    pub fn new(
+        id: &QueueId,
+        sender: &str,
+        uid: u32,
+        arrival: SystemTime,
+        size: u64,
+        recipients: Vec<Recipient>,
+    ) -> QueueEntry {
+        QueueEntry {
+            version: VERSION,
+            id: id.to_string(),
+            sender: sender.to_string(),
+            uid,
+            arrival_us: micros(arrival),
+            size,
+            recipients,
+            notify: None,
+            ret: None,
+            envid: None,
+            body: None,
+            attempts: 0,
+            next_attempt_us: 0,
+            held: false,
+            queue_only: false,
+            is_bounce: false,
+            account: None,
+            reason: None,
+        }
+    }
+
     /// A queue entry for a picked-up incoming message.
     pub fn from_envelope(env: &Envelope, uid: u32, recipients: Vec<Recipient>) -> QueueEntry {
         QueueEntry {
-            version: VERSION,
             id: env.id.clone(),
-            sender: env.sender.clone(),
-            uid,
             arrival_us: env.arrival_us,
-            size: env.size,
-            recipients,
             notify: env.notify.clone(),
             ret: env.ret,
             envid: env.envid.clone(),
             body: env.body,
-            attempts: 0,
-            next_attempt_us: 0,
-            held: false,
             queue_only: env.queue_only,
-            is_bounce: false,
-            account: None,
-            reason: None,
+            ..QueueEntry::new(
+                &QueueId(String::new()),
+                &env.sender,
+                uid,
+                UNIX_EPOCH,
+                env.size,
+                recipients,
+            )
         }
     }
 
@@ -173,8 +201,13 @@ impl QueueEntry {
 
     /// Whether a queue run at `now` should attempt it (`explicit`: a flush or -q).
     pub fn is_due(&self, now: SystemTime, explicit: bool) -> bool {
-        if self.held || !self.has_pending() {
+        if self.held {
             return false;
+        }
+        if !self.has_pending() {
+            // Every recipient is final but the message is still queued: its bounce
+            // could not be queued yet, or its removal failed. It is due to be settled.
+            return explicit || self.next_attempt_us <= micros(now);
         }
         if self.queue_only && !explicit && self.attempts == 0 {
             return false;
@@ -235,10 +268,24 @@ impl Queue {
         self.env_path(id).exists()
     }
 
+    /// Whether both files of a message are in the queue. Before the directory is
+    /// synced a crash may keep one name and lose the other, so the pickup asks this,
+    /// not [`Queue::contains`], before it lets the incoming copy go.
+    pub fn is_complete(&self, id: &QueueId) -> bool {
+        self.env_path(id).exists() && self.msg_path(id).exists()
+    }
+
     /// Queues a new message: the message file first, then its entry, each synced, then
     /// the directory. A crash in between leaves a `.msg` without `.env`, which
     /// [`Queue::ids`] ignores and the pickup overwrites on its retry.
     pub fn insert(&self, entry: &QueueEntry, message: &[u8]) -> Result<(), QueueError> {
+        self.insert_unsynced(entry, message)?;
+        self.sync_dir()
+    }
+
+    /// [`Queue::insert`] without the directory sync, for a caller that queues many
+    /// messages and then calls [`Queue::sync_dir`] once before relying on any of them.
+    pub fn insert_unsynced(&self, entry: &QueueEntry, message: &[u8]) -> Result<(), QueueError> {
         let id = QueueId::parse(&entry.id).map_err(|e| QueueError::Corrupt {
             path: self.dir.clone(),
             reason: e.to_string(),
@@ -254,8 +301,7 @@ impl Queue {
             .map_err(io_err(&msg))?;
         f.write_all(message).map_err(io_err(&msg))?;
         f.sync_all().map_err(io_err(&msg))?;
-        self.write_entry_nosync(entry)?;
-        self.sync_dir()
+        self.write_entry_nosync(entry)
     }
 
     fn write_entry_nosync(&self, entry: &QueueEntry) -> Result<(), QueueError> {
@@ -284,14 +330,15 @@ impl Queue {
         self.sync_dir()
     }
 
-    fn sync_dir(&self) -> Result<(), QueueError> {
+    /// Makes the queue directory's entries (new, renamed, removed) durable.
+    pub fn sync_dir(&self) -> Result<(), QueueError> {
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(io_err(&self.dir))
     }
 
     /// Removes a finished message: the entry first, so a crash leaves at worst an
-    /// orphan `.msg` (swept later), never an entry without its message.
+    /// orphan `.msg` (removed by [`Queue::sweep`]), never an entry without its message.
     pub fn remove(&self, id: &QueueId) -> Result<(), QueueError> {
         let env = self.env_path(id);
         match fs::remove_file(&env) {
@@ -311,19 +358,35 @@ impl Queue {
 
     /// Every queued id (entries with an `.env`), in arrival order.
     pub fn ids(&self) -> Result<Vec<QueueId>, QueueError> {
+        Ok(self.scan()?.into_iter().map(|(id, _)| id).collect())
+    }
+
+    /// Every queued id in arrival order, with the inode number of its `.msg` as the
+    /// directory listing gives it (no `stat`), for [`LockTable::holds`].
+    pub fn scan(&self) -> Result<Vec<(QueueId, Option<u64>)>, QueueError> {
+        use std::os::unix::fs::DirEntryExt;
         let mut ids = Vec::new();
+        let mut msgs = std::collections::HashMap::new();
         for e in fs::read_dir(&self.dir).map_err(io_err(&self.dir))? {
             let e = e.map_err(io_err(&self.dir))?;
             let name = e.file_name();
-            let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".env")) else {
-                continue;
-            };
-            if let Ok(id) = QueueId::parse(stem) {
-                ids.push(id);
+            let Some(name) = name.to_str() else { continue };
+            if let Some(stem) = name.strip_suffix(".env") {
+                if let Ok(id) = QueueId::parse(stem) {
+                    ids.push(id);
+                }
+            } else if let Some(stem) = name.strip_suffix(".msg") {
+                msgs.insert(stem.to_string(), e.ino());
             }
         }
         ids.sort();
-        Ok(ids)
+        Ok(ids
+            .into_iter()
+            .map(|id| {
+                let ino = msgs.get(id.as_str()).copied();
+                (id, ino)
+            })
+            .collect())
     }
 
     /// Locks a message for delivery, or `None` if another process holds it (or it was
@@ -354,6 +417,37 @@ impl Queue {
         }
     }
 
+    /// Removes what a crash left behind: `.msg` files without their `.env` (a crash
+    /// inside [`Queue::insert`] or [`Queue::remove`]) and temporary entry files, once
+    /// older than `min_age` so that an insert in progress in another process (a flush
+    /// queueing a bounce) is never touched. Returns how many files went.
+    pub fn sweep(&self, min_age: Duration) -> usize {
+        let Ok(dir) = fs::read_dir(&self.dir) else {
+            return 0;
+        };
+        let now = SystemTime::now();
+        let mut removed = 0;
+        for e in dir.flatten() {
+            let name = e.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let leftover = if let Some(stem) = name.strip_suffix(".msg") {
+                QueueId::parse(stem).is_ok_and(|id| !self.env_path(&id).exists())
+            } else {
+                name.starts_with('.') && name.ends_with(".env.tmp")
+            };
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|m| now.duration_since(m).ok())
+                .is_some_and(|age| age >= min_age);
+            if leftover && old && fs::remove_file(e.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        removed
+    }
+
     /// Whether another process holds the delivery lock (for `mailq`'s `*`).
     pub fn is_locked(&self, id: &QueueId) -> bool {
         match File::open(self.msg_path(id)) {
@@ -369,6 +463,60 @@ impl Queue {
     }
 }
 
+/// The files some process holds an exclusive `flock` on, read once from `/proc/locks`:
+/// a listing of 100,000 messages asks this instead of opening and trying to lock each
+/// one (which cost more than reading the entries).
+#[derive(Debug)]
+pub struct LockTable {
+    /// Inodes on the queue's file system.
+    inodes: std::collections::HashSet<u64>,
+}
+
+impl LockTable {
+    /// The exclusive flocks on the file system of `dir`; `None` where `/proc/locks`
+    /// cannot be read (then ask [`Queue::is_locked`] per message).
+    pub fn read(dir: &Path) -> Option<LockTable> {
+        use std::os::unix::fs::MetadataExt;
+        let dev = fs::metadata(dir).ok()?.dev();
+        let device = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
+        let text = fs::read_to_string("/proc/locks").ok()?;
+        Some(LockTable::parse(device, &text))
+    }
+
+    /// Parses `/proc/locks` lines such as `1: FLOCK  ADVISORY  WRITE 7907 fe:00:10076256 0 EOF`;
+    /// waiters (`1: -> FLOCK ...`) hold nothing and are skipped.
+    fn parse(device: (u64, u64), text: &str) -> LockTable {
+        let mut inodes = std::collections::HashSet::new();
+        for line in text.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let [_, "FLOCK", _, "WRITE", _, file, ..] = f.as_slice() else {
+                continue;
+            };
+            let mut parts = file.split(':');
+            let (Some(maj), Some(min), Some(ino)) = (parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            let (Ok(maj), Ok(min), Ok(ino)) = (
+                u64::from_str_radix(maj, 16),
+                u64::from_str_radix(min, 16),
+                ino.parse::<u64>(),
+            ) else {
+                continue;
+            };
+            if (maj, min) == device {
+                inodes.insert(ino);
+            }
+        }
+        LockTable { inodes }
+    }
+
+    /// Whether the file with this inode number (on the queue's file system) is locked.
+    pub fn holds(&self, inode: u64) -> bool {
+        self.inodes.contains(&inode)
+    }
+}
+
 /// Reads and validates one `.env` file.
 pub fn read_entry(path: &Path) -> Result<QueueEntry, QueueError> {
     // SECURITY: no symlinks, bounded size: mailq runs as any user over this directory.
@@ -377,7 +525,9 @@ pub fn read_entry(path: &Path) -> Result<QueueEntry, QueueError> {
         .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
         .open(path)
         .map_err(io_err(path))?;
-    let mut buf = Vec::new();
+    // Room for a typical entry up front: from an empty buffer, `read_to_end` probes with
+    // small reads, six system calls per entry instead of two.
+    let mut buf = Vec::with_capacity(4096);
     f.take(MAX_ENV_SIZE)
         .read_to_end(&mut buf)
         .map_err(io_err(path))?;
@@ -399,31 +549,13 @@ mod tests {
     use super::*;
 
     fn entry(id: &QueueId) -> QueueEntry {
-        QueueEntry {
-            version: VERSION,
-            id: id.to_string(),
-            sender: "a@b.c".into(),
-            uid: 1000,
-            arrival_us: 5,
-            size: 4,
-            recipients: vec![Recipient {
-                address: "x@y.z".into(),
-                original: None,
-                status: RcptStatus::Pending,
-                reply: None,
-            }],
-            notify: None,
-            ret: None,
-            envid: None,
-            body: None,
-            attempts: 0,
-            next_attempt_us: 0,
-            held: false,
-            queue_only: false,
-            is_bounce: false,
-            account: None,
-            reason: None,
-        }
+        let rcpt = Recipient {
+            address: "x@y.z".into(),
+            original: None,
+            status: RcptStatus::Pending,
+            reply: None,
+        };
+        QueueEntry::new(id, "a@b.c", 1000, UNIX_EPOCH, 4, vec![rcpt])
     }
 
     fn queue() -> (tempfile::TempDir, Queue) {
@@ -478,6 +610,66 @@ mod tests {
         e.next_attempt_us = 0;
         assert!(!e.is_due(now, false));
         assert!(e.is_due(now, true));
+    }
+
+    #[test]
+    fn a_finished_entry_left_in_the_queue_is_due_for_settling() {
+        let id = QueueId::generate(SystemTime::now());
+        let mut e = entry(&id);
+        e.recipients[0].status = RcptStatus::Failed;
+        let now = SystemTime::now();
+        assert!(e.is_due(now, false));
+        e.set_next_attempt(now + Duration::from_secs(60));
+        assert!(!e.is_due(now, false));
+        assert!(e.is_due(now, true));
+        e.held = true;
+        assert!(!e.is_due(now, true));
+    }
+
+    #[test]
+    fn sweep_removes_old_leftovers_only() {
+        let (_d, q) = queue();
+        let kept = QueueId::generate(SystemTime::now());
+        q.insert(&entry(&kept), b"abcd").unwrap();
+        let orphan = QueueId::generate(SystemTime::now());
+        fs::write(q.msg_path(&orphan), b"x").unwrap();
+        let tmp = q.dir().join(format!(".{orphan}.env.tmp"));
+        fs::write(&tmp, b"{").unwrap();
+        assert_eq!(q.sweep(Duration::from_secs(3600)), 0, "too young");
+        assert_eq!(q.sweep(Duration::ZERO), 2);
+        assert!(!q.msg_path(&orphan).exists() && !tmp.exists());
+        assert!(q.msg_path(&kept).exists() && q.env_path(&kept).exists());
+    }
+
+    #[test]
+    fn lock_table_from_proc_locks() {
+        let text = "1: FLOCK  ADVISORY  WRITE 7907 fe:00:10076256 0 EOF\n\
+                    2: FLOCK  ADVISORY  READ 7907 fe:00:10076257 0 EOF\n\
+                    3: POSIX  ADVISORY  WRITE 7907 fe:00:10076258 0 EOF\n\
+                    4: -> FLOCK  ADVISORY  WRITE 7908 fe:00:10076259 0 EOF\n\
+                    5: FLOCK  ADVISORY  WRITE 7907 08:01:10076260 0 EOF\n\
+                    garbage\n";
+        let t = LockTable::parse((0xfe, 0), text);
+        assert!(t.holds(10076256));
+        for ino in [10076257, 10076258, 10076259, 10076260] {
+            assert!(!t.holds(ino), "{ino}");
+        }
+    }
+
+    #[test]
+    fn the_lock_table_sees_a_delivery_lock() {
+        let (_d, q) = queue();
+        let id = QueueId::generate(SystemTime::now());
+        q.insert(&entry(&id), b"abcd").unwrap();
+        let ino = |q: &Queue| q.scan().unwrap()[0].1.expect("the .msg inode");
+        let Some(t) = LockTable::read(q.dir()) else {
+            return; // no /proc/locks here; the listing falls back to is_locked
+        };
+        assert!(!t.holds(ino(&q)));
+        let held = q.lock(&id).unwrap().unwrap();
+        assert!(LockTable::read(q.dir()).unwrap().holds(ino(&q)));
+        drop(held);
+        assert!(!LockTable::read(q.dir()).unwrap().holds(ino(&q)));
     }
 
     #[test]

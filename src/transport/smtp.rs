@@ -1,6 +1,7 @@
 //! SMTP submission with lettre's connection-level API: connect, STARTTLS (or implicit
 //! TLS), EHLO, AUTH, then per-recipient MAIL/RCPT/DATA so that a recipient refused at
-//! RCPT does not sink the others. Connections are kept and reused between messages.
+//! RCPT does not sink the others. Connections are kept and reused between messages;
+//! the message and its final dot go out in one write (see [`Session::data`]).
 //!
 //! Trusts the server only after rustls has verified its certificate against the
 //! system store plus the account's `ca_file`; there is no way to turn verification
@@ -45,6 +46,15 @@ pub struct Failure {
     pub stage: Stage,
     pub reply: Option<Reply>,
     pub detail: String,
+}
+
+impl Failure {
+    /// Whether TLS failed because the server's certificate could not be verified.
+    pub fn is_certificate_error(&self) -> bool {
+        self.reply.is_none()
+            && matches!(self.stage, Stage::Connect | Stage::StartTls)
+            && self.detail.to_ascii_lowercase().contains("certificate")
+    }
 }
 
 impl std::fmt::Display for Failure {
@@ -119,6 +129,8 @@ pub struct Session {
     pub relay: String,
     /// Transactions completed on this connection.
     pub transactions: u32,
+    /// MAIL commands sent on this connection, whatever their outcome.
+    pub mails: u32,
 }
 
 impl std::fmt::Debug for Session {
@@ -194,6 +206,7 @@ impl Session {
             offer,
             relay,
             transactions: 0,
+            mails: 0,
         })
     }
 
@@ -243,6 +256,7 @@ impl Session {
             line.push_str(p);
         }
         line.push_str("\r\n");
+        self.mails += 1;
         self.command(Stage::Mail, line)
     }
 
@@ -257,13 +271,22 @@ impl Session {
         self.command(Stage::Rcpt, line)
     }
 
-    /// `DATA`, the message (dot-stuffed by lettre), and the final dot.
+    /// `DATA`, the message (dot-stuffed), and the final dot.
     pub fn data(&mut self, message: &[u8]) -> Result<Reply, Failure> {
         self.command(Stage::Data, "DATA\r\n".to_string())?;
-        // lettre adds CRLF before the final dot itself; our stored message already ends
-        // in CRLF, which would otherwise add an empty line at the end of the body.
+        // The final dot goes after the message's own last CRLF, as the one lettre adds
+        // would leave an empty line at the end of the body.
         let body = message.strip_suffix(b"\r\n").unwrap_or(message);
-        match self.conn.message(body) {
+        // One write for the message and the dot: lettre's `message` writes them apart,
+        // and with the message's last segment unacknowledged, Nagle's algorithm holds
+        // the dot back until the server's delayed ACK (40 ms on Linux, up to 200 ms on
+        // Windows) — per message. lettre's only single-write path is `command`, which
+        // takes text; the rare message that is not UTF-8 still goes the two-write way.
+        let sent = match std::str::from_utf8(body) {
+            Ok(text) => self.conn.command(DataBlock(text)),
+            Err(_) => self.conn.message(body),
+        };
+        match sent {
             Ok(r) => {
                 self.transactions += 1;
                 let code: u16 = r.code().to_string().parse().unwrap_or(250);
@@ -282,11 +305,6 @@ impl Session {
         self.conn.command("RSET\r\n").is_ok()
     }
 
-    /// Whether a cached connection still answers (RSET), checked before reusing it.
-    pub fn probe(&mut self) -> bool {
-        !self.conn.has_broken() && self.conn.command("RSET\r\n").is_ok()
-    }
-
     /// Whether the connection can carry another transaction.
     pub fn is_usable(&self) -> bool {
         !self.conn.has_broken()
@@ -295,6 +313,33 @@ impl Session {
     /// Says goodbye; errors do not matter any more.
     pub fn quit(mut self) {
         let _ = self.conn.quit();
+    }
+}
+
+/// A message body as the DATA phase sends it: transparency (RFC 5321 4.5.2: a line
+/// that starts with a dot gets another one, a line being what follows CRLF or the
+/// start), then CRLF, the final dot and CRLF. `body` has no final CRLF of its own.
+struct DataBlock<'a>(&'a str);
+
+impl std::fmt::Display for DataBlock<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut rest = self.0;
+        loop {
+            if rest.starts_with('.') {
+                f.write_str(".")?;
+            }
+            match rest.find("\r\n") {
+                Some(i) => {
+                    f.write_str(&rest[..i + 2])?;
+                    rest = &rest[i + 2..];
+                }
+                None => {
+                    f.write_str(rest)?;
+                    break;
+                }
+            }
+        }
+        f.write_str("\r\n.\r\n")
     }
 }
 
@@ -333,6 +378,20 @@ mod tests {
         assert_eq!(o.size, Some(157_286_400));
         assert!(o.eight_bit && o.smtputf8 && o.dsn && !o.starttls);
         assert_eq!(o.auth, ["LOGIN", "XOAUTH2"]);
+    }
+
+    #[test]
+    fn data_block_stuffs_dots_at_line_starts_only() {
+        let block = |s: &str| DataBlock(s).to_string();
+        assert_eq!(block(""), "\r\n.\r\n");
+        assert_eq!(block("."), "..\r\n.\r\n");
+        assert_eq!(
+            block("Subject: x\r\n\r\n.\r\n..a\r\nb.c\r\n.d"),
+            "Subject: x\r\n\r\n..\r\n...a\r\nb.c\r\n..d\r\n.\r\n"
+        );
+        // A bare CR or LF does not start a line (as lettre's codec and RFC 5321 say).
+        assert_eq!(block("a\n.b\r.c"), "a\n.b\r.c\r\n.\r\n");
+        assert_eq!(block("a\r\r\n.b"), "a\r\r\n..b\r\n.\r\n");
     }
 
     #[test]

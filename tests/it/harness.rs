@@ -158,6 +158,14 @@ pub enum Auth {
     Xoauth2,
 }
 
+/// A further account for `Tenant::with_accounts`: AUTH LOGIN as `mailbox`, with `extra`
+/// TOML (limits, `senders = [...]`) inside its `[[account]]` table.
+pub struct ExtraAccount {
+    pub name: &'static str,
+    pub mailbox: &'static str,
+    pub extra: String,
+}
+
 /// A spool whose one account points at an Exchange Online emulator on 127.0.0.1.
 pub struct Tenant {
     pub emu: emu::Emulator,
@@ -183,6 +191,20 @@ impl Tenant {
 
     /// `account_extra` is appended inside the `[[account]]` table.
     pub fn with(cfg: emu::Config, auth: Auth, account_extra: &str) -> Tenant {
+        Tenant::with_accounts(cfg, auth, account_extra, &[])
+    }
+
+    /// As `with`, plus further AUTH LOGIN accounts after the first, each with its own
+    /// mailbox (added to the emulator with the test password) and `[[account]]` table.
+    pub fn with_accounts(
+        mut cfg: emu::Config,
+        auth: Auth,
+        account_extra: &str,
+        more: &[ExtraAccount],
+    ) -> Tenant {
+        for a in more {
+            cfg = cfg.mailbox(emu::Mailbox::with_password(a.mailbox, PASSWORD));
+        }
         let emu = emu::Emulator::start(cfg).expect("start emulator");
         let dir = tempfile::tempdir().expect("tempdir");
         let ca = dir.path().join("ca.pem");
@@ -192,7 +214,11 @@ impl Tenant {
             Auth::Login => format!("password = \"{PASSWORD}\""),
             Auth::Xoauth2 => format!("client_secret = \"{CLIENT_SECRET}\""),
         };
-        std::fs::write(&secrets, format!("[app]\n{secret_line}\n")).expect("secrets");
+        let mut secrets_text = format!("[app]\n{secret_line}\n");
+        for a in more {
+            secrets_text.push_str(&format!("[{}]\npassword = \"{PASSWORD}\"\n", a.name));
+        }
+        std::fs::write(&secrets, secrets_text).expect("secrets");
         {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&secrets, std::fs::Permissions::from_mode(0o600))
@@ -212,13 +238,23 @@ impl Tenant {
         } else {
             ""
         };
-        let toml = format!(
+        let mut toml = format!(
             "secrets_file = \"{}\"\naliases = \"{}\"\nadmin = \"admin@contoso.com\"\n\n[[account]]\nname = \"app\"\nmailbox = \"{MAILBOX}\"\nhost = \"localhost\"\nport = {}\nca_file = \"{}\"\ntimeout = \"10s\"\n{extra}\n{auth_block}",
             secrets.display(),
             aliases.display(),
             emu.port(),
             ca.display(),
         );
+        for a in more {
+            toml.push_str(&format!(
+                "\n[[account]]\nname = \"{}\"\nmailbox = \"{}\"\nhost = \"localhost\"\nport = {}\nca_file = \"{}\"\ntimeout = \"10s\"\nauth = \"login\"\n{}\n",
+                a.name,
+                a.mailbox,
+                emu.port(),
+                ca.display(),
+                a.extra
+            ));
+        }
         let spool = Spool::new_in(dir, &toml);
         Tenant { emu, spool }
     }

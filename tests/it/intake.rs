@@ -74,9 +74,10 @@ fn debian_cron() {
     );
     assert_eq!(
         header(&msg, "From"),
-        ["From: root (Cron Daemon)"],
-        "existing From kept as written"
+        ["From: root@example.com (Cron Daemon)"],
+        "existing From kept, its bare name qualified as Postfix does"
     );
+    assert_eq!(header(&msg, "To"), ["To: user@example.com"]);
     assert_completed(&msg);
 }
 
@@ -384,7 +385,6 @@ fn bad_options_are_usage_errors() {
     let s = Spool::new("");
     assert_fails(&s.sendmail(&["-N", "sometimes", "a@x.org"], b""), 64, "-N");
     assert_fails(&s.sendmail(&["-bd"], b""), 64, "-bd is not supported");
-    assert_fails(&s.sendmail(&["-bs"], b""), 64, "-bs");
     assert_fails(&s.sendmail(&["-t", "-f"], b""), 64, "needs a value");
 }
 
@@ -556,11 +556,51 @@ fn newaliases_is_a_no_op() {
 #[test]
 fn verify_shows_resolution_and_sends_nothing() {
     let s = Spool::new("");
-    let out = s.sendmail(&["-bv", "root", "x@example.org"], b"");
-    assert_ok(&out);
+    let aliases = s.dir.path().join("aliases");
+    std::fs::write(&aliases, "root: ops@example.org\n").unwrap();
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    std::fs::write(
+        &s.config,
+        format!("aliases = \"{}\"\n{text}", aliases.display()),
+    )
+    .unwrap();
+    let out = s.sendmail(
+        &[
+            "-bv",
+            "root",
+            "nobody-here",
+            "x@example.org",
+            "ghost@localhost",
+        ],
+        b"",
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(67),
+        "one recipient has no route: {}",
+        stdout(&out)
+    );
     let text = stdout(&out);
-    assert!(text.contains("root -> <root@example.com>"), "{text}");
-    assert!(text.contains("x@example.org -> <x@example.org>"), "{text}");
+    assert!(
+        text.contains("root -> <ops@example.org> (local recipient"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "nobody-here -> <nobody-here@example.com> (qualified with the configured domain)"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("x@example.org -> <x@example.org> (as given)"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "ghost@localhost -> <ghost@localhost> (undeliverable: 550 5.1.1 no alias for ghost"
+        ),
+        "{text}"
+    );
     assert_eq!(s.count_files("incoming/new"), 0);
 }
 

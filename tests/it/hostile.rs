@@ -1,5 +1,6 @@
 //! Hostile messages through the real binaries: a 100 MB line, a million headers,
-//! deeply nested MIME, invalid UTF-8, NUL bytes and bare CR. Each is refused with a
+//! deeply nested MIME, invalid UTF-8, NUL bytes and bare CR, and a `-bs` session with a
+//! 100 MB command line and 100 MB of message data. Each is refused with a
 //! clear error or carried through intake, the From rewrite, bounces and the capture
 //! transport unharmed, and the memory it costs is measured (peak RSS from
 //! /proc/<pid>/status VmHWM, polled while the child runs) and bounded.
@@ -161,6 +162,45 @@ fn a_100_mb_line_is_refused_at_the_limit_without_reading_it_all() {
     assert!(
         m.peak_kb * 1024 < 35_000_000 + 20 * MB,
         "peak RSS {} KiB for a 35 MB limit",
+        m.peak_kb
+    );
+}
+
+#[test]
+fn bs_a_100_mb_command_line_and_100_mb_of_data_keep_memory_bounded() {
+    // `-bs` reads the whole input (a client may go on after a refusal), so unlike the
+    // command-line path it cannot stop early: what must stay bounded is what it holds.
+    let s = Spool::new("");
+    let chunk = vec![b'x'; 64 * 1024];
+    let mut input: Vec<Vec<u8>> = vec![b"EHLO app.example.org\r\nNOOP ".to_vec()];
+    input.extend(std::iter::repeat_n(chunk.clone(), 1600));
+    input.push(b"\r\nMAIL FROM:<app@example.org>\r\nRCPT TO:<a@example.org>\r\nDATA\r\n".to_vec());
+    input.extend(std::iter::repeat_n(chunk, 1600));
+    // After both refusals the session still works: this one is queued.
+    input.push(
+        b"\r\n.\r\nMAIL FROM:<app@example.org>\r\nRCPT TO:<a@example.org>\r\nDATA\r\nSubject: after\r\n\r\nok\r\n.\r\nQUIT\r\n"
+            .to_vec(),
+    );
+    let total: u64 = input.iter().map(|c| c.len() as u64).sum();
+    let m = measure(sendmail_cmd(&s, &["-bs"]), Box::new(input.into_iter()));
+    eprintln!(
+        "-bs, 100 MB line + 100 MB data: peak RSS {} KiB, {} of {total} bytes taken, {:?}",
+        m.peak_kb, m.written, m.elapsed
+    );
+    assert!(m.status.success(), "stderr: {}", m.stderr);
+    assert_eq!(m.written, total, "the whole session was read");
+    assert_eq!(
+        s.count_files("incoming/new"),
+        1,
+        "only the small message queued"
+    );
+    assert_eq!(s.count_files("incoming/tmp"), 0, "no temporary file left");
+    // The oversized message is dropped once past the 35 MB limit, the long line at
+    // 2 KB: at most one message limit plus the program.
+    assert!(m.peak_kb > 0, "no RSS reading");
+    assert!(
+        m.peak_kb * 1024 < 35_000_000 + 20 * MB,
+        "peak RSS {} KiB",
         m.peak_kb
     );
 }

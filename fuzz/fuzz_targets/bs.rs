@@ -30,7 +30,8 @@ use relay365::spool::incoming::{self, SpoolError};
 use relay365::spool::paths::Spool;
 
 struct Fixture {
-    // Held so the directory lives as long as the process; removed at exit.
+    // Held so the directory lives as long as the process. A static is never dropped,
+    // so the (empty, unless an input crashed) directory stays behind in /dev/shm.
     _dir: tempfile::TempDir,
     spool: Spool,
     group: DropGroup,

@@ -362,6 +362,13 @@ fn parse_target(item: &str) -> Result<Target, String> {
             "target {item:?} contains whitespace; separate targets with commas or quote them"
         ));
     }
+    // Quotes allow blanks, but a tab passed the line's control check and no address
+    // (RFC 5321 quoted string, or our Address type) may carry one.
+    if addr.contains(char::is_control) {
+        return Err(format!(
+            "target {item:?} contains a tab or other control character; use spaces or remove it"
+        ));
+    }
     if let Some((local, domain)) = addr.rsplit_once('@') {
         if local.is_empty() || domain.is_empty() || domain.contains(char::is_whitespace) {
             return Err(format!(
@@ -937,5 +944,15 @@ root: ops@example.org
         let err = Aliases::load(&missing).unwrap_err();
         assert!(matches!(err, AliasError::Read { .. }));
         assert!(err.to_string().contains("nope"));
+    }
+
+    #[test]
+    fn tab_inside_a_quoted_target_is_refused() {
+        // Found by fuzzing (fuzz/ aliases): the tab passed the control-character check
+        // (tabs fold lines) and reached the queue as a recipient address.
+        let (line, message) = parse_err("q: \"a\tb\"@x.example\n");
+        assert_eq!(line, 1);
+        assert!(message.contains("tab"), "{message}");
+        assert_eq!(parse("q: \"a b\"@x.example\n").len(), 1);
     }
 }

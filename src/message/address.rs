@@ -86,11 +86,13 @@ impl Address {
     }
 
     /// Appends `@domain` to a bare local name; qualified addresses are returned as is.
-    pub fn qualify(self, domain: &str) -> Address {
+    /// Fails when the qualified address would be too long (a 320-character local name).
+    pub fn qualify(self, domain: &str) -> Result<Address, AddressError> {
         if self.is_qualified() {
-            self
+            Ok(self)
         } else {
-            Address(format!("{}@{domain}", self.0))
+            // SECURITY: the result is re-validated, as the daemon will when it reads it.
+            Address::parse(&format!("{}@{domain}", self.0))
         }
     }
 }
@@ -226,10 +228,14 @@ fn bare_piece(piece: &str) -> Result<Option<Address>, AddressError> {
         }
     }
     let mut t = text.trim();
-    if let (Some(open), Some(close)) = (t.find('<'), t.rfind('>')) {
-        t = t[open + 1..close].trim();
-    } else if let Some((_, rest)) = t.split_once(':') {
-        t = rest.trim();
+    match (t.find('<'), t.rfind('>')) {
+        // A `>` before the `<` (`a>b<c`) is no bracketed address; slicing it would panic.
+        (Some(open), Some(close)) if open < close => t = t[open + 1..close].trim(),
+        _ => {
+            if let Some((_, rest)) = t.split_once(':') {
+                t = rest.trim();
+            }
+        }
     }
     if t.is_empty() {
         return Ok(None);
@@ -291,10 +297,21 @@ mod tests {
     fn qualifies_bare_names_only() {
         let d = "example.com";
         assert_eq!(
-            Address::parse("root").unwrap().qualify(d).as_str(),
+            Address::parse("root").unwrap().qualify(d).unwrap().as_str(),
             "root@example.com"
         );
-        assert_eq!(Address::parse("a@b").unwrap().qualify(d).as_str(), "a@b");
+        assert_eq!(
+            Address::parse("a@b").unwrap().qualify(d).unwrap().as_str(),
+            "a@b"
+        );
+        // Found by fuzzing (fuzz/ intake): a 320-character bare name passed, and its
+        // qualified form was refused only by the daemon, after sendmail had said yes.
+        let long = "a".repeat(315);
+        assert!(Address::parse(&long).is_ok());
+        assert!(matches!(
+            Address::parse(&long).unwrap().qualify(d),
+            Err(AddressError::TooLong(_))
+        ));
     }
 
     #[test]
@@ -344,5 +361,14 @@ mod tests {
         );
         assert_eq!(parse_argument("a@x, b@y").unwrap().len(), 2);
         assert!(parse_argument("a@x\r\nDATA").is_err());
+    }
+
+    #[test]
+    fn closing_bracket_before_opening_is_refused_not_a_panic() {
+        // Found by fuzzing (fuzz/ address, intake, rewrite): `>` before `<` in a piece
+        // mailparse refuses made the fallback slice out of order and panic.
+        assert!(parse_list(b"To: a>b<c\r\n").is_err());
+        assert!(parse_list(b"From: =?UTF-8>B?w4k=?\xaa= <e@x.ex\r\n").is_err());
+        assert!(parse_argument("x> <y").is_err());
     }
 }

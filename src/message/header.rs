@@ -141,8 +141,12 @@ pub fn parse(input: &[u8]) -> Result<Message, HeaderError> {
                 body: input[end..].to_vec(),
             });
         }
-        if line_no == 1 && content.starts_with(b"From ") {
-            // An mbox envelope line, as mail(1) and some scripts still write.
+        if line_no == 1
+            && content.starts_with(b"From ")
+            && !matches!(classify(content), LineKind::Header(_))
+        {
+            // An mbox envelope line, as mail(1) and some scripts still write; `From : x`
+            // is a From header in the obsolete syntax, not one.
             pos = end;
             continue;
         }
@@ -270,6 +274,19 @@ mod tests {
     fn mbox_from_line_is_dropped() {
         let m = parse(b"From root Thu Nov 26 10:00:00 2026\r\nSubject: x\r\n\r\nb\r\n").unwrap();
         assert_eq!(m.headers.len(), 1);
+    }
+
+    #[test]
+    fn obsolete_from_header_first_is_not_an_mbox_line() {
+        // Found by fuzzing (fuzz/ header): `From : x` on the first line was dropped as
+        // an mbox envelope line, so completion replaced the caller's From.
+        let m = parse(b"From : a@b.example\r\nSubject: x\r\n\r\nb\r\n").unwrap();
+        assert_eq!(m.headers.len(), 2);
+        assert!(m.has("from"));
+        assert_eq!(
+            m.to_bytes(),
+            b"From : a@b.example\r\nSubject: x\r\n\r\nb\r\n"
+        );
     }
 
     #[test]

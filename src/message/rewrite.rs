@@ -70,8 +70,16 @@ pub fn apply(message: &[u8], mailbox: &str, policy: FromPolicy, host: &str) -> V
         };
     if want_reply_to {
         msg.remove("Reply-To");
-        msg.headers
-            .insert(pos + 1, Header::new("Reply-To", &format!("<{orig_addr}>")));
+        // Removing a Reply-To written above the From moved the From up.
+        let after_from = msg
+            .headers
+            .iter()
+            .position(|h| h.is("From"))
+            .map_or(0, |p| p + 1);
+        msg.headers.insert(
+            after_from,
+            Header::new("Reply-To", &format!("<{orig_addr}>")),
+        );
     }
     msg.to_bytes()
 }
@@ -133,5 +141,29 @@ mod tests {
         assert_eq!(run(src, FromPolicy::Preserve), src);
         let src = "From: App <APP@contoso.com>\r\n\r\nb\r\n";
         assert_eq!(run(src, FromPolicy::Rewrite), src);
+    }
+
+    #[test]
+    fn reply_to_above_the_from_is_replaced_not_a_panic() {
+        // Found by fuzzing (fuzz/ rewrite): with from = "reply-to", removing a Reply-To
+        // written before the From shifted the From, and the insert after it panicked.
+        let out = run(
+            "Reply-To: <old@x.org>\r\nFrom: a@x.org\r\n\r\nb\r\n",
+            FromPolicy::ReplyTo,
+        );
+        assert_eq!(
+            out,
+            "From: \"a on web1\" <app@contoso.com>\r\nReply-To: <a@x.org>\r\n\r\nb\r\n"
+        );
+        let out = run(
+            "Reply-To: <r1@x.org>\r\nReply-To: <r2@x.org>\r\nSubject: s\r\nFrom: a@x.org\r\n\r\nb\r\n",
+            FromPolicy::ReplyTo,
+        );
+        assert!(
+            out.starts_with(
+                "Subject: s\r\nFrom: \"a on web1\" <app@contoso.com>\r\nReply-To: <a@x.org>\r\n"
+            ),
+            "{out}"
+        );
     }
 }

@@ -162,7 +162,16 @@ fn verify(opts: &Options, config: &Config, uid: u32) -> Exit {
         match crate::message::address::parse_argument(arg) {
             Ok(list) => {
                 for a in list {
-                    let q = a.clone().qualify(&config.domain);
+                    // qualify re-validates: a bare name that is valid alone can be
+                    // too long once the domain is added (found by fuzzing).
+                    let q = match a.clone().qualify(&config.domain) {
+                        Ok(q) => q,
+                        Err(e) => {
+                            let _ = writeln!(out, "{arg}: undeliverable: {e}");
+                            status = Exit::NoUser;
+                            continue;
+                        }
+                    };
                     for r in locals.resolve(q.as_str()) {
                         let how = match (&r.status, r.address == q.as_str(), a.is_qualified()) {
                             (RcptStatus::Failed, _, _) => {

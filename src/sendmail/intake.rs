@@ -58,28 +58,31 @@ pub fn read_message(input: impl Read, ignore_dots: bool, max: u64) -> Result<Vec
     // the limit is enough to know it is exceeded, and bounds memory for a hostile input.
     let mut reader = BufReader::with_capacity(64 * 1024, input.take(max.saturating_add(1)));
     let mut out = Vec::with_capacity(8 * 1024);
-    let mut line = Vec::with_capacity(1024);
     let mut line_no = 0;
     loop {
-        line.clear();
-        if reader.read_until(b'\n', &mut line)? == 0 {
+        // Each line is read straight into `out` and its ending fixed in place: a copy
+        // through a line buffer would hold a single 100 MB line twice.
+        let start = out.len();
+        if reader.read_until(b'\n', &mut out)? == 0 {
             break;
         }
         line_no += 1;
-        let mut content: &[u8] = &line;
-        if let Some(c) = content.strip_suffix(b"\n") {
-            content = c;
+        let mut end = out.len();
+        if out[start..end].ends_with(b"\n") {
+            end -= 1;
         }
-        if let Some(c) = content.strip_suffix(b"\r") {
-            content = c;
+        if out[start..end].ends_with(b"\r") {
+            end -= 1;
         }
+        let content = &out[start..end];
         if !ignore_dots && content == b"." {
+            out.truncate(start);
             return finish(out, max);
         }
         if content.contains(&0) {
             return Err(IntakeError::Nul { line: line_no });
         }
-        out.extend_from_slice(content);
+        out.truncate(end);
         out.extend_from_slice(b"\r\n");
         if out.len() as u64 > max {
             return Err(IntakeError::TooBig { limit: max });
@@ -170,10 +173,10 @@ pub fn envelope_sender(
 ) -> Result<Sender, IntakeError> {
     Ok(match &opts.sender {
         Some(s) => match Sender::parse(s)? {
-            Sender::Address(a) => Sender::Address(a.qualify(domain)),
+            Sender::Address(a) => Sender::Address(a.qualify(domain)?),
             Sender::Null => Sender::Null,
         },
-        None => Sender::Address(Address::parse(&caller.login)?.qualify(domain)),
+        None => Sender::Address(Address::parse(&caller.login)?.qualify(domain)?),
     })
 }
 
@@ -181,11 +184,9 @@ pub fn envelope_sender(
 pub fn argument_recipients(opts: &Options, domain: &str) -> Result<Vec<Address>, IntakeError> {
     let mut out = Vec::new();
     for arg in &opts.recipients {
-        out.extend(
-            address::parse_argument(arg)?
-                .into_iter()
-                .map(|a| a.qualify(domain)),
-        );
+        for a in address::parse_argument(arg)? {
+            out.push(a.qualify(domain)?);
+        }
     }
     Ok(out)
 }
@@ -204,11 +205,9 @@ pub fn build(
 
     let mut recipients = Vec::new();
     if opts.extract {
-        recipients.extend(
-            complete::header_recipients(&msg)?
-                .into_iter()
-                .map(|a| a.qualify(settings.domain)),
-        );
+        for a in complete::header_recipients(&msg)? {
+            recipients.push(a.qualify(settings.domain)?);
+        }
     }
     // Postfix >= 2.1, dma, msmtp and nullmailer add command-line recipients to -t ones.
     recipients.extend(argument_recipients(opts, settings.domain)?);
@@ -221,7 +220,7 @@ pub fn build(
         }));
     }
 
-    let login_address = Address::parse(&caller.login)?.qualify(settings.domain);
+    let login_address = Address::parse(&caller.login)?.qualify(settings.domain)?;
     let from = match &sender {
         Sender::Address(a) => a.clone(),
         Sender::Null => login_address,
@@ -415,5 +414,26 @@ mod tests {
             submit(&["a@x.org\nb"], b"S: s\r\n\r\n"),
             Err(IntakeError::Address(_))
         ));
+    }
+
+    #[test]
+    fn a_name_too_long_once_qualified_is_refused_at_intake() {
+        // Found by fuzzing (fuzz/ intake): sendmail accepted a 315-character bare name,
+        // and the daemon refused the incoming file whose qualified address was too long.
+        let long = "a".repeat(315);
+        for (args, raw) in [
+            (vec!["-t"], format!("To: {long}\r\n\r\n")),
+            (vec![long.as_str()], "S: s\r\n\r\n".to_string()),
+            (
+                vec!["-f", long.as_str(), "a@x.org"],
+                "S: s\r\n\r\n".to_string(),
+            ),
+        ] {
+            let e = submit(&args, raw.as_bytes()).unwrap_err();
+            assert!(
+                matches!(e, IntakeError::Address(AddressError::TooLong(_))),
+                "{e:?}"
+            );
+        }
     }
 }

@@ -144,7 +144,7 @@ pub fn parse(argv0: &str, args: &[OsString]) -> Result<Options, OptionsError> {
         // -F may carry a Latin-1 name from old scripts; take it lossily, nothing else.
         let arg = match arg {
             Ok(a) => a.to_string(),
-            Err(_) if args[i - 1].as_encoded_bytes().starts_with(b"-F") => {
+            Err(_) if !only_recipients && args[i - 1].as_encoded_bytes().starts_with(b"-F") => {
                 args[i - 1].to_string_lossy().into_owned()
             }
             Err(e) => return Err(e),
@@ -474,5 +474,25 @@ mod tests {
         assert!(o.verbose);
         assert_eq!(o.config, Some(PathBuf::from("/tmp/r.toml")));
         assert_eq!(o.log_tag.as_deref(), Some("myapp"));
+    }
+
+    #[test]
+    fn non_utf8_recipient_after_double_dash_is_refused_even_if_it_looks_like_f() {
+        // Found by fuzzing (fuzz/ options): the lossy -F exception also turned a
+        // recipient argument after `--` into a mangled address.
+        use std::os::unix::ffi::OsStringExt;
+        let args = [
+            OsString::from("--"),
+            OsString::from_vec(b"-F\xe9t".to_vec()),
+        ];
+        assert_eq!(parse("sendmail", &args), Err(OptionsError::NotUtf8(2)));
+        let args = [
+            OsString::from_vec(b"-F\xe9t\xe9".to_vec()),
+            OsString::from("x"),
+        ];
+        assert_eq!(
+            parse("sendmail", &args).unwrap().full_name.as_deref(),
+            Some("\u{fffd}t\u{fffd}")
+        );
     }
 }

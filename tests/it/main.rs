@@ -5,6 +5,7 @@ mod crash;
 mod delivery;
 mod faults;
 mod harness;
+mod hostile;
 mod intake;
 mod load;
 mod postfix;

@@ -1,0 +1,45 @@
+//! Fuzzes the queue-file reader (`spool::queue::read_entry`, a `.env` file of JSON
+//! holding a queued message's envelope and per-recipient state) on arbitrary bytes.
+//!
+//! Invariants: never panics; an accepted entry has version 1 and a valid queue id,
+//! and writing it back and reading it again gives the same entry.
+#![no_main]
+
+use std::io::Write;
+use std::sync::OnceLock;
+
+use libfuzzer_sys::fuzz_target;
+use relay365::spool::QueueId;
+use relay365::spool::queue::{self, QueueEntry};
+
+fn dir() -> &'static tempfile::TempDir {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let base = std::path::Path::new("/dev/shm");
+        if base.is_dir() {
+            tempfile::tempdir_in(base).expect("tempdir")
+        } else {
+            tempfile::tempdir().expect("tempdir")
+        }
+    })
+}
+
+fuzz_target!(|data: &[u8]| {
+    let path = dir().path().join("entry.env");
+    let mut f = std::fs::File::create(&path).expect("create");
+    f.write_all(data).expect("write");
+    drop(f);
+    let Ok(entry) = queue::read_entry(&path) else {
+        // The reader is serde over the bytes; it must agree that they are no entry.
+        return;
+    };
+    assert_eq!(entry.version, queue::VERSION);
+    assert!(QueueId::parse(&entry.id).is_ok());
+    let json = serde_json::to_vec(&entry).expect("serialise");
+    let again: QueueEntry = serde_json::from_slice(&json).expect("round trip");
+    assert_eq!(again, entry);
+    let _ = entry.pending().count();
+    let _ = entry.arrival();
+    let _ = entry.next_attempt();
+    let _ = entry.is_due(std::time::SystemTime::now(), false);
+});

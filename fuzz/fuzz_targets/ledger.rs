@@ -7,31 +7,20 @@
 //! the limits' arithmetic and a reservation either goes or names a later moment.
 #![no_main]
 
-use std::sync::OnceLock;
+mod common;
+
 use std::time::{Duration, UNIX_EPOCH};
 
 use libfuzzer_sys::fuzz_target;
 use relay365::daemon::quota::{Ledger, Limits, Reservation};
-
-fn dir() -> &'static tempfile::TempDir {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let base = std::path::Path::new("/dev/shm");
-        if base.is_dir() {
-            tempfile::tempdir_in(base).expect("tempdir")
-        } else {
-            tempfile::tempdir().expect("tempdir")
-        }
-    })
-}
 
 fuzz_target!(|data: &[u8]| {
     let (ledger, freeze) = match data.iter().position(|&b| b == 0xFF) {
         Some(i) => (&data[..i], Some(&data[i + 1..])),
         None => (data, None),
     };
-    let path = dir().path().join("app.ledger");
-    let freeze_path = dir().path().join("app.freeze");
+    let path = common::dir().path().join("app.ledger");
+    let freeze_path = common::dir().path().join("app.freeze");
     std::fs::write(&path, ledger).expect("write ledger");
     let _ = std::fs::remove_file(&freeze_path);
     if let Some(f) = freeze {

@@ -5,27 +5,16 @@
 //! and writing it back and reading it again gives the same entry.
 #![no_main]
 
+mod common;
+
 use std::io::Write;
-use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use relay365::spool::QueueId;
 use relay365::spool::queue::{self, QueueEntry};
 
-fn dir() -> &'static tempfile::TempDir {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let base = std::path::Path::new("/dev/shm");
-        if base.is_dir() {
-            tempfile::tempdir_in(base).expect("tempdir")
-        } else {
-            tempfile::tempdir().expect("tempdir")
-        }
-    })
-}
-
 fuzz_target!(|data: &[u8]| {
-    let path = dir().path().join("entry.env");
+    let path = common::dir().path().join("entry.env");
     let mut f = std::fs::File::create(&path).expect("create");
     f.write_all(data).expect("write");
     drop(f);

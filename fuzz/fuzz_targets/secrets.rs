@@ -6,26 +6,15 @@
 //! was loaded as a secret.
 #![no_main]
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
-use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use relay365::secrets::{AccountSecrets, Secret, Secrets};
 
-fn dir() -> &'static tempfile::TempDir {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let base = std::path::Path::new("/dev/shm");
-        if base.is_dir() {
-            tempfile::tempdir_in(base).expect("tempdir")
-        } else {
-            tempfile::tempdir().expect("tempdir")
-        }
-    })
-}
-
 fuzz_target!(|data: &[u8]| {
-    let path = dir().path().join("secrets.toml");
+    let path = common::dir().path().join("secrets.toml");
     std::fs::write(&path, data).expect("write");
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     match Secrets::load(&path, None) {

@@ -1062,6 +1062,8 @@ class Bench:
             order = self.systems[r % len(self.systems):] + self.systems[: r % len(self.systems)]
             for s in order:
                 variants = s.drains if (do_drain and s.queueing) else (None,)
+                # Runners of one system take turns going first, as the systems do.
+                variants = variants[r % len(variants):] + variants[: r % len(variants)]
                 for v in variants:
                     n = DRAIN_N if s.queueing else min(SYNC_N, s.cap_parallel or SYNC_N)
                     s.reset()

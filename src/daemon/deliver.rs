@@ -145,7 +145,8 @@ pub struct Runner {
     pub others_waiting: Box<dyn Fn() -> bool + Send>,
     /// The message in hand gave way to others with recipients still to send.
     gave_way: bool,
-    /// The session was opened or probed for the transaction about to start.
+    /// The session was made ready (see [`Runner::ready`]) for the transaction about
+    /// to start.
     checked: bool,
     /// How long recent transactions took from reservation to the reply after the dot.
     took: VecDeque<Duration>,
@@ -690,13 +691,14 @@ impl Runner {
         }
     }
 
-    /// Opens the account's connection, or checks that the kept one still answers.
+    /// Opens the account's connection unless a kept one is not known to be broken.
     fn ready(&mut self, now: SystemTime) -> Result<(), Verdict> {
         if self.session.as_ref().is_some_and(|s| !s.is_usable()) {
             self.session = None;
         }
         // A kept connection that the server closed while idle is found at MAIL
-        // (see `transact`), which costs nothing when it is alive, unlike a probe.
+        // (see `Runner::transaction`), which costs nothing when it is alive, unlike a
+        // probe.
         if self.session.is_some() {
             self.checked = true;
             return Ok(());
@@ -878,6 +880,8 @@ impl Runner {
             .collect();
         // With PIPELINING, MAIL, the RCPTs and DATA go out together and their replies
         // are then taken in order exactly as the one-by-one path would get them.
+        // Reused: a transaction was begun on it before, whatever became of it.
+        let reused = session.mails > 0;
         let (mail, mut piped) = if session.offer.pipelining {
             let env = session.envelope(&self.account.mailbox, &params, &rcpts);
             (env.mail, Some(env.rcpts.into_iter()))
@@ -888,7 +892,7 @@ impl Runner {
             // An idle connection the server closed answers nothing, or the 421 it
             // sent when it timed us out (Postfix does): reconnect, nothing was sent.
             let closed = f.reply.as_ref().is_none_or(|r| r.code == 421);
-            if closed && session.transactions > 0 {
+            if closed && reused {
                 return Conversed::Stale;
             }
             let keep = f.reply.is_some() && session.rset();

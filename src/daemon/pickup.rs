@@ -135,8 +135,9 @@ enum Refusal {
 pub struct Picked {
     /// Messages now in the queue.
     pub queued: Vec<QueueId>,
-    /// Of those, the ones this pass queued with recipients to deliver, each with when
-    /// it is due (µs), so the scheduler need not read back what was just written.
+    /// Of those, the ones this pass queued, each with when it is due (µs), so the
+    /// scheduler need not read back what was just written. An entry whose recipients
+    /// were all refused is among them: its delivery run bounces and removes it.
     pub due: Vec<(QueueId, u64)>,
     pub quarantined: usize,
     /// Files were left in `incoming/new` for the next call (the `limit` was reached).
@@ -198,8 +199,6 @@ pub fn pickup(
                         log.error(&format!("{id}: cannot queue: {e}"));
                         continue;
                     }
-                    // Also when no recipient is pending (all refused here): the delivery
-                    // run settles it, which bounces and removes it.
                     picked.due.push((id.clone(), entry.next_attempt_us));
                     log.info(&format!(
                         "{id}: uid={uid} from=<{}> size={} nrcpt={} (queue active)",

@@ -162,7 +162,9 @@ fn kill9_of_sendmail_and_daemon_under_load_loses_and_corrupts_nothing() {
         .filter(|(_, e)| **e == Ended::Queued)
         .map(|(t, _)| t)
         .collect();
-    let d = KillableDaemon::start(&config, &log);
+    // Ready before the first check: when the kill phase left nothing to do, the SIGTERM
+    // below follows at once and must not land before the daemon handles it.
+    let d = KillableDaemon::start_ready(&config, &log);
     let done = eventually(Duration::from_secs(300 + must.len() as u64 / 20), || {
         let got = deliveries(&t.emu);
         if must.iter().all(|t| got.contains_key(*t)) && t.queued().is_empty() {

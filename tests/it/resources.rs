@@ -233,8 +233,7 @@ fn delivery_on_a_full_spool_loses_nothing_and_recovers() {
     send(5);
     assert_ok(&t.flush());
     assert_eq!(t.queued().len(), 1);
-    let d = KillableDaemon::start(&t.spool.config, &t.spool.dir.path().join("daemon.log"));
-    std::thread::sleep(Duration::from_millis(500));
+    let d = KillableDaemon::start_ready(&t.spool.config, &t.spool.dir.path().join("daemon.log"));
     let filler = fs.fill_inodes();
     let (code, err) = send_tagged(
         &t.spool.config,

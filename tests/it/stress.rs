@@ -172,13 +172,15 @@ impl KillableDaemon {
         }
     }
 
-    /// Starts it and waits (bounded) until it says it started.
+    /// Starts it and waits (bounded) until it says it started, so that a SIGTERM sent
+    /// next finds the signal handling in place. The log may be shared with daemons
+    /// started (and killed) before, so it waits for one more start line than it saw.
     pub fn start_ready(config: &Path, log: &Path) -> KillableDaemon {
+        let starts = |text: String| text.matches("daemon started").count();
+        let before = starts(std::fs::read_to_string(log).unwrap_or_default());
         let d = KillableDaemon::start(config, log);
         assert!(
-            eventually(Duration::from_secs(10), || d
-                .log_text()
-                .contains("daemon started")),
+            eventually(Duration::from_secs(10), || starts(d.log_text()) > before),
             "{}",
             d.log_text()
         );

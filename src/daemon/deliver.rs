@@ -360,14 +360,14 @@ impl Runner {
                 spawned,
             };
         } else {
-            self.attempt(&mut locked, now);
+            self.attempt(&mut locked);
         }
         let outcome = self.settle(&mut locked, now, &mut spawned);
         Report { outcome, spawned }
     }
 
     /// Works through the pending recipients in batches until done or stopped.
-    fn attempt(&mut self, locked: &mut Locked, started: SystemTime) {
+    fn attempt(&mut self, locked: &mut Locked) {
         let message = match locked.message() {
             Ok(m) => m,
             Err(e) => {
@@ -472,18 +472,10 @@ impl Runner {
             }
             tried.extend(batch.iter().copied());
             let flow = match &self.account.transport {
-                Transport::Maildir(dir) => {
-                    self.capture(locked, &batch, &outgoing, dir.clone(), started)
-                }
+                Transport::Maildir(dir) => self.capture(locked, &batch, &outgoing, dir.clone()),
                 Transport::Smtp => {
-                    let flow = self.transaction(
-                        locked,
-                        &batch,
-                        &outgoing,
-                        started,
-                        &mut tried,
-                        &mut batch_cap,
-                    );
+                    let flow =
+                        self.transaction(locked, &batch, &outgoing, &mut tried, &mut batch_cap);
                     self.learn(now, lead, batch.len() as u32);
                     flow
                 }
@@ -511,7 +503,6 @@ impl Runner {
         batch: &[usize],
         outgoing: &[u8],
         dir: PathBuf,
-        started: SystemTime,
     ) -> Flow {
         let rcpts: Vec<String> = batch
             .iter()
@@ -527,13 +518,7 @@ impl Runner {
             Ok(path) => {
                 let text = format!("250 2.0.0 captured as {}", path.display());
                 for &i in batch {
-                    self.mark_sent(
-                        locked,
-                        i,
-                        &format!("maildir:{}", dir.display()),
-                        &text,
-                        started,
-                    );
+                    self.mark_sent(locked, i, &format!("maildir:{}", dir.display()), &text);
                 }
                 Flow::Continue
             }
@@ -547,18 +532,10 @@ impl Runner {
         }
     }
 
-    fn mark_sent(
-        &mut self,
-        locked: &mut Locked,
-        i: usize,
-        relay: &str,
-        reply: &str,
-        started: SystemTime,
-    ) {
+    fn mark_sent(&mut self, locked: &mut Locked, i: usize, relay: &str, reply: &str) {
         let delay = SystemTime::now()
             .duration_since(locked.entry.arrival())
             .unwrap_or_default();
-        let _ = started;
         let r = &mut locked.entry.recipients[i];
         r.status = RcptStatus::Sent;
         r.reply = Some(reply.to_string());
@@ -765,7 +742,6 @@ impl Runner {
         locked: &mut Locked,
         batch: &[usize],
         outgoing: &[u8],
-        started: SystemTime,
         tried: &mut HashSet<usize>,
         batch_cap: &mut usize,
     ) -> Flow {
@@ -783,16 +759,8 @@ impl Runner {
                 return Flow::Stop;
             };
             self.discard_session = false;
-            let result = self.converse(
-                &mut session,
-                locked,
-                batch,
-                outgoing,
-                started,
-                tried,
-                batch_cap,
-                now,
-            );
+            let result =
+                self.converse(&mut session, locked, batch, outgoing, tried, batch_cap, now);
             let (flow, keep) = match result {
                 Conversed::Stale => {
                     session.quit();
@@ -820,7 +788,6 @@ impl Runner {
         locked: &mut Locked,
         batch: &[usize],
         outgoing: &[u8],
-        started: SystemTime,
         tried: &mut HashSet<usize>,
         batch_cap: &mut usize,
         now: SystemTime,
@@ -942,7 +909,7 @@ impl Runner {
             Ok(reply) => {
                 let text = reply.to_string();
                 for &i in &accepted {
-                    self.mark_sent(locked, i, &relay, &text, started);
+                    self.mark_sent(locked, i, &relay, &text);
                 }
                 Conversed::Done(Flow::Continue, true)
             }

@@ -18,7 +18,7 @@ use crate::config::{Account, AuthMode, Config, Transport};
 use crate::daemon::aliases::Aliases;
 use crate::daemon::bounce::{self, DsnAction, DsnInput, DsnRecipient, Return};
 use crate::daemon::pickup::Locals;
-use crate::daemon::quota::{Grant, Ledger};
+use crate::daemon::quota::{FreezeCheck, Grant, Ledger};
 use crate::logging::Log;
 use crate::message::rewrite;
 use crate::secrets::{AccountSecrets, Secret};
@@ -276,12 +276,26 @@ impl Runner {
                 }
             }
         }
-        match self.ledger.frozen(now) {
-            Ok(Some(f)) => Some((
+        match self.ledger.check_freeze(now) {
+            Ok(FreezeCheck::Frozen(f)) => Some((
                 f.until,
                 format!("quota: account {} frozen: {}", self.account.name, f.reason),
             )),
-            _ => None,
+            Ok(FreezeCheck::Ended(f)) => {
+                self.log(
+                    crate::logging::Level::Info,
+                    &format!(
+                        "account {}: the freeze until {} is over, sending resumes (it was: {})",
+                        self.account.name,
+                        crate::message::complete::rfc5322_date(f.until),
+                        f.reason
+                    ),
+                );
+                None
+            }
+            // An unreadable freeze file does not stop the account: the server's next
+            // quota reply would freeze it again (the same as before this check).
+            Ok(FreezeCheck::Free) | Err(_) => None,
         }
     }
 

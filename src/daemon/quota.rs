@@ -566,6 +566,17 @@ pub struct Freeze {
     pub reason: String,
 }
 
+/// What [`Ledger::check_freeze`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FreezeCheck {
+    /// No freeze file.
+    Free,
+    /// A freeze in force.
+    Frozen(Freeze),
+    /// A freeze that was over; this call removed it.
+    Ended(Freeze),
+}
+
 /// The state of an account's windows, for `relay365 quota` and mailq.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Usage {
@@ -800,6 +811,16 @@ fn is_torn(tail: &[u8]) -> bool {
     tail.iter()
         .all(|&b| b.is_ascii_digit() || b == b' ' || b == 0)
         && tail.iter().filter(|&&b| b != 0).count() <= MAX_LINE
+}
+
+/// Removes a freeze file, durably (a freeze that came back after a crash would stop
+/// the account again). Absent is fine.
+fn remove_freeze(path: &Path) -> Result<(), QuotaError> {
+    match fs::remove_file(path) {
+        Ok(()) => sync_dir(path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(path, "remove")(e)),
+    }
 }
 
 fn read_freeze(path: &Path) -> Result<Option<Freeze>, QuotaError> {
@@ -1110,16 +1131,30 @@ impl Ledger {
         Ok(read_freeze(&self.freeze_path)?.filter(|f| floor_ms(f.until) > floor_ms(now)))
     }
 
+    /// Like [`Ledger::frozen`], and a freeze that is over is removed and reported as
+    /// [`FreezeCheck::Ended`], so the log can say when the account resumes. The removal
+    /// happens under the lock after a second look: of a daemon and a flush, only one
+    /// sees the end. Costs nothing more than `frozen` while there is no freeze file.
+    pub fn check_freeze(&mut self, now: SystemTime) -> Result<FreezeCheck, QuotaError> {
+        let now_ms = floor_ms(now);
+        let over = |f: &Freeze| floor_ms(f.until) <= now_ms;
+        match read_freeze(&self.freeze_path)? {
+            None => Ok(FreezeCheck::Free),
+            Some(f) if !over(&f) => Ok(FreezeCheck::Frozen(f)),
+            Some(_) => self.locked(None, |l| match read_freeze(&l.freeze_path)? {
+                None => Ok(FreezeCheck::Free),
+                Some(f) if !over(&f) => Ok(FreezeCheck::Frozen(f)),
+                Some(f) => {
+                    remove_freeze(&l.freeze_path)?;
+                    Ok(FreezeCheck::Ended(f))
+                }
+            }),
+        }
+    }
+
     /// Ends any freeze (an admin's release).
     pub fn thaw(&mut self) -> Result<(), QuotaError> {
-        self.locked(None, |l| {
-            match fs::remove_file(&l.freeze_path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-                Err(e) => return Err(io_err(&l.freeze_path, "remove")(e)),
-            }
-            sync_dir(&l.freeze_path)
-        })
+        self.locked(None, |l| remove_freeze(&l.freeze_path))
     }
 
     /// Replaces a damaged (or any) ledger with one that counts the whole recipient
@@ -2439,6 +2474,36 @@ mod tests {
         let e = a.reserve(at(T0 + HOUR), 1, &l).unwrap_err();
         assert!(matches!(e, QuotaError::FreezeCorrupt { .. }), "{e}");
         assert!(e.to_string().contains("--thaw"));
+    }
+
+    #[test]
+    fn a_freeze_that_is_over_is_reported_ended_once() {
+        let (_dir, path, mut a) = setup();
+        let mut b = Ledger::open(&path).unwrap();
+        assert_eq!(a.check_freeze(at(T0)).unwrap(), FreezeCheck::Free);
+        let f = a.freeze(at(T0 + HOUR), "554 5.2.0 quota").unwrap();
+        assert_eq!(
+            b.check_freeze(at(T0)).unwrap(),
+            FreezeCheck::Frozen(f.clone())
+        );
+        assert_eq!(
+            b.check_freeze(at(T0 + HOUR - 1)).unwrap(),
+            FreezeCheck::Frozen(f.clone())
+        );
+        // The first to look after the end removes it and says so; the other sees none.
+        assert_eq!(
+            b.check_freeze(at(T0 + HOUR)).unwrap(),
+            FreezeCheck::Ended(f)
+        );
+        assert!(!a.freeze_path().exists());
+        assert_eq!(a.check_freeze(at(T0 + HOUR)).unwrap(), FreezeCheck::Free);
+        // A freeze file that cannot be read is an error, not a silent thaw.
+        fs::write(a.freeze_path(), "junk").unwrap();
+        assert!(matches!(
+            a.check_freeze(at(T0 + HOUR)),
+            Err(QuotaError::FreezeCorrupt { .. })
+        ));
+        assert!(a.freeze_path().exists());
     }
 
     // -- concurrency --------------------------------------------------------------------

@@ -280,6 +280,47 @@ fn a_server_quota_reply_freezes_only_its_account() {
 }
 
 #[test]
+fn a_freeze_ends_by_itself_and_the_log_says_when_sending_resumes() {
+    // A day scaled to 2 s: the server's quota reply, with a ledger that saw no such
+    // count, freezes the account for one whole window.
+    let t = Tenant::with(
+        tenant_config(),
+        Auth::Login,
+        "recipient_rate = \"1000/2s\"\n",
+    );
+    let d = Daemon::start(&t.spool);
+    t.emu
+        .inject(Fault::reply(Stage::AfterDot, QUOTA_REPLY).times(1));
+    queue(&t.spool, 1, "first", None);
+    assert!(
+        d.wait_log("frozen until", Duration::from_secs(10)),
+        "{}",
+        d.log_text()
+    );
+    queue(&t.spool, 1, "more", None);
+    assert!(
+        t.emu.wait_for_messages(2, Duration::from_secs(15)),
+        "the account resumed by itself: {}",
+        d.log_text()
+    );
+    let log = d.log_text();
+    let resumed = "account app: the freeze until";
+    assert_eq!(log.matches(resumed).count(), 1, "said once: {log}");
+    let at = |needle: &str| log.find(needle).unwrap_or(usize::MAX);
+    assert!(
+        at("frozen until") < at(resumed) && at(resumed) < at("status=sent"),
+        "frozen, then resumed, then sent: {log}"
+    );
+    assert!(
+        log.contains("is over, sending resumes (it was: the mailbox reached its daily"),
+        "{log}"
+    );
+    assert!(eventually(Duration::from_secs(5), || t.queued().is_empty()));
+    let quota = stdout(&t.spool.relay365(&["quota"]));
+    assert!(!quota.contains("frozen"), "{quota}");
+}
+
+#[test]
 fn a_long_server_quota_reply_freezes_the_account_like_the_short_one() {
     // Real STOREDRV replies carry kilobytes of diagnostic text; lettre refused lines
     // over 1,000 bytes and so read this as "no reply" and only deferred.

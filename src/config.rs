@@ -13,6 +13,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 
 use crate::daemon::quota::{Limits, Rate};
+use crate::message::rewrite::FromPolicy;
 use crate::spool::paths;
 use crate::transport::oauth::OAuthSettings;
 
@@ -166,19 +167,6 @@ pub enum AuthMode {
     Login,
     Plain,
     None,
-}
-
-/// What happens to the From header of outgoing mail.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum FromPolicy {
-    /// Replace the address with the mailbox, keep the display name, put the original
-    /// in Reply-To when there was none.
-    Rewrite,
-    /// Leave it (the mailbox needs Send As rights for every From used).
-    Preserve,
-    /// As rewrite, and always set Reply-To to the original From.
-    ReplyTo,
 }
 
 /// Where an account's mail goes.

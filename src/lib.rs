@@ -28,6 +28,7 @@
 )]
 
 pub mod admin;
+pub mod aliases;
 pub mod config;
 pub mod daemon;
 pub mod logging;

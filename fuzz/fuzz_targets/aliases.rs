@@ -1,4 +1,4 @@
-//! Fuzzes the aliases file parser (`daemon::aliases::Aliases::parse`) and the resolver
+//! Fuzzes the aliases file parser (`aliases::Aliases::parse`) and the resolver
 //! (`aliases::resolve`) on every name the text mentions.
 //!
 //! Invariants: never panics; a resolution is bounded (at most MAX_EXPANSION recipients
@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use relay365::daemon::aliases::{self, Aliases, Domains, MAX_EXPANSION};
+use relay365::aliases::{self, Aliases, Domains, MAX_EXPANSION};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {

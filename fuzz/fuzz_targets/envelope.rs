@@ -15,11 +15,11 @@ fuzz_target!(|data: &[u8]| {
     let Ok((env, message)) = Envelope::from_file_bytes(data) else {
         return;
     };
-    assert!(QueueId::parse(&env.id).is_ok());
-    assert!(Sender::parse(&env.sender).is_ok());
+    assert!(QueueId::parse(env.id.as_str()).is_ok());
+    assert!(Sender::parse(env.sender.as_str()).is_ok());
     assert!(!env.recipients.is_empty());
     for r in &env.recipients {
-        let a = Address::parse(r).expect("accepted recipient is valid");
+        let a = Address::parse(r.as_str()).expect("accepted recipient is valid");
         assert!(!a.as_str().chars().any(char::is_control));
     }
     assert_eq!(message.len() as u64, env.size);

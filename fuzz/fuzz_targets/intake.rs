@@ -83,7 +83,7 @@ fuzz_target!(|data: &[u8]| {
     assert!(!msg.has("Bcc") && !msg.has("Resent-Bcc") && !msg.has("Return-Path"));
     assert!(!sub.envelope.recipients.is_empty());
     for r in &sub.envelope.recipients {
-        let a = Address::parse(r).expect("recipient is a valid address");
+        let a = Address::parse(r.as_str()).expect("recipient is a valid address");
         assert!(a.is_qualified(), "unqualified recipient {r}");
     }
     let file = sub.envelope.to_file_bytes(&sub.message);

@@ -26,10 +26,12 @@ fuzz_target!(|data: &[u8]| {
             "{r:?} not an argument"
         );
     }
-    if let Some(v) = &o.envid {
+    if let Some(v) = &o.dsn.envid {
+        let v = v.as_str();
         assert!(!v.is_empty() && v.len() <= 100 && v.bytes().all(|b| (33..=126).contains(&b)));
     }
-    if let Some(n) = &o.notify {
+    if let Some(n) = &o.dsn.notify {
+        let n = n.to_string();
         assert!(
             n == "never"
                 || n.split(',')

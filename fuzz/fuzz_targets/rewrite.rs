@@ -7,7 +7,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use relay365::config::FromPolicy;
+use relay365::message::rewrite::FromPolicy;
 use relay365::message::{header, rewrite};
 
 const MAILBOX: &str = "app@contoso.com";

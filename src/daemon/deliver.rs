@@ -14,16 +14,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::aliases::Aliases;
+use crate::aliases::Locals;
 use crate::config::{Account, AuthMode, Config, Transport};
-use crate::daemon::aliases::Aliases;
 use crate::daemon::bounce::{self, DsnAction, DsnInput, DsnRecipient, Return};
-use crate::daemon::pickup::Locals;
 use crate::daemon::quota::{FreezeCheck, Grant, Ledger};
 use crate::logging::Log;
 use crate::message::rewrite;
 use crate::secrets::{AccountSecrets, Secret};
-use crate::sendmail::options::Ret;
 use crate::spool::QueueId;
+use crate::spool::envelope::Ret;
 use crate::spool::paths::Spool;
 use crate::spool::queue::{Locked, Queue, QueueEntry, RcptStatus, Recipient, micros};
 use crate::transport::capture;
@@ -821,8 +821,8 @@ impl Runner {
         }
         let e = &locked.entry;
         let mut params = vec![format!("SIZE={}", outgoing.len())];
-        let eight_bit = !outgoing.is_ascii()
-            || e.body == Some(crate::sendmail::options::BodyType::EightBitMime);
+        let eight_bit =
+            !outgoing.is_ascii() || e.body == Some(crate::spool::envelope::BodyType::EightBitMime);
         if eight_bit && session.offer.eight_bit {
             params.push("BODY=8BITMIME".into());
         }

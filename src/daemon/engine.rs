@@ -20,10 +20,11 @@ use std::time::{Duration, SystemTime};
 
 use fs2::FileExt;
 
+use crate::aliases::Aliases;
+use crate::aliases::Locals;
 use crate::config::{Config, ConfigError};
-use crate::daemon::aliases::Aliases;
 use crate::daemon::deliver::{Outcome, Report, Runner, Stop};
-use crate::daemon::pickup::{self, Locals};
+use crate::daemon::pickup;
 use crate::logging::Log;
 use crate::secrets::{Secrets, SecretsError};
 use crate::spool::QueueId;
@@ -92,15 +93,8 @@ struct Loaded {
 
 fn load(config_path: &Path) -> Result<Loaded, EngineError> {
     let config = Config::load(config_path)?;
-    let aliases = match Aliases::load(&config.aliases) {
-        Ok(a) => a,
-        Err(crate::daemon::aliases::AliasError::Read { source, .. })
-            if source.kind() == std::io::ErrorKind::NotFound =>
-        {
-            Aliases::parse("", &config.aliases).map_err(|e| EngineError::Aliases(e.to_string()))?
-        }
-        Err(e) => return Err(EngineError::Aliases(e.to_string())),
-    };
+    let aliases = Aliases::load_if_present(&config.aliases)
+        .map_err(|e| EngineError::Aliases(e.to_string()))?;
     let needs_secrets = config.accounts.iter().any(|a| {
         a.auth != crate::config::AuthMode::None && a.transport == crate::config::Transport::Smtp
     });

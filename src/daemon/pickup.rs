@@ -16,8 +16,8 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
+use crate::aliases::Locals;
 use crate::config::Config;
-use crate::daemon::aliases::{self, Aliases, Domains};
 use crate::daemon::route;
 use crate::logging::Log;
 use crate::spool::QueueId;
@@ -27,74 +27,6 @@ use crate::spool::queue::{Queue, QueueEntry, RcptStatus, Recipient};
 
 /// How old a leftover in `incoming/tmp` must be before it is swept (maildir's rule).
 const TMP_MAX_AGE: Duration = Duration::from_secs(36 * 3600);
-
-/// What the pickup needs to resolve local recipients.
-#[derive(Debug)]
-pub struct Locals<'a> {
-    pub aliases: &'a Aliases,
-    pub admin: Option<&'a str>,
-    pub domains: Domains,
-}
-
-impl<'a> Locals<'a> {
-    pub fn new(config: &'a Config, aliases: &'a Aliases) -> Locals<'a> {
-        Locals {
-            aliases,
-            admin: config.admin.as_deref(),
-            domains: Domains {
-                qualify: config.domain.clone(),
-                local: config.local_domains.clone(),
-            },
-        }
-    }
-
-    /// Whether `address` is a user of this host: unqualified, in a local domain, or in
-    /// the configured domain with a local part that is an alias or a passwd account
-    /// (intake qualified `root` to `root@<domain>`).
-    pub fn is_local(&self, address: &str) -> bool {
-        if self.domains.is_local(address) {
-            return true;
-        }
-        match address.rsplit_once('@') {
-            Some((local, domain)) if domain.eq_ignore_ascii_case(&self.domains.qualify) => {
-                self.aliases.get(local).is_some()
-                    || nix::unistd::User::from_name(local).ok().flatten().is_some()
-            }
-            _ => false,
-        }
-    }
-
-    /// The queue recipients for one envelope recipient.
-    pub fn resolve(&self, address: &str) -> Vec<Recipient> {
-        if !self.is_local(address) {
-            return vec![Recipient {
-                address: address.to_string(),
-                original: None,
-                status: RcptStatus::Pending,
-                reply: None,
-            }];
-        }
-        let local = address.rsplit_once('@').map_or(address, |(l, _)| l);
-        match aliases::resolve(local, self.aliases, self.admin, &self.domains) {
-            Ok(res) => res
-                .recipients
-                .into_iter()
-                .map(|r| Recipient {
-                    original: (r != address).then(|| address.to_string()),
-                    address: r,
-                    status: RcptStatus::Pending,
-                    reply: None,
-                })
-                .collect(),
-            Err(e) => vec![Recipient {
-                address: address.to_string(),
-                original: None,
-                status: RcptStatus::Failed,
-                reply: Some(format!("550 5.1.1 {e}")),
-            }],
-        }
-    }
-}
 
 /// The daemon's log, taken a line at a time: the workers log through the same lock,
 /// and holding it for a whole pass stalled every delivery behind the pickup.
@@ -178,7 +110,7 @@ pub fn pickup(
         };
         match take(&path, bound) {
             Ok((uid, env, message)) => {
-                if env.id != id.as_str() {
+                if env.id != id {
                     quarantine(spool, &path, "its envelope names another queue id", log);
                     picked.quarantined += 1;
                     continue;
@@ -188,11 +120,11 @@ pub fn pickup(
                     let recipients: Vec<Recipient> = env
                         .recipients
                         .iter()
-                        .flat_map(|r| locals.resolve(r))
+                        .flat_map(|r| locals.resolve(r.as_str()))
                         .collect();
                     let mut entry = QueueEntry::from_envelope(&env, uid, recipients);
                     let from = route::from_address(&message);
-                    entry.account = route::route(config, &env.sender, from.as_deref(), uid)
+                    entry.account = route::route(config, env.sender.as_str(), from.as_deref(), uid)
                         .map(|a| a.name.clone());
                     if let Err(e) = queue.insert_unsynced(&entry, &message) {
                         // Leave it in incoming/ for the next pass: nothing is lost.

@@ -103,6 +103,13 @@ impl fmt::Display for Address {
     }
 }
 
+/// Compares with the address as written (tests, listings).
+impl PartialEq<&str> for Address {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
 /// The envelope sender: an address, or the null sender `<>` of bounces.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Sender {
@@ -135,6 +142,13 @@ impl Sender {
             Sender::Null => "",
             Sender::Address(a) => a.as_str(),
         }
+    }
+}
+
+/// Compares with `MAIL FROM`'s form: empty for the null sender.
+impl PartialEq<&str> for Sender {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
     }
 }
 

@@ -7,7 +7,20 @@
 use super::address;
 use super::complete::display_name;
 use super::header::{self, Header};
-use crate::config::FromPolicy;
+use serde::Deserialize;
+
+/// What happens to the From header of outgoing mail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FromPolicy {
+    /// Replace the address with the mailbox, keep the display name, put the original
+    /// in Reply-To when there was none.
+    Rewrite,
+    /// Leave it (the mailbox needs Send As rights for every From used).
+    Preserve,
+    /// As rewrite, and always set Reply-To to the original From.
+    ReplyTo,
+}
 
 /// The From header's first address and display name, if it has a usable one.
 fn original_from(h: &Header) -> Option<(String, Option<String>)> {

@@ -1,9 +1,10 @@
 //! What `sendmail` (and `mailq`, `newaliases`) does with its command line: the
 //! orchestration behind the thin `main` in `src/bin/sendmail.rs`.
 //!
-//! Order matters for security: sanitise the process, lower the setgid group, then
-//! parse anything. The group is raised only inside [`crate::spool::incoming`] and for
-//! the trigger FIFO.
+//! Order matters for security: sanitise the process, lower the setgid group, parse
+//! the command line, and give the group up for good unless the mode writes into the
+//! spool (see [`Mode::needs_group`]); only then read the config or `/etc/aliases`.
+//! The group is raised only inside [`super::deposit`] and for the trigger FIFO.
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -13,13 +14,14 @@ use std::time::SystemTime;
 use crate::config::Config;
 use crate::logging::Log;
 use crate::spool::paths::{self, Spool};
-use crate::spool::{QueueId, incoming, listing};
+use crate::spool::{QueueId, listing};
 use crate::sysexits::Exit;
 
-use super::intake::{self, Caller, IntakeSettings, Submission};
+use super::bs::{self, Session};
+use super::deposit::{Depositor, Origin, Protocol};
+use super::intake::{self, Caller, IntakeSettings};
 use super::options::{self, Mode, Options};
 use super::privilege::{self, DropGroup};
-use super::smtp::{self, Session, Spooler};
 
 /// Prints `sendmail: <message>` on stderr.
 fn say(message: impl std::fmt::Display) {
@@ -44,31 +46,37 @@ pub fn main(argv: Vec<OsString>) -> Exit {
     let opts = match options::parse(&argv0, args) {
         Ok(o) => o,
         Err(e) => {
+            // SECURITY: a refused command line needs no privilege to be reported.
+            if let Err(e) = group.drop_permanently() {
+                say(e);
+                return Exit::OsErr;
+            }
             say(format_args!("{e} (see relay365-sendmail(8))"));
             return Exit::Usage;
         }
     };
+    let uid = privilege::caller_uid();
+    // SECURITY: read-only and refused modes give the group up for good before the
+    // config or /etc/aliases is read; so does a caller's own config (-C), which may
+    // name any spool, unless the caller is root.
+    let own_config = opts.config.is_some() && uid != 0;
+    if !opts.mode.needs_group() || own_config {
+        if let Err(e) = group.drop_permanently() {
+            say(e);
+            return Exit::OsErr;
+        }
+    }
     for w in &opts.warnings {
         say(format_args!("warning: {w}"));
     }
-    let uid = privilege::caller_uid();
-    let config_path = match &opts.config {
-        Some(p) => {
-            if uid != 0 {
-                // SECURITY: a caller's own config may name any spool; honour it only
-                // once this process can do nothing the caller could not do alone.
-                if let Err(e) = group.drop_permanently() {
-                    say(e);
-                    return Exit::OsErr;
-                }
-            }
-            p.clone()
-        }
-        None => PathBuf::from(paths::CONFIG_FILE),
-    };
+    let config_path = opts
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(paths::CONFIG_FILE));
     let config = match Config::load(&config_path) {
         Ok(c) => c,
         Err(e) => {
+            let _ = group.drop_permanently();
             say(e);
             return Exit::Config;
         }
@@ -86,7 +94,7 @@ pub fn main(argv: Vec<OsString>) -> Exit {
         Mode::ListQueue => list_queue(&spool),
         Mode::QueueRun => queue_run(&spool, &group),
         Mode::Verify => verify(&opts, &config, uid),
-        Mode::Deliver => deliver(&opts, &config, &spool, &group, uid),
+        Mode::Enqueue => enqueue(&opts, &config, &spool, &group, uid),
     }
 }
 
@@ -131,8 +139,7 @@ fn queue_run(spool: &Spool, group: &DropGroup) -> Exit {
 }
 
 fn verify(opts: &Options, config: &Config, uid: u32) -> Exit {
-    use crate::daemon::aliases::{AliasError, Aliases};
-    use crate::daemon::pickup::Locals;
+    use crate::aliases::{Aliases, Locals};
     use crate::spool::queue::RcptStatus;
     let caller = Caller::lookup(uid);
     let mut out = std::io::stdout().lock();
@@ -146,11 +153,8 @@ fn verify(opts: &Options, config: &Config, uid: u32) -> Exit {
         }
     }
     // The aliases file is world-readable; a problem with it is reported, not fatal.
-    let aliases = match Aliases::load(&config.aliases) {
+    let aliases = match Aliases::load_if_present(&config.aliases) {
         Ok(a) => a,
-        Err(AliasError::Read { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-            Aliases::default()
-        }
         Err(e) => {
             say(format_args!("warning: {e}"));
             Aliases::default()
@@ -197,7 +201,7 @@ fn verify(opts: &Options, config: &Config, uid: u32) -> Exit {
     status
 }
 
-fn deliver(opts: &Options, config: &Config, spool: &Spool, group: &DropGroup, uid: u32) -> Exit {
+fn enqueue(opts: &Options, config: &Config, spool: &Spool, group: &DropGroup, uid: u32) -> Exit {
     let max = config.max_message_size.0;
     let raw = match intake::read_message(std::io::stdin().lock(), opts.ignore_dots, max) {
         Ok(r) => r,
@@ -220,70 +224,33 @@ fn deliver(opts: &Options, config: &Config, spool: &Spool, group: &DropGroup, ui
             return e.exit();
         }
     };
-    let bytes = submission.envelope.to_file_bytes(&submission.message);
-    let tag = opts.log_tag.as_deref().unwrap_or("relay365/sendmail");
-    let mut log = Log::open(tag, false);
-    match incoming::deposit(spool, group, &id, &bytes) {
-        Ok(_) => {
-            let env = &submission.envelope;
-            log.info(&format!(
-                "{id}: uid={uid} from=<{}> size={} nrcpt={}",
-                env.sender,
-                env.size,
-                env.recipients.len()
-            ));
+    let mut depositor = Depositor::new(
+        spool,
+        group,
+        Log::open(log_tag(opts), false),
+        Origin::Local { uid },
+        Protocol::Sendmail,
+    );
+    match depositor.deposit(&submission) {
+        Ok(()) => {
             if opts.verbose {
                 say(format_args!(
                     "queued as {id} for {} recipient(s)",
-                    env.recipients.len()
+                    submission.envelope.recipients.len()
                 ));
             }
             Exit::Ok
         }
         Err(e) => {
-            log.error(&format!("uid={uid}: not queued: {e}"));
             say(&e);
-            match e {
-                incoming::SpoolError::Full { .. } | incoming::SpoolError::FileSizeLimit { .. } => {
-                    Exit::TempFail
-                }
-                incoming::SpoolError::Unwritable { .. } => Exit::CantCreat,
-                incoming::SpoolError::Io { .. } => Exit::IoErr,
-            }
+            e.exit()
         }
     }
 }
 
-/// Queues the messages of an SMTP session into the incoming maildir, logging each.
-struct SpoolSink<'a> {
-    spool: &'a Spool,
-    group: &'a DropGroup,
-    log: Log,
-    uid: u32,
-}
-
-impl Spooler for SpoolSink<'_> {
-    fn deposit(&mut self, id: &QueueId, s: &Submission) -> Result<(), incoming::SpoolError> {
-        let bytes = s.envelope.to_file_bytes(&s.message);
-        let env = &s.envelope;
-        match incoming::deposit(self.spool, self.group, id, &bytes) {
-            Ok(_) => {
-                self.log.info(&format!(
-                    "{id}: uid={} from=<{}> size={} nrcpt={} proto=ESMTP",
-                    self.uid,
-                    env.sender,
-                    env.size,
-                    env.recipients.len()
-                ));
-                Ok(())
-            }
-            Err(e) => {
-                self.log
-                    .error(&format!("uid={}: not queued: {e}", self.uid));
-                Err(e)
-            }
-        }
-    }
+/// The syslog tag: `-L`, or relay365/sendmail.
+fn log_tag(opts: &Options) -> &str {
+    opts.log_tag.as_deref().unwrap_or("relay365/sendmail")
 }
 
 /// `-bs`: the SMTP dialogue on stdin/stdout. The envelope comes from MAIL FROM and
@@ -301,22 +268,22 @@ fn smtp_session(
         );
     }
     let caller = Caller::lookup(uid);
-    let tag = opts.log_tag.as_deref().unwrap_or("relay365/sendmail");
-    let sink = SpoolSink {
+    let sink = Depositor::new(
         spool,
         group,
-        log: Log::open(tag, false),
-        uid,
-    };
-    let settings = smtp::Settings {
+        Log::open(log_tag(opts), false),
+        Origin::Local { uid },
+        Protocol::Esmtp,
+    );
+    let settings = bs::Settings {
         domain: &config.domain,
         max_message_size: config.max_message_size.0,
-        max_recipients: smtp::DEFAULT_MAX_RECIPIENTS,
+        max_recipients: bs::DEFAULT_MAX_RECIPIENTS,
     };
     let report = Session::new(settings, opts, &caller, sink)
         .run(std::io::stdin().lock(), std::io::stdout().lock());
     match &report.ending {
-        smtp::Ending::Abandoned { in_data } => say(format_args!(
+        bs::Ending::Abandoned { in_data } => say(format_args!(
             "the SMTP input ended {} without QUIT: that message was not queued; send it again",
             if *in_data {
                 "in the middle of a message (no line with a single dot)"
@@ -324,10 +291,10 @@ fn smtp_session(
                 "after MAIL FROM but before the message data"
             }
         )),
-        smtp::Ending::Io(e) => say(format_args!(
+        bs::Ending::Io(e) => say(format_args!(
             "SMTP session on standard input/output failed: {e}"
         )),
-        smtp::Ending::Quit | smtp::Ending::EndOfInput => {}
+        bs::Ending::Quit | bs::Ending::EndOfInput => {}
     }
     if opts.verbose {
         say(format_args!(

@@ -159,7 +159,7 @@ pub struct Submission {
 }
 
 impl Submission {
-    pub fn id(&self) -> &str {
+    pub fn id(&self) -> &QueueId {
         &self.envelope.id
     }
 }
@@ -243,18 +243,15 @@ pub fn build(
         });
     }
     let envelope = Envelope {
-        id: id.to_string(),
-        sender: sender.as_str().to_string(),
-        recipients: recipients.into_iter().map(|a| a.to_string()).collect(),
+        id: id.clone(),
+        sender,
+        recipients,
         uid: caller.uid,
         arrival_us: now
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_micros() as u64),
         size: message.len() as u64,
-        notify: opts.notify.clone(),
-        ret: opts.ret,
-        envid: opts.envid.clone(),
-        body: opts.body,
+        dsn: opts.dsn.clone(),
         queue_only: opts.queue_only,
     };
     Ok(Submission { envelope, message })

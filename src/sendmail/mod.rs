@@ -1,7 +1,8 @@
-//! The `sendmail` front end: options, privilege handling, message intake, and the
-//! SMTP dialogue of `-bs`.
+//! The `sendmail` front end (the setgid program): options, privilege handling,
+//! message intake, the deposit into `incoming/`, and the SMTP dialogue of `-bs`.
+pub mod bs;
 pub mod cli;
+pub mod deposit;
 pub mod intake;
 pub mod options;
 pub mod privilege;
-pub mod smtp;

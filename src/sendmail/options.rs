@@ -9,11 +9,13 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 
+use crate::spool::envelope::{BodyType, Dsn, EnvId, Notify, Ret};
+
 /// What the invocation asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mode {
     /// `-bm`, the default: read a message and queue it.
-    Deliver,
+    Enqueue,
     /// `-bp`, `mailq`.
     ListQueue,
     /// `-bs`: SMTP on stdin/stdout.
@@ -28,21 +30,13 @@ pub enum Mode {
     Refused(String),
 }
 
-/// `-B`: the body type, passed as `BODY=` when the server offers 8BITMIME.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum BodyType {
-    #[serde(rename = "7BIT")]
-    SevenBit,
-    #[serde(rename = "8BITMIME")]
-    EightBitMime,
-}
-
-/// `-R`: what a bounce returns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Ret {
-    Full,
-    Hdrs,
+impl Mode {
+    /// Whether the mode writes into the spool and so keeps the setgid group (saved)
+    /// for the deposit or the trigger FIFO. Every other mode gives it up for good
+    /// before reading anything but the command line.
+    pub fn needs_group(&self) -> bool {
+        matches!(self, Mode::Enqueue | Mode::Smtp | Mode::QueueRun)
+    }
 }
 
 /// The parsed command line.
@@ -59,12 +53,8 @@ pub struct Options {
     pub full_name: Option<String>,
     /// `-odq`: queue without waking the daemon.
     pub queue_only: bool,
-    pub body: Option<BodyType>,
-    /// `-N`: `never`, or a list of `success`, `failure`, `delay` (normalised, lowercase).
-    pub notify: Option<String>,
-    pub ret: Option<Ret>,
-    /// `-V`: the DSN envelope id.
-    pub envid: Option<String>,
+    /// `-N`, `-R`, `-V` and `-B`: passed on as NOTIFY, RET, ENVID and BODY.
+    pub dsn: Dsn,
     /// `-v`: progress on stderr.
     pub verbose: bool,
     /// `-C`: an alternative config file.
@@ -110,10 +100,7 @@ impl Options {
             sender: None,
             full_name: None,
             queue_only: false,
-            body: None,
-            notify: None,
-            ret: None,
-            envid: None,
+            dsn: Dsn::default(),
             verbose: false,
             config: None,
             log_tag: None,
@@ -128,7 +115,7 @@ fn mode_for_name(argv0: &str) -> Mode {
     match argv0.rsplit('/').next().unwrap_or(argv0) {
         "mailq" => Mode::ListQueue,
         "newaliases" => Mode::RebuildAliases,
-        _ => Mode::Deliver,
+        _ => Mode::Enqueue,
     }
 }
 
@@ -213,33 +200,13 @@ fn apply(
         'F' => o.full_name = Some(value),
         'C' => o.config = Some(PathBuf::from(value)),
         'L' => o.log_tag = Some(value),
-        'B' => {
-            o.body = Some(match value.to_ascii_uppercase().as_str() {
-                "7BIT" => BodyType::SevenBit,
-                "8BITMIME" => BodyType::EightBitMime,
-                _ => return Err(OptionsError::BadBody(value)),
-            })
-        }
-        'N' => o.notify = Some(parse_notify(&value)?),
-        'R' => {
-            o.ret = Some(match value.to_ascii_lowercase().as_str() {
-                "full" => Ret::Full,
-                "hdrs" => Ret::Hdrs,
-                _ => return Err(OptionsError::BadRet(value)),
-            })
-        }
-        'V' => {
-            let ok = !value.is_empty()
-                && value.len() <= 100
-                && value.bytes().all(|b| (33..=126).contains(&b));
-            if !ok {
-                return Err(OptionsError::BadEnvid(value));
-            }
-            o.envid = Some(value);
-        }
+        'B' => o.dsn.body = Some(BodyType::parse(&value).ok_or(OptionsError::BadBody(value))?),
+        'N' => o.dsn.notify = Some(Notify::parse(&value).ok_or(OptionsError::BadNotify(value))?),
+        'R' => o.dsn.ret = Some(Ret::parse(&value).ok_or(OptionsError::BadRet(value))?),
+        'V' => o.dsn.envid = Some(EnvId::parse(&value).ok_or(OptionsError::BadEnvid(value))?),
         'b' => {
             o.mode = match value.as_str() {
-                "m" => Mode::Deliver,
+                "m" => Mode::Enqueue,
                 "p" => Mode::ListQueue,
                 "s" => Mode::Smtp,
                 "i" => Mode::RebuildAliases,
@@ -280,25 +247,6 @@ fn apply_o(o: &mut Options, value: &str, args: &[OsString], i: &mut usize) {
     }
 }
 
-fn parse_notify(value: &str) -> Result<String, OptionsError> {
-    let lower = value.to_ascii_lowercase();
-    if lower == "never" {
-        return Ok(lower);
-    }
-    let mut seen: Vec<&str> = Vec::new();
-    for word in lower.split(',').map(str::trim) {
-        match word {
-            "success" | "failure" | "delay" => {
-                if !seen.contains(&word) {
-                    seen.push(word);
-                }
-            }
-            _ => return Err(OptionsError::BadNotify(value.to_string())),
-        }
-    }
-    Ok(seen.join(","))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -324,7 +272,7 @@ mod tests {
     fn debian_cron() {
         let o = p(&["-FCronDaemon", "-i", "-B8BITMIME", "-oem", "user"]);
         assert_eq!(o.full_name.as_deref(), Some("CronDaemon"));
-        assert_eq!(o.body, Some(BodyType::EightBitMime));
+        assert_eq!(o.dsn.body, Some(BodyType::EightBitMime));
         assert_eq!(o.recipients, ["user"]);
         assert!(o.warnings.is_empty(), "{:?}", o.warnings);
     }
@@ -346,7 +294,7 @@ mod tests {
         let o = p(&["-FAnacron", "-odi", "root"]);
         assert_eq!(o.recipients, ["root"]);
         let o = p(&["-i", "-B", "8BITMIME", "user"]);
-        assert_eq!(o.body, Some(BodyType::EightBitMime));
+        assert_eq!(o.dsn.body, Some(BodyType::EightBitMime));
     }
 
     #[test]
@@ -417,10 +365,10 @@ mod tests {
     #[test]
     fn dsn_options() {
         let o = p(&["-N", "Failure,DELAY", "-R", "hdrs", "-V", "env-1", "r@x"]);
-        assert_eq!(o.notify.as_deref(), Some("failure,delay"));
-        assert_eq!(o.ret, Some(Ret::Hdrs));
-        assert_eq!(o.envid.as_deref(), Some("env-1"));
-        assert_eq!(p(&["-Nnever"]).notify.as_deref(), Some("never"));
+        assert_eq!(o.dsn.notify, Notify::parse("failure,delay"));
+        assert_eq!(o.dsn.ret, Some(Ret::Hdrs));
+        assert_eq!(o.dsn.envid.as_ref().map(EnvId::as_str), Some("env-1"));
+        assert_eq!(p(&["-Nnever"]).dsn.notify, Some(Notify::Never));
         assert!(matches!(
             try_p("sendmail", &["-N", "sometimes"]),
             Err(OptionsError::BadNotify(_))

@@ -13,10 +13,11 @@
 //!
 //! The reader trusts nothing: any local user could in principle plant bytes here.
 
+use std::fmt;
+
 use serde::{Deserialize, Serialize};
 
 use crate::message::address::{Address, Sender};
-use crate::sendmail::options::{BodyType, Ret};
 use crate::spool::QueueId;
 
 /// The first line of every incoming file.
@@ -24,30 +25,193 @@ pub const MAGIC: &[u8] = b"RELAY365 1\n";
 /// An envelope line longer than this is refused (500 recipients of 320 bytes fit).
 pub const MAX_ENVELOPE_LINE: usize = 4 << 20;
 
-/// Everything about a message that is not the message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// `BODY=` (`-B`): passed on when the server offers 8BITMIME.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BodyType {
+    #[serde(rename = "7BIT")]
+    SevenBit,
+    #[serde(rename = "8BITMIME")]
+    EightBitMime,
+}
+
+impl BodyType {
+    /// `7BIT` or `8BITMIME`, in any case.
+    pub fn parse(s: &str) -> Option<BodyType> {
+        match s.to_ascii_uppercase().as_str() {
+            "7BIT" => Some(BodyType::SevenBit),
+            "8BITMIME" => Some(BodyType::EightBitMime),
+            _ => None,
+        }
+    }
+
+    /// The parameter's value as SMTP writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BodyType::SevenBit => "7BIT",
+            BodyType::EightBitMime => "8BITMIME",
+        }
+    }
+}
+
+/// `RET=` (`-R`, RFC 3461): what a bounce returns of the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ret {
+    Full,
+    Hdrs,
+}
+
+impl Ret {
+    /// `full` or `hdrs`, in any case.
+    pub fn parse(s: &str) -> Option<Ret> {
+        match s.to_ascii_lowercase().as_str() {
+            "full" => Some(Ret::Full),
+            "hdrs" => Some(Ret::Hdrs),
+            _ => None,
+        }
+    }
+
+    /// The parameter's value as SMTP writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ret::Full => "FULL",
+            Ret::Hdrs => "HDRS",
+        }
+    }
+}
+
+/// `NOTIFY=` (`-N`, RFC 3461): `never`, or when to report. Parsed once, here, for the
+/// command line, the `-bs` dialogue and the files; written in one canonical form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Notify {
+    Never,
+    /// At least one of the three is set.
+    On {
+        success: bool,
+        failure: bool,
+        delay: bool,
+    },
+}
+
+impl Notify {
+    /// `never`, or a comma-separated list of `success`, `failure`, `delay` (any case,
+    /// repeats allowed); `None` for anything else, `never` mixed with others included.
+    pub fn parse(s: &str) -> Option<Notify> {
+        let lower = s.to_ascii_lowercase();
+        if lower == "never" {
+            return Some(Notify::Never);
+        }
+        let (mut success, mut failure, mut delay) = (false, false, false);
+        for word in lower.split(',').map(str::trim) {
+            match word {
+                "success" => success = true,
+                "failure" => failure = true,
+                "delay" => delay = true,
+                _ => return None,
+            }
+        }
+        Some(Notify::On {
+            success,
+            failure,
+            delay,
+        })
+    }
+
+    /// Whether a failure is to be reported (RFC 3461: the default when absent).
+    pub fn on_failure(this: Option<Notify>) -> bool {
+        match this {
+            None => true,
+            Some(Notify::Never) => false,
+            Some(Notify::On { failure, .. }) => failure,
+        }
+    }
+}
+
+impl fmt::Display for Notify {
+    /// Lower case, canonical order: `never`, or e.g. `success,failure,delay`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Notify::Never => f.write_str("never"),
+            Notify::On {
+                success,
+                failure,
+                delay,
+            } => {
+                let words = [(success, "success"), (failure, "failure"), (delay, "delay")];
+                let on: Vec<&str> = words.iter().filter(|w| w.0).map(|w| w.1).collect();
+                f.write_str(&on.join(","))
+            }
+        }
+    }
+}
+
+/// `ENVID=` (`-V`, RFC 3461): 1 to 100 printable ASCII characters, no spaces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvId(String);
+
+impl EnvId {
+    pub fn parse(s: &str) -> Option<EnvId> {
+        let ok = !s.is_empty() && s.len() <= 100 && s.bytes().all(|b| (33..=126).contains(&b));
+        ok.then(|| EnvId(s.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for EnvId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The message-level DSN parameters (RFC 3461) and the body type, as the caller asked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Dsn {
+    pub notify: Option<Notify>,
+    pub ret: Option<Ret>,
+    pub envid: Option<EnvId>,
+    pub body: Option<BodyType>,
+}
+
+/// Everything about a message that is not the message, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Envelope {
-    pub id: String,
-    /// Empty for the null sender.
-    pub sender: String,
-    pub recipients: Vec<String>,
+    pub id: QueueId,
+    pub sender: Sender,
+    pub recipients: Vec<Address>,
     pub uid: u32,
     /// Arrival time, microseconds since the epoch.
     pub arrival_us: u64,
     /// Length of the message that follows.
     pub size: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub notify: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ret: Option<Ret>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub envid: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub body: Option<BodyType>,
+    pub dsn: Dsn,
     /// `-odq`: wait for the next queue run instead of going out at once.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub queue_only: bool,
+}
+
+/// The JSON line as written: plain strings, read and then validated into an [`Envelope`].
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Line {
+    id: String,
+    /// Empty for the null sender.
+    sender: String,
+    recipients: Vec<String>,
+    uid: u32,
+    arrival_us: u64,
+    size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    notify: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ret: Option<Ret>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    envid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    body: Option<BodyType>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    queue_only: bool,
 }
 
 /// Why bytes are not an incoming file.
@@ -70,8 +234,21 @@ pub enum EnvelopeError {
 impl Envelope {
     /// The file's bytes: magic, JSON line, message.
     pub fn to_file_bytes(&self, message: &[u8]) -> Vec<u8> {
+        let line = Line {
+            id: self.id.to_string(),
+            sender: self.sender.as_str().to_string(),
+            recipients: self.recipients.iter().map(|a| a.to_string()).collect(),
+            uid: self.uid,
+            arrival_us: self.arrival_us,
+            size: self.size,
+            notify: self.dsn.notify.map(|n| n.to_string()),
+            ret: self.dsn.ret,
+            envid: self.dsn.envid.as_ref().map(EnvId::to_string),
+            body: self.dsn.body,
+            queue_only: self.queue_only,
+        };
         // Serialising plain strings and integers cannot fail.
-        let json = serde_json::to_vec(self).unwrap_or_default();
+        let json = serde_json::to_vec(&line).unwrap_or_default();
         let mut out = Vec::with_capacity(MAGIC.len() + json.len() + 1 + message.len());
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&json);
@@ -101,42 +278,53 @@ impl Envelope {
 
     /// Parses and validates just the JSON line (for listings that skip the message).
     pub fn parse_line(line: &[u8]) -> Result<Envelope, EnvelopeError> {
-        let env: Envelope =
+        let line: Line =
             serde_json::from_slice(line).map_err(|e| EnvelopeError::Json(e.to_string()))?;
-        env.validate()?;
-        Ok(env)
+        Self::validate(line)
     }
 
-    /// SECURITY: every field the daemon will act on is re-validated here, whoever wrote it.
-    fn validate(&self) -> Result<(), EnvelopeError> {
+    /// SECURITY: every field the daemon will act on is validated here, whoever wrote it.
+    fn validate(l: Line) -> Result<Envelope, EnvelopeError> {
         let field = |field, reason: String| EnvelopeError::Field { field, reason };
-        QueueId::parse(&self.id).map_err(|e| field("id", e.to_string()))?;
-        Sender::parse(&self.sender).map_err(|e| field("sender", e.to_string()))?;
-        if self.recipients.is_empty() {
+        let id = QueueId::parse(&l.id).map_err(|e| field("id", e.to_string()))?;
+        let sender = Sender::parse(&l.sender).map_err(|e| field("sender", e.to_string()))?;
+        if l.recipients.is_empty() {
             return Err(field("recipients", "no recipients".into()));
         }
-        for r in &self.recipients {
-            Address::parse(r).map_err(|e| field("recipients", e.to_string()))?;
-        }
-        if let Some(e) = &self.envid {
-            if e.is_empty() || e.len() > 100 || !e.bytes().all(|b| (33..=126).contains(&b)) {
-                return Err(field("envid", "not 1-100 printable characters".into()));
-            }
-        }
-        if let Some(n) = &self.notify {
-            let ok = n == "never"
-                || n.split(',')
-                    .all(|w| matches!(w, "success" | "failure" | "delay"));
-            if !ok {
-                return Err(field("notify", format!("{n:?} is not a NOTIFY list")));
-            }
-        }
-        Ok(())
-    }
-
-    /// The sender as a typed value (validated on parse).
-    pub fn sender(&self) -> Sender {
-        Sender::parse(&self.sender).unwrap_or(Sender::Null)
+        let recipients = l
+            .recipients
+            .iter()
+            .map(|r| Address::parse(r).map_err(|e| field("recipients", e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
+        let envid = match &l.envid {
+            Some(e) => Some(
+                EnvId::parse(e)
+                    .ok_or_else(|| field("envid", "not 1-100 printable characters".into()))?,
+            ),
+            None => None,
+        };
+        let notify = match &l.notify {
+            Some(n) => Some(
+                Notify::parse(n)
+                    .ok_or_else(|| field("notify", format!("{n:?} is not a NOTIFY list")))?,
+            ),
+            None => None,
+        };
+        Ok(Envelope {
+            id,
+            sender,
+            recipients,
+            uid: l.uid,
+            arrival_us: l.arrival_us,
+            size: l.size,
+            dsn: Dsn {
+                notify,
+                ret: l.ret,
+                envid,
+                body: l.body,
+            },
+            queue_only: l.queue_only,
+        })
     }
 }
 
@@ -146,18 +334,47 @@ mod tests {
 
     fn sample(size: u64) -> Envelope {
         Envelope {
-            id: "0000000000001000001000001".chars().take(24).collect(),
-            sender: "a@b.c".into(),
-            recipients: vec!["d@e.f".into()],
+            id: QueueId::parse("000000000000100000100000").unwrap(),
+            sender: Sender::parse("a@b.c").unwrap(),
+            recipients: vec![Address::parse("d@e.f").unwrap()],
             uid: 1000,
             arrival_us: 1,
             size,
-            notify: Some("failure,delay".into()),
-            ret: Some(Ret::Hdrs),
-            envid: None,
-            body: Some(BodyType::EightBitMime),
+            dsn: Dsn {
+                notify: Notify::parse("failure,delay"),
+                ret: Some(Ret::Hdrs),
+                envid: None,
+                body: Some(BodyType::EightBitMime),
+            },
             queue_only: false,
         }
+    }
+
+    #[test]
+    fn notify_is_parsed_once_and_written_canonically() {
+        let n = |s| Notify::parse(s).map(|n| n.to_string());
+        assert_eq!(n("Success,DELAY,success").as_deref(), Some("success,delay"));
+        assert_eq!(n("delay,failure").as_deref(), Some("failure,delay"));
+        assert_eq!(n("NEVER").as_deref(), Some("never"));
+        assert_eq!(n("never,delay"), None);
+        assert_eq!(n(""), None);
+        assert_eq!(n("failure,"), None);
+        assert!(Notify::on_failure(None));
+        assert!(!Notify::on_failure(Notify::parse("never")));
+        assert!(!Notify::on_failure(Notify::parse("delay")));
+        assert!(Notify::on_failure(Notify::parse("failure")));
+    }
+
+    #[test]
+    fn envid_ret_and_body_parse() {
+        assert!(EnvId::parse("QQ+2B1").is_some());
+        assert!(EnvId::parse("").is_none());
+        assert!(EnvId::parse("a b").is_none());
+        assert!(EnvId::parse(&"x".repeat(101)).is_none());
+        assert_eq!(Ret::parse("HDRS"), Some(Ret::Hdrs));
+        assert_eq!(Ret::parse("x"), None);
+        assert_eq!(BodyType::parse("8bitmime"), Some(BodyType::EightBitMime));
+        assert_eq!(BodyType::SevenBit.as_str(), "7BIT");
     }
 
     #[test]

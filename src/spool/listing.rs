@@ -87,13 +87,13 @@ pub fn incoming(spool: &Spool) -> Vec<Listed> {
             id,
             size: env.size,
             arrival_us: env.arrival_us,
-            sender: env.sender,
+            sender: env.sender.as_str().to_string(),
             state: State::Incoming,
             recipients: env
                 .recipients
                 .into_iter()
                 .map(|address| ListedRecipient {
-                    address,
+                    address: address.to_string(),
                     reason: None,
                 })
                 .collect(),

@@ -1,7 +1,6 @@
-//! The spool: its path table, the incoming maildir that `sendmail` writes, the
-//! envelope format both sides read, and queue ids.
+//! The spool: its path table, the envelope format of the incoming maildir (written
+//! by `sendmail`'s deposit), the daemon's queue, and queue ids.
 pub mod envelope;
-pub mod incoming;
 pub mod init;
 pub mod listing;
 pub mod paths;

@@ -19,8 +19,8 @@ use serde::{Deserialize, Serialize};
 
 use super::QueueId;
 use super::envelope::Envelope;
+use super::envelope::{BodyType, Ret};
 use super::paths::{self, Spool};
-use crate::sendmail::options::{BodyType, Ret};
 
 /// The format version written into every `.env`.
 pub const VERSION: u32 = 1;
@@ -155,16 +155,16 @@ impl QueueEntry {
     /// A queue entry for a picked-up incoming message.
     pub fn from_envelope(env: &Envelope, uid: u32, recipients: Vec<Recipient>) -> QueueEntry {
         QueueEntry {
-            id: env.id.clone(),
+            id: env.id.to_string(),
             arrival_us: env.arrival_us,
-            notify: env.notify.clone(),
-            ret: env.ret,
-            envid: env.envid.clone(),
-            body: env.body,
+            notify: env.dsn.notify.map(|n| n.to_string()),
+            ret: env.dsn.ret,
+            envid: env.dsn.envid.as_ref().map(|e| e.to_string()),
+            body: env.dsn.body,
             queue_only: env.queue_only,
             ..QueueEntry::new(
                 &QueueId(String::new()),
-                &env.sender,
+                env.sender.as_str(),
                 uid,
                 UNIX_EPOCH,
                 env.size,

@@ -1034,7 +1034,7 @@ fn an_entry_without_its_message_file_does_not_cost_the_incoming_copy() {
         .recipients
         .iter()
         .map(|a| Recipient {
-            address: a.clone(),
+            address: a.to_string(),
             original: None,
             status: RcptStatus::Pending,
             reply: None,
@@ -1059,6 +1059,7 @@ fn delivery_starts_while_a_backlog_is_still_being_picked_up() {
     // The pickup takes a backlog in chunks and hands each to the workers at once; the
     // workers must not wait for the rest (nor for the log lock the pickup uses). The
     // capture transport keeps the first delivery quick, so the order is telling.
+    use relay365::message::address::{Address, Sender};
     use relay365::spool::QueueId;
     use relay365::spool::envelope::Envelope;
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1072,17 +1073,15 @@ fn delivery_starts_while_a_backlog_is_still_being_picked_up() {
         let now = std::time::SystemTime::now();
         let id = QueueId::generate(now);
         let msg = format!("Subject: backlog {i}\r\n\r\nx\r\n").into_bytes();
+        let address = |s: &str| Address::parse(s).expect("valid address");
         let env = Envelope {
-            id: id.to_string(),
-            sender: "shop@contoso.com".into(),
-            recipients: vec![format!("r{i}@example.org")],
+            id: id.clone(),
+            sender: Sender::Address(address("shop@contoso.com")),
+            recipients: vec![address(&format!("r{i}@example.org"))],
             uid: 0,
             arrival_us: relay365::spool::queue::micros(now),
             size: msg.len() as u64,
-            notify: None,
-            ret: None,
-            envid: None,
-            body: None,
+            dsn: Default::default(),
             queue_only: false,
         };
         std::fs::write(s.new_dir().join(id.as_str()), env.to_file_bytes(&msg))

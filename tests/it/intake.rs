@@ -69,8 +69,8 @@ fn debian_cron() {
     let (env, msg) = s.only();
     assert_eq!(env.recipients, ["user@example.com"]);
     assert_eq!(
-        env.body,
-        Some(relay365::sendmail::options::BodyType::EightBitMime)
+        env.dsn.body,
+        Some(relay365::spool::envelope::BodyType::EightBitMime)
     );
     assert_eq!(
         header(&msg, "From"),
@@ -317,9 +317,12 @@ fn dsn_options_are_recorded() {
         b"Subject: s\n\nx\n",
     ));
     let (env, _) = s.only();
-    assert_eq!(env.notify.as_deref(), Some("failure,delay"));
-    assert_eq!(env.ret, Some(relay365::sendmail::options::Ret::Hdrs));
-    assert_eq!(env.envid.as_deref(), Some("ENV42"));
+    assert_eq!(
+        env.dsn.notify.map(|n| n.to_string()).as_deref(),
+        Some("failure,delay")
+    );
+    assert_eq!(env.dsn.ret, Some(relay365::spool::envelope::Ret::Hdrs));
+    assert_eq!(env.dsn.envid.as_ref().map(|e| e.as_str()), Some("ENV42"));
     assert!(env.queue_only);
 }
 
@@ -529,7 +532,7 @@ fn mailq_lists_queued_mail_postfix_style() {
         assert_ok(&out);
         let text = stdout(&out);
         let (env, _) = s.only();
-        assert!(text.contains(&env.id), "{text}");
+        assert!(text.contains(env.id.as_str()), "{text}");
         assert!(
             text.contains("alice@example.com")
                 && text.contains("bob@example.org")

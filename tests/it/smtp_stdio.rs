@@ -172,13 +172,13 @@ fn lock_step_dialogue_covers_every_command() {
     let out = d.finish();
     assert_ok(&out);
     let (env, msg) = s.only();
-    assert_eq!(env.id, id);
+    assert_eq!(env.id.as_str(), id);
     assert_eq!(env.sender, "app@example.com");
     assert_eq!(env.recipients, ["to@example.org", "root@example.com"]);
-    assert_eq!(env.notify.as_deref(), None, "NOTIFY differed per recipient");
+    assert_eq!(env.dsn.notify, None, "NOTIFY differed per recipient");
     assert_eq!(
-        env.body,
-        Some(relay365::sendmail::options::BodyType::EightBitMime)
+        env.dsn.body,
+        Some(relay365::spool::envelope::BodyType::EightBitMime)
     );
     assert!(msg.ends_with("\r\n\r\n.dotted\r\nbody\r\n"), "{msg}");
     assert!(
@@ -213,15 +213,19 @@ fn pipelined_session_with_several_messages() {
     assert_eq!(queued.len(), 3);
     let (e1, _) = &queued[0];
     assert_eq!(
-        (e1.sender.as_str(), e1.recipients.as_slice()),
-        ("a@example.com", &["one@example.org".to_string()][..])
+        (e1.sender.as_str(), e1.recipients.len()),
+        ("a@example.com", 1)
     );
+    assert_eq!(e1.recipients, ["one@example.org"]);
     let (e2, m2) = &queued[1];
     assert_eq!(e2.sender, "");
     assert_eq!(e2.recipients, ["two@example.org", "www-data@example.com"]);
-    assert_eq!(e2.notify.as_deref(), Some("never"));
-    assert_eq!(e2.ret, Some(relay365::sendmail::options::Ret::Hdrs));
-    assert_eq!(e2.envid.as_deref(), Some("env-2"));
+    assert_eq!(
+        e2.dsn.notify,
+        Some(relay365::spool::envelope::Notify::Never)
+    );
+    assert_eq!(e2.dsn.ret, Some(relay365::spool::envelope::Ret::Hdrs));
+    assert_eq!(e2.dsn.envid.as_ref().map(|e| e.as_str()), Some("env-2"));
     let m2 = String::from_utf8_lossy(m2);
     assert!(!m2.contains("secret"), "Bcc header removed: {m2}");
     assert_eq!(queued[2].0.recipients, ["three@example.org"]);
@@ -230,7 +234,7 @@ fn pipelined_session_with_several_messages() {
         .iter()
         .filter_map(|r| r.strip_prefix("250 2.0.0 Ok: queued as ").map(String::from))
         .collect();
-    let env_ids: Vec<String> = queued.iter().map(|(e, _)| e.id.clone()).collect();
+    let env_ids: Vec<String> = queued.iter().map(|(e, _)| e.id.to_string()).collect();
     assert_eq!(ids, env_ids);
 }
 

@@ -8,10 +8,15 @@
 //! errors carry line numbers, and expansion is bounded in depth and size so a mistaken or
 //! hostile file can neither loop nor blow up. Nothing here runs commands or opens the
 //! files an alias names.
+//!
+//! Used by the daemon's pickup and by `sendmail -bv` ([`locals`]); it names neither.
 
 use std::collections::HashMap;
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
+
+mod locals;
+pub use locals::Locals;
 
 /// Deepest alias chain followed (`root` → `ops` → ... ).
 pub const MAX_DEPTH: usize = 16;
@@ -104,6 +109,19 @@ pub struct Aliases {
 
 impl Aliases {
     /// Reads and parses `path`.
+    /// Like [`Aliases::load`], but a missing file is an empty table: relay365 needs no
+    /// aliases file (the admin address catches local mail).
+    pub fn load_if_present(path: &Path) -> Result<Aliases, AliasError> {
+        match Aliases::load(path) {
+            Err(AliasError::Read { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                Ok(Aliases::default())
+            }
+            other => other,
+        }
+    }
+
     pub fn load(path: &Path) -> Result<Aliases, AliasError> {
         let file = std::fs::File::open(path).map_err(|source| AliasError::Read {
             path: path.to_owned(),

@@ -1,6 +1,12 @@
-//! Maildir-style delivery into `incoming/`: write `tmp/<id>`, fsync, rename into
-//! `new/<id>`, fsync `new/`. A reader never sees a partial file in `new/`, and once
-//! `sendmail` exits 0 the message survives a crash or power loss.
+//! The deposit: the one way a submission (envelope, message and who handed it in)
+//! becomes an entry of `incoming/`. `sendmail`, `sendmail -bs` and the network
+//! listener all queue through [`Depositor::deposit`]; the daemon's pickup reads the
+//! result with the same distrust whoever wrote it.
+//!
+//! Maildir-style: write `tmp/<id>`, fsync, rename into `new/<id>`, fsync `new/`. A
+//! reader never sees a partial file in `new/`, and once the caller is told "queued"
+//! (exit 0, or `250`) the message survives a crash or power loss. The drop group is
+//! raised only for the create, the rename and the directory sync.
 //!
 //! Trusts its caller (the intake) for the bytes; trusts nothing about the spool
 //! directory, which may be missing, full or unwritable.
@@ -10,9 +16,13 @@ use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use super::QueueId;
-use super::paths::{self, Spool};
-use crate::sendmail::privilege::DropGroup;
+use crate::logging::Log;
+use crate::spool::QueueId;
+use crate::spool::paths::{self, Spool};
+use crate::sysexits::Exit;
+
+use super::intake::Submission;
+use super::privilege::DropGroup;
 
 /// Why a message could not be queued.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +56,23 @@ pub enum SpoolError {
 }
 
 impl SpoolError {
+    /// The exit status `sendmail` reports for it.
+    pub fn exit(&self) -> Exit {
+        match self {
+            SpoolError::Full { .. } | SpoolError::FileSizeLimit { .. } => Exit::TempFail,
+            SpoolError::Unwritable { .. } => Exit::CantCreat,
+            SpoolError::Io { .. } => Exit::IoErr,
+        }
+    }
+
+    /// Whether it is a lack of space (SMTP `452 4.3.1`) rather than a write error.
+    pub fn is_full(&self) -> bool {
+        matches!(
+            self,
+            SpoolError::Full { .. } | SpoolError::FileSizeLimit { .. }
+        )
+    }
+
     fn from_io(path: &Path, source: io::Error) -> SpoolError {
         let path = path.to_path_buf();
         match source.raw_os_error() {
@@ -87,8 +114,84 @@ impl Drop for TmpGuard<'_> {
     }
 }
 
+/// Who handed a message in, as the system (not the message) knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// A local program: `sendmail` or `sendmail -bs`, run by this uid.
+    Local { uid: u32 },
+}
+
+/// How the message came: on the command line or in an SMTP dialogue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Sendmail,
+    Esmtp,
+}
+
+/// Queues submissions into `incoming/` for one caller, logging each.
+pub struct Depositor<'a> {
+    spool: &'a Spool,
+    group: &'a DropGroup,
+    log: Log,
+    origin: Origin,
+    protocol: Protocol,
+}
+
+impl<'a> Depositor<'a> {
+    pub fn new(
+        spool: &'a Spool,
+        group: &'a DropGroup,
+        log: Log,
+        origin: Origin,
+        protocol: Protocol,
+    ) -> Depositor<'a> {
+        Depositor {
+            spool,
+            group,
+            log,
+            origin,
+            protocol,
+        }
+    }
+
+    /// Queues `s` durably and logs it; returns only once it is safe to say "queued".
+    pub fn deposit(&mut self, s: &Submission) -> Result<(), SpoolError> {
+        let env = &s.envelope;
+        let bytes = env.to_file_bytes(&s.message);
+        let who = match &self.origin {
+            Origin::Local { uid } => format!("uid={uid}"),
+        };
+        match write(self.spool, self.group, &env.id, &bytes) {
+            Ok(_) => {
+                let proto = match self.protocol {
+                    Protocol::Sendmail => "",
+                    Protocol::Esmtp => " proto=ESMTP",
+                };
+                self.log.info(&format!(
+                    "{}: {who} from=<{}> size={} nrcpt={}{proto}",
+                    env.id,
+                    env.sender,
+                    env.size,
+                    env.recipients.len()
+                ));
+                Ok(())
+            }
+            Err(e) => {
+                self.log.error(&format!("{who}: not queued: {e}"));
+                Err(e)
+            }
+        }
+    }
+}
+
+impl super::bs::Spooler for Depositor<'_> {
+    fn deposit(&mut self, submission: &Submission) -> Result<(), SpoolError> {
+        Depositor::deposit(self, submission)
+    }
+}
+
 /// Writes `bytes` as `incoming/new/<id>`, durably. Returns the final path.
-pub fn deposit(
+pub fn write(
     spool: &Spool,
     group: &DropGroup,
     id: &QueueId,

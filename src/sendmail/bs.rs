@@ -21,11 +21,12 @@ use std::time::SystemTime;
 
 use crate::message::address::{Address, Sender};
 use crate::spool::QueueId;
-use crate::spool::incoming::SpoolError;
 use crate::sysexits::Exit;
 
+use super::deposit::SpoolError;
 use super::intake::{self, Caller, IntakeError, IntakeSettings, Submission};
-use super::options::{BodyType, Mode, Options, Ret};
+use super::options::{Mode, Options};
+use crate::spool::envelope::{BodyType, Dsn, EnvId, Notify, Ret};
 
 /// The longest command line kept, line ending included (Postfix's `line_length_limit`);
 /// RFC 5321 asks for 512, extensions need more. A longer line gets `500 5.5.6`.
@@ -39,10 +40,11 @@ const DATA_PIECE: usize = 64 * 1024;
 const MAX_ENVID: usize = 100;
 const MAX_ORCPT: usize = 500;
 
-/// Where a finished message goes: the incoming maildir in production, a vector in tests.
+/// Where a finished message goes: the deposit into `incoming/` in production
+/// ([`super::deposit::Depositor`]), a vector in tests.
 pub trait Spooler {
     /// Queues the submission durably; returns only once it is safe to say `250`.
-    fn deposit(&mut self, id: &QueueId, submission: &Submission) -> Result<(), SpoolError>;
+    fn deposit(&mut self, submission: &Submission) -> Result<(), SpoolError>;
 }
 
 /// What a session needs from the configuration.
@@ -98,12 +100,11 @@ pub struct Report {
 struct Transaction {
     sender: Sender,
     smtputf8: bool,
-    body: Option<BodyType>,
-    ret: Option<Ret>,
-    envid: Option<String>,
+    /// MAIL FROM's BODY, RET and ENVID; `notify` stays unset here (it is per RCPT).
+    dsn: Dsn,
     recipients: Vec<Address>,
-    /// NOTIFY per accepted recipient, normalised as `-N` is.
-    notify: Vec<Option<String>>,
+    /// NOTIFY per accepted recipient.
+    notify: Vec<Option<Notify>>,
     /// Whether any RCPT was tried, to tell "need RCPT" from "no valid recipients".
     rcpt_tried: bool,
 }
@@ -294,9 +295,7 @@ impl<'a, S: Spooler> Session<'a, S> {
         let mut tx = Transaction {
             sender: Sender::Null,
             smtputf8: false,
-            body: None,
-            ret: None,
-            envid: None,
+            dsn: Dsn::default(),
             recipients: Vec::new(),
             notify: Vec::new(),
             rcpt_tried: false,
@@ -320,24 +319,21 @@ impl<'a, S: Spooler> Session<'a, S> {
                     Ok(_) => {}
                     Err(_) => return reply(out, "501 5.5.4 Bad message size syntax"),
                 },
-                ("BODY", Some(v)) => {
-                    tx.body = Some(match v.to_ascii_uppercase().as_str() {
-                        "7BIT" => BodyType::SevenBit,
-                        "8BITMIME" => BodyType::EightBitMime,
-                        _ => return reply(out, "501 5.5.4 Bad BODY keyword syntax"),
-                    })
-                }
-                ("RET", Some(v)) => {
-                    tx.ret = Some(match v.to_ascii_uppercase().as_str() {
-                        "FULL" => Ret::Full,
-                        "HDRS" => Ret::Hdrs,
-                        _ => return reply(out, "501 5.5.4 Bad RET parameter syntax"),
-                    })
-                }
+                ("BODY", Some(v)) => match BodyType::parse(v) {
+                    Some(b) => tx.dsn.body = Some(b),
+                    None => return reply(out, "501 5.5.4 Bad BODY keyword syntax"),
+                },
+                ("RET", Some(v)) => match Ret::parse(v) {
+                    Some(r) => tx.dsn.ret = Some(r),
+                    None => return reply(out, "501 5.5.4 Bad RET parameter syntax"),
+                },
+                // Kept in its xtext form: for the values -V accepts (no + or =) that
+                // is the plain text too, so the spool holds one form either way.
                 ("ENVID", Some(v)) if v.len() <= MAX_ENVID && is_xtext(v) => {
-                    // Kept in its xtext form: for the values -V accepts (no + or =) that
-                    // is the plain text too, so the spool holds one form either way.
-                    tx.envid = Some(v.to_string());
+                    match EnvId::parse(v) {
+                        Some(e) => tx.dsn.envid = Some(e),
+                        None => return reply(out, "501 5.5.4 Bad ENVID parameter syntax"),
+                    }
                 }
                 ("ENVID", _) => return reply(out, "501 5.5.4 Bad ENVID parameter syntax"),
                 ("SMTPUTF8", None) => tx.smtputf8 = true,
@@ -392,7 +388,7 @@ impl<'a, S: Spooler> Session<'a, S> {
                 None => (param, None),
             };
             match (key.to_ascii_uppercase().as_str(), value) {
-                ("NOTIFY", Some(v)) => match parse_notify(v) {
+                ("NOTIFY", Some(v)) => match Notify::parse(v) {
                     Some(n) => notify = Some(n),
                     None => return reply(out, "501 5.5.4 Error: Bad NOTIFY parameter syntax"),
                 },
@@ -504,13 +500,13 @@ impl<'a, S: Spooler> Session<'a, S> {
             Ok(s) => s,
             Err(e) => return intake_reply(&e),
         };
-        match self.spooler.deposit(&id, &submission) {
+        match self.spooler.deposit(&submission) {
             Ok(()) => {
                 let answer = format!("250 2.0.0 Ok: queued as {id}");
                 self.queued.push(id);
                 answer
             }
-            Err(e @ (SpoolError::Full { .. } | SpoolError::FileSizeLimit { .. })) => format!(
+            Err(e) if e.is_full() => format!(
                 "452 4.3.1 Insufficient system storage: {}",
                 printable(&e.to_string())
             ),
@@ -526,32 +522,32 @@ impl<'a, S: Spooler> Session<'a, S> {
     /// it) and the DSN parameters of this transaction.
     fn message_options(&self, tx: &Transaction) -> Options {
         let mut o = self.base.clone();
-        o.mode = Mode::Deliver;
+        o.mode = Mode::Enqueue;
         o.extract = false;
         o.sender = Some(match &tx.sender {
             Sender::Null => "<>".to_string(),
             Sender::Address(a) => a.to_string(),
         });
         o.recipients = tx.recipients.iter().map(|a| a.to_string()).collect();
-        if tx.body.is_some() {
-            o.body = tx.body;
+        if tx.dsn.body.is_some() {
+            o.dsn.body = tx.dsn.body;
         }
-        if tx.ret.is_some() {
-            o.ret = tx.ret;
+        if tx.dsn.ret.is_some() {
+            o.dsn.ret = tx.dsn.ret;
         }
-        if tx.envid.is_some() {
-            o.envid = tx.envid.clone();
+        if tx.dsn.envid.is_some() {
+            o.dsn.envid = tx.dsn.envid.clone();
         }
         // The envelope holds one NOTIFY per message: keep the recipients' common value;
         // when they differ (no client seen does that) fall back to the default.
         if let Some(Some(first)) = tx.notify.first() {
-            if tx.notify.iter().all(|n| n.as_deref() == Some(first)) {
-                o.notify = Some(first.clone());
+            if tx.notify.iter().all(|n| n.as_ref() == Some(first)) {
+                o.dsn.notify = Some(*first);
             } else {
-                o.notify = None;
+                o.dsn.notify = None;
             }
         } else if tx.notify.iter().any(Option::is_some) {
-            o.notify = None;
+            o.dsn.notify = None;
         }
         o
     }
@@ -684,26 +680,6 @@ fn is_orcpt(v: &str) -> bool {
         }
         None => false,
     }
-}
-
-/// NOTIFY: `NEVER`, or a list of SUCCESS, FAILURE, DELAY; normalised as `-N` is.
-fn parse_notify(v: &str) -> Option<String> {
-    let lower = v.to_ascii_lowercase();
-    if lower == "never" {
-        return Some(lower);
-    }
-    let mut seen: Vec<&str> = Vec::new();
-    for word in lower.split(',') {
-        match word {
-            "success" | "failure" | "delay" => {
-                if !seen.contains(&word) {
-                    seen.push(word);
-                }
-            }
-            _ => return None,
-        }
-    }
-    Some(seen.join(","))
 }
 
 /// Appends input to `buf` through the next LF, or until `max` bytes were appended or
@@ -839,12 +815,12 @@ mod tests {
     }
 
     impl Spooler for &mut Fake {
-        fn deposit(&mut self, id: &QueueId, s: &Submission) -> Result<(), SpoolError> {
+        fn deposit(&mut self, s: &Submission) -> Result<(), SpoolError> {
             if let Some(e) = self.fail.pop() {
                 return Err(e);
             }
             self.queued
-                .push((id.clone(), s.envelope.clone(), s.message.clone()));
+                .push((s.envelope.id.clone(), s.envelope.clone(), s.message.clone()));
             Ok(())
         }
     }
@@ -1070,10 +1046,10 @@ mod tests {
         assert_eq!(lines[8], "555 5.5.4 Unsupported option: SMTPUTF8=yes");
         assert_eq!(codes(&lines[9..]), ["250", "250", "354", "250"]);
         let env = &f.queued[0].1;
-        assert_eq!(env.body, Some(BodyType::EightBitMime));
-        assert_eq!(env.ret, Some(Ret::Hdrs));
-        assert_eq!(env.envid.as_deref(), Some("QQ+2B1"));
-        assert_eq!(env.notify.as_deref(), Some("success,failure"));
+        assert_eq!(env.dsn.body, Some(BodyType::EightBitMime));
+        assert_eq!(env.dsn.ret, Some(Ret::Hdrs));
+        assert_eq!(env.dsn.envid.as_ref().map(EnvId::as_str), Some("QQ+2B1"));
+        assert_eq!(env.dsn.notify, Notify::parse("success,failure"));
     }
 
     #[test]
@@ -1096,7 +1072,7 @@ mod tests {
         assert_eq!(lines[6], "555 5.5.4 Unsupported option: FOO=1");
         assert_eq!(codes(&lines[7..]), ["250", "250", "354", "250"]);
         // Differing NOTIFY values cannot be kept in one envelope: the default applies.
-        assert_eq!(f.queued[0].1.notify, None);
+        assert_eq!(f.queued[0].1.dsn.notify, None);
     }
 
     #[test]
@@ -1356,8 +1332,8 @@ mod tests {
         let mut out = Vec::new();
         Session::new(settings, &o, &c, &mut f).run(input.as_bytes(), &mut out);
         let env = &f.queued[0].1;
-        assert_eq!(env.ret, Some(Ret::Hdrs));
-        assert_eq!(env.notify.as_deref(), Some("never"));
+        assert_eq!(env.dsn.ret, Some(Ret::Hdrs));
+        assert_eq!(env.dsn.notify, Some(Notify::Never));
         assert!(env.queue_only);
         assert!(
             String::from_utf8_lossy(&f.queued[0].2)
@@ -1366,7 +1342,7 @@ mod tests {
     }
 
     #[test]
-    fn xtext_and_notify_parsing() {
+    fn xtext_and_orcpt_parsing() {
         assert!(is_xtext("abc+2Bdef"));
         assert!(!is_xtext("a+2b"));
         assert!(!is_xtext("a+2"));
@@ -1374,12 +1350,5 @@ mod tests {
         assert!(!is_xtext("a b"));
         assert!(is_orcpt("rfc822;a+40b"));
         assert!(!is_orcpt(";a"));
-        assert_eq!(
-            parse_notify("Success,DELAY,success").as_deref(),
-            Some("success,delay")
-        );
-        assert_eq!(parse_notify("NEVER").as_deref(), Some("never"));
-        assert_eq!(parse_notify("never,delay"), None);
-        assert_eq!(parse_notify(""), None);
     }
 }

@@ -7,6 +7,7 @@ mod faults;
 mod harness;
 mod hostile;
 mod intake;
+mod layers;
 mod load;
 mod postfix;
 mod privilege;

@@ -290,6 +290,103 @@ fn unprivileged_users_get_nothing_they_should_not() {
     assert!(!stderr(&out).contains(first), "{}", stderr(&out));
     report(T, "caller_config_etc_shadow", stderr(&out).trim());
 
+    // 4b. Read-only modes give the group up for good (real, effective and saved)
+    //     before they read the config; the enqueue modes keep it saved for the
+    //     deposit. The config is made a FIFO, so each sendmail blocks inside its
+    //     open: the gids it holds at that instant are read from /proc.
+    let conf = format!("{ETC}/relay365.toml");
+    let conf_text = std::fs::read(&conf).unwrap();
+    std::fs::remove_file(&conf).unwrap();
+    nix::unistd::mkfifo(
+        Path::new(&conf),
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )
+    .unwrap();
+    for (mode, args, keeps_group) in [
+        ("-bp", vec!["-bp"], false),
+        ("-bi", vec!["-bi"], false),
+        ("-bv", vec!["-bv", "root"], false),
+        ("enqueue", vec!["-i", "a@example.org"], true),
+    ] {
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid",
+            "r365test",
+            "--regid",
+            "r365test",
+            "--init-groups",
+            "--",
+        ])
+        .arg(&sendmail)
+        .args(&args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        // A non-blocking writer opens only once a reader is inside its open.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut fifo = loop {
+            use std::os::unix::fs::OpenOptionsExt;
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(nix::libc::O_NONBLOCK)
+                .open(&conf)
+            {
+                Ok(f) => break f,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(5))
+                }
+                Err(e) => panic!("{mode}: sendmail never opened the config: {e}"),
+            }
+        };
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+        let gids: Vec<u32> = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Gid:"))
+            .unwrap()
+            .split_whitespace()
+            .map(|g| g.parse().unwrap())
+            .collect();
+        let test_gid = id_of("group", "r365test");
+        // Gid: real, effective, saved, filesystem.
+        let want_saved = if keeps_group { drop_gid } else { test_gid };
+        assert_eq!(
+            gids,
+            [test_gid, test_gid, want_saved, test_gid],
+            "{mode}: the gids while reading the config"
+        );
+        use std::io::Write as _;
+        fifo.write_all(&conf_text).unwrap();
+        drop(fifo);
+        if let Some(mut i) = child.stdin.take() {
+            let _ = i.write_all(msg);
+        }
+        let out = child.wait_with_output().unwrap();
+        // -bv of a local name with no alias and no admin address says undeliverable.
+        let ok = if mode == "-bv" { [0, 67] } else { [0, 0] };
+        assert!(
+            ok.contains(&out.status.code().unwrap_or(-1)),
+            "{mode}: {}",
+            stderr(&out)
+        );
+        report(
+            T,
+            &format!("gids_reading_config_{mode}"),
+            &format!("{gids:?}"),
+        );
+    }
+    std::fs::remove_file(&conf).unwrap();
+    std::fs::write(&conf, &conf_text).unwrap();
+    std::fs::set_permissions(&conf, std::fs::Permissions::from_mode(0o644)).unwrap();
+    for f in std::fs::read_dir(spool.join("incoming/new"))
+        .unwrap()
+        .flatten()
+    {
+        if f.path() != own {
+            std::fs::remove_file(f.path()).unwrap();
+        }
+    }
+
     // 5. -X, -oA and the environment name files sendmail must never open.
     let canary_dir = inst.path("canary");
     std::fs::create_dir(&canary_dir).unwrap();

@@ -59,8 +59,11 @@ fn module_of(rel: &Path) -> Option<Vec<String>> {
 fn production_code(text: &str) -> Vec<(usize, String)> {
     let mut out = Vec::new();
     let mut in_block = false;
-    for (n, line) in text.lines().enumerate() {
-        if line.trim_start().starts_with("#[cfg(test)]") {
+    let lines: Vec<&str> = text.lines().collect();
+    for (n, line) in lines.iter().enumerate() {
+        // The unit-test module (`#[cfg(test)]` then `mod …`) closes a file by convention.
+        let next = lines.get(n + 1).map_or("", |l| l.trim_start());
+        if line.trim_start().starts_with("#[cfg(test)]") && next.starts_with("mod ") {
             break;
         }
         let mut kept = String::new();
@@ -306,7 +309,7 @@ fn the_graph_reader_resolves_super_and_skips_prose() {
         [lib_mod]
     );
     let code = production_code(
-        "// use crate::daemon::x;\nlet s = \"crate::secrets\"; use crate::spool::QueueId;\n#[cfg(test)]\nuse crate::daemon::y;",
+        "// use crate::daemon::x;\nlet s = \"crate::secrets\"; use crate::spool::QueueId;\n#[cfg(test)]\nmod tests {\nuse crate::daemon::y;",
     );
     let named: Vec<_> = code
         .iter()

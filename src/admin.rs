@@ -18,6 +18,7 @@ use crate::daemon::quota::{Ledger, format_moment};
 use crate::logging::Log;
 use crate::spool::paths::{self, Spool};
 use crate::spool::queue::Queue;
+use crate::spool::trigger::{self, WakeError};
 use crate::spool::{QueueId, init, listing};
 use crate::sysexits::Exit;
 
@@ -241,17 +242,11 @@ fn flush(config_path: &Path) -> Exit {
 }
 
 fn wake(spool: &Spool) -> Exit {
-    use std::os::unix::fs::OpenOptionsExt;
-    let opened = std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOFOLLOW)
-        .open(spool.trigger());
-    match opened.and_then(|mut f| f.write_all(b"q")) {
+    let path = spool.trigger();
+    match trigger::wake(&path) {
         Ok(()) => Exit::Ok,
-        Err(_) => {
-            say(
-                "the relay365 daemon is not running: start it (systemctl start relay365) or run relay365 flush",
-            );
+        Err(e) => {
+            say(WakeError::from_io(&path, e));
             Exit::Unavailable
         }
     }

@@ -14,6 +14,7 @@ use std::time::SystemTime;
 use crate::config::Config;
 use crate::logging::Log;
 use crate::spool::paths::{self, Spool};
+use crate::spool::trigger::{self, WakeError};
 use crate::spool::{QueueId, listing};
 use crate::sysexits::Exit;
 
@@ -110,29 +111,12 @@ fn list_queue(spool: &Spool) -> Exit {
 }
 
 fn queue_run(spool: &Spool, group: &DropGroup) -> Exit {
-    use std::os::unix::fs::OpenOptionsExt;
     let path = spool.trigger();
-    // SECURITY: non-blocking, no O_CREAT, no symlinks: only an existing FIFO with a
-    // reader (the daemon) can be opened for writing this way.
-    let opened = group.with(|| {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOFOLLOW)
-            .open(&path)
-    });
-    match opened.and_then(|mut f| f.write_all(b"q")) {
+    // SECURITY: the group is raised for the open of the existing FIFO only.
+    match group.with(|| trigger::wake(&path)) {
         Ok(()) => Exit::Ok,
-        Err(e) if e.raw_os_error() == Some(nix::libc::ENXIO) => {
-            say(
-                "the relay365 daemon is not running, so nobody can retry the queue now: start it (systemctl start relay365) or run relay365 flush",
-            );
-            Exit::Unavailable
-        }
         Err(e) => {
-            say(format_args!(
-                "cannot wake the relay365 daemon through {}: {e}",
-                path.display()
-            ));
+            say(WakeError::from_io(&path, e));
             Exit::Unavailable
         }
     }

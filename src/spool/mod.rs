@@ -5,6 +5,7 @@ pub mod init;
 pub mod listing;
 pub mod paths;
 pub mod queue;
+pub mod trigger;
 
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -1,0 +1,51 @@
+//! The trigger FIFO (`<spool>/trigger`): how `sendmail -q` and `relay365 flush
+//! --wake` ask a running daemon for a queue run. The daemon holds the read end; a
+//! waker writes one byte.
+//!
+//! Trusts nothing about the path: it is opened without `O_CREAT`, without following a
+//! symlink, and non-blocking, so only an existing FIFO with a reader (the daemon) can
+//! be opened for writing; a regular file planted there is never written.
+
+use std::fs::OpenOptions;
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+/// Why the daemon could not be woken.
+#[derive(Debug, thiserror::Error)]
+pub enum WakeError {
+    #[error(
+        "the relay365 daemon is not running, so nobody can retry the queue now: start it (systemctl start relay365) or run relay365 flush"
+    )]
+    NotRunning,
+    #[error("cannot wake the relay365 daemon through {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Asks the daemon listening on `path` for a queue run. Call it with whatever
+/// privilege opening the FIFO needs (the setgid `sendmail` raises its group for it).
+pub fn wake(path: &Path) -> io::Result<()> {
+    // SECURITY: no O_CREAT, no symlinks, non-blocking: see the module doc.
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+        .open(path)
+        .and_then(|mut f| f.write_all(b"q"))
+}
+
+impl WakeError {
+    /// Names the failure of [`wake`] on `path`: no reader means no daemon.
+    pub fn from_io(path: &Path, source: io::Error) -> WakeError {
+        match source.raw_os_error() {
+            Some(nix::libc::ENXIO) => WakeError::NotRunning,
+            _ => WakeError::Io {
+                path: path.to_path_buf(),
+                source,
+            },
+        }
+    }
+}

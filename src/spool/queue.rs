@@ -18,6 +18,7 @@ use fs2::FileExt;
 use serde::{Deserialize, Serialize};
 
 use super::QueueId;
+use super::durable;
 use super::envelope::Envelope;
 use super::envelope::{BodyType, Ret};
 use super::paths::{self, Spool};
@@ -311,17 +312,14 @@ impl Queue {
             path: env.clone(),
             reason: e.to_string(),
         })?;
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(paths::QUEUE_ENVELOPE_MODE)
-            .custom_flags(nix::libc::O_NOFOLLOW)
-            .open(&tmp)
-            .map_err(io_err(&tmp))?;
-        f.write_all(&json).map_err(io_err(&tmp))?;
-        f.sync_all().map_err(io_err(&tmp))?;
-        fs::rename(&tmp, &env).map_err(io_err(&env))
+        durable::replace_unsynced(
+            &env,
+            &tmp,
+            &json,
+            &durable::options(paths::QUEUE_ENVELOPE_MODE),
+        )
+        .map(drop)
+        .map_err(io_err(&env))
     }
 
     /// Replaces an entry's state durably.

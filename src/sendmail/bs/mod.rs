@@ -20,6 +20,7 @@ use std::io::{self, BufRead, Write};
 use std::time::SystemTime;
 
 use crate::message::address::{Address, Sender};
+use crate::message::text;
 use crate::spool::QueueId;
 use crate::spool::envelope::{BodyType, Dsn, EnvId, Notify, Ret};
 use crate::sysexits::Exit;
@@ -576,9 +577,7 @@ fn send(out: &mut impl Write, lines: &[String]) -> io::Result<()> {
 /// SECURITY: text that goes into a reply (error messages quoting client input) must
 /// stay on one line, or the client would read a forged reply.
 fn printable(s: &str) -> String {
-    s.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect()
+    text::one_line(s)
 }
 
 fn strip_line_end(line: &[u8]) -> &[u8] {

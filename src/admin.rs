@@ -256,7 +256,7 @@ fn quota(config: &Config, spool: &Spool, thaw: Option<String>, reset: Option<Str
     let now = SystemTime::now();
     let mut out = std::io::stdout().lock();
     for a in &config.accounts {
-        let path = spool.state().join(format!("{}.ledger", a.name));
+        let path = spool.ledger(&a.name);
         if reset.as_deref() == Some(&a.name) {
             match Ledger::reset(&path, now, &a.limits) {
                 Ok(kept) => {

@@ -78,7 +78,11 @@ mod tests {
         assert_eq!(fs::read(&path).unwrap(), b"new");
         assert!(!tmp.exists());
         let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode & !0o640, 0, "no bit beyond the mode asked for: {mode:o}");
+        assert_eq!(
+            mode & !0o640,
+            0,
+            "no bit beyond the mode asked for: {mode:o}"
+        );
     }
 
     #[test]

@@ -149,7 +149,28 @@ impl Spool {
     pub fn trigger(&self) -> PathBuf {
         self.join(TRIGGER)
     }
+    /// `state/<account>.ledger`: the account's quota ledger (daemon only, 0600).
+    pub fn ledger(&self, account: &str) -> PathBuf {
+        self.state().join(format!("{account}{LEDGER_SUFFIX}"))
+    }
+    /// `state/<account>.freeze`: a quota freeze, beside the ledger (daemon only, 0600).
+    pub fn freeze(&self, account: &str) -> PathBuf {
+        self.state().join(format!("{account}{FREEZE_SUFFIX}"))
+    }
+    /// `state/<account>.hold`: an account held for a credentials or policy problem.
+    pub fn hold(&self, account: &str) -> PathBuf {
+        self.state().join(format!("{account}{HOLD_SUFFIX}"))
+    }
 }
+
+/// The file names inside `queue/` and `state/`, by suffix: `queue/<id>.msg` (the
+/// message, [`QUEUE_MESSAGE_MODE`]), `queue/<id>.env` (its envelope and state,
+/// [`QUEUE_ENVELOPE_MODE`]), `state/<account>.ledger`, `.freeze` and `.hold`.
+pub const QUEUE_MESSAGE_SUFFIX: &str = ".msg";
+pub const QUEUE_ENTRY_SUFFIX: &str = ".env";
+pub const LEDGER_SUFFIX: &str = ".ledger";
+pub const FREEZE_SUFFIX: &str = ".freeze";
+pub const HOLD_SUFFIX: &str = ".hold";
 
 /// The whole table as TSV lines (absolute path, kind, owner, group, octal mode), the
 /// spool rooted at `spool`: what `relay365 paths` prints for the package tests.

@@ -21,7 +21,7 @@ use super::QueueId;
 use super::durable;
 use super::envelope::Envelope;
 use super::envelope::{BodyType, Ret};
-use super::paths::{self, Spool};
+use super::paths::{self, QUEUE_ENTRY_SUFFIX as ENV, QUEUE_MESSAGE_SUFFIX as MSG, Spool};
 
 /// The format version written into every `.env`.
 pub const VERSION: u32 = 1;
@@ -257,11 +257,11 @@ impl Queue {
     }
 
     pub fn msg_path(&self, id: &QueueId) -> PathBuf {
-        self.dir.join(format!("{id}.msg"))
+        self.dir.join(format!("{id}{MSG}"))
     }
 
     pub fn env_path(&self, id: &QueueId) -> PathBuf {
-        self.dir.join(format!("{id}.env"))
+        self.dir.join(format!("{id}{ENV}"))
     }
 
     /// Whether a message with this id is queued.
@@ -306,8 +306,8 @@ impl Queue {
     }
 
     fn write_entry_nosync(&self, entry: &QueueEntry) -> Result<(), QueueError> {
-        let env = self.dir.join(format!("{}.env", entry.id));
-        let tmp = self.dir.join(format!(".{}.env.tmp", entry.id));
+        let env = self.dir.join(format!("{}{ENV}", entry.id));
+        let tmp = self.dir.join(format!(".{}{ENV}.tmp", entry.id));
         let json = serde_json::to_vec(entry).map_err(|e| QueueError::Corrupt {
             path: env.clone(),
             reason: e.to_string(),
@@ -369,11 +369,11 @@ impl Queue {
             let e = e.map_err(io_err(&self.dir))?;
             let name = e.file_name();
             let Some(name) = name.to_str() else { continue };
-            if let Some(stem) = name.strip_suffix(".env") {
+            if let Some(stem) = name.strip_suffix(ENV) {
                 if let Ok(id) = QueueId::parse(stem) {
                     ids.push(id);
                 }
-            } else if let Some(stem) = name.strip_suffix(".msg") {
+            } else if let Some(stem) = name.strip_suffix(MSG) {
                 msgs.insert(stem.to_string(), e.ino());
             }
         }
@@ -432,9 +432,9 @@ impl Queue {
         let now = SystemTime::now();
         let mut removed = 0;
         for name in &names {
-            let orphan = name.strip_suffix(".msg").and_then(|stem| {
+            let orphan = name.strip_suffix(MSG).and_then(|stem| {
                 let id = QueueId::parse(stem).ok()?;
-                (!names.contains(&format!("{stem}.env"))).then_some(id)
+                (!names.contains(&format!("{stem}{ENV}"))).then_some(id)
             });
             let temporary = name.starts_with('.') && name.ends_with(".env.tmp");
             if orphan.is_none() && !temporary {

@@ -3,8 +3,8 @@
 //! before AUTH, Cyrus SASL LOGIN and PLAIN, anvil's message rate limit answering 450)
 //! → the virtual delivery agent's Maildir, which the tests read back.
 //!
-//! Each test starts its own Postfix with tests/postfix/start (installing the packages
-//! first if missing and running as root) and stops it on drop with tests/postfix/stop.
+//! Each test starts its own Postfix with tests/system/postfix/start (installing the packages
+//! first if missing and running as root) and stops it on drop with tests/system/postfix/stop.
 //! Without root or the packages, the tests print a skip notice, or fail when `CI` is
 //! set: in CI a skipped Postfix test would be a silent hole.
 
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use crate::harness::*;
 use relay365::spool::queue::RcptStatus;
 
-const SCRIPTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/postfix");
+const SCRIPTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/system/postfix");
 
 /// Whether Postfix can run here; checked (and installed) once per test process.
 fn available() -> &'static Result<(), String> {
@@ -115,14 +115,14 @@ impl Postfix {
                 .stdout(log.try_clone().expect("dup"))
                 .stderr(log)
                 .status()
-                .expect("run tests/postfix/start");
+                .expect("run tests/system/postfix/start");
             let pf = Postfix { work, port };
             if status.success() {
                 return pf;
             }
             last = std::fs::read_to_string(pf.work.path().join("start.log")).unwrap_or_default();
         }
-        panic!("tests/postfix/start failed three times; last output:\n{last}");
+        panic!("tests/system/postfix/start failed three times; last output:\n{last}");
     }
 
     fn ca(&self) -> PathBuf {

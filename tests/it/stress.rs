@@ -2,7 +2,7 @@
 //! privilege, load): run sizes (the CI subset or the full run), a seeded random
 //! source, a sender that tags each message with a unique Message-ID, a daemon that can
 //! be SIGKILLed and restarted, queue integrity checks, and the `[reliability]` lines
-//! that `tests/reliability/run` collects into the numbers of tests/RELIABILITY.md.
+//! that `tests/system/reliability/run` collects into the numbers of tests/RELIABILITY.md.
 //!
 //! Trusts the test's own processes; everything it reads from the spool is checked.
 
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::harness::*;
 
-/// Whether the full (long) versions run: `RELAY365_FULL=1` (set by `tests/reliability/run --full`).
+/// Whether the full (long) versions run: `RELAY365_FULL=1` (set by `tests/system/reliability/run --full`).
 pub fn full() -> bool {
     std::env::var_os("RELAY365_FULL").is_some_and(|v| !v.is_empty() && v != "0")
 }
@@ -28,7 +28,7 @@ pub fn size(name: &str, ci: u64, full_size: u64) -> u64 {
         .unwrap_or(if full() { full_size } else { ci })
 }
 
-/// Prints one result line; `tests/reliability/run` collects them.
+/// Prints one result line; `tests/system/reliability/run` collects them.
 pub fn report(test: &str, key: &str, value: impl std::fmt::Display) {
     let line = format!("[reliability] {test}: {key}={value}");
     println!("{line}");

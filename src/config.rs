@@ -4,6 +4,8 @@
 //! Trusts the file as far as its owner (root) goes, but refuses any unknown key or bad
 //! value with the file, line and key named, so a typo never silently changes behaviour.
 
+pub mod limits;
+
 use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -12,7 +14,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 
-use crate::daemon::quota::{Limits, Rate};
+use self::limits::{Limits, Rate};
 use crate::message::rewrite::FromPolicy;
 use crate::spool::paths;
 use crate::transport::oauth::OAuthSettings;

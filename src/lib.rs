@@ -16,7 +16,11 @@
 //! - [`spool`]: the path table, the incoming maildir and the envelope format; readers
 //!   distrust every file.
 //! - [`config`]: the world-readable config file, written by root; validated strictly.
+//!   [`config::limits`] holds the rates and limits the quota enforces.
 //! - [`daemon`]: pickup, queue runs, bounces and aliases; distrusts incoming files.
+//! - [`quota`]: the per-account send ledger and freezes (run in the `relay365` binary
+//!   by the daemon user `relay365`, and by root's admin commands); trusts only its own
+//!   state files, and parses even those strictly.
 //! - [`transport`]: SMTP submission, OAuth2 tokens and reply classification; trusts
 //!   the server only after TLS verification.
 //! - [`secrets`]: the only module that reads secrets; redacts them everywhere.
@@ -33,6 +37,7 @@ pub mod config;
 pub mod daemon;
 pub mod logging;
 pub mod message;
+pub mod quota;
 pub mod secrets;
 pub mod sendmail;
 pub mod spool;

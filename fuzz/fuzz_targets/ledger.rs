@@ -1,4 +1,4 @@
-//! Fuzzes the quota ledger and freeze-file readers (`daemon::quota::Ledger::open` and
+//! Fuzzes the quota ledger and freeze-file readers (`quota::Ledger::open` and
 //! the operations that read the file) on arbitrary file contents: a damaged ledger
 //! must be refused with an error, never crash the daemon or under-count.
 //!
@@ -12,7 +12,8 @@ mod common;
 use std::time::{Duration, UNIX_EPOCH};
 
 use libfuzzer_sys::fuzz_target;
-use relay365::daemon::quota::{Ledger, Limits, Reservation};
+use relay365::config::limits::Limits;
+use relay365::quota::{Ledger, Reservation};
 
 fuzz_target!(|data: &[u8]| {
     let (ledger, freeze) = match data.iter().position(|&b| b == 0xFF) {

@@ -18,9 +18,9 @@ use crate::aliases::Aliases;
 use crate::aliases::Locals;
 use crate::config::{Account, AuthMode, Config, Transport};
 use crate::daemon::bounce::{self, DsnAction, DsnInput, DsnRecipient, Return};
-use crate::daemon::quota::{FreezeCheck, Grant, Ledger};
 use crate::logging::Log;
 use crate::message::rewrite;
+use crate::quota::{FreezeCheck, Grant, Ledger};
 use crate::secrets::{AccountSecrets, Secret};
 use crate::spool::QueueId;
 use crate::spool::envelope::Ret;
@@ -734,7 +734,7 @@ impl Runner {
         self.took.push_back(took);
         let limits = &self.account.limits;
         let overran =
-            |r: &crate::daemon::quota::Rate| r.is_limited() && took > lead + (r.hold() - r.window);
+            |r: &crate::config::limits::Rate| r.is_limited() && took > lead + (r.hold() - r.window);
         let extra = if overran(&limits.recipient_rate) {
             rcpts
         } else if overran(&limits.message_rate) {

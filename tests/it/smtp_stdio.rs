@@ -449,7 +449,10 @@ fn command_line_envelope_options_are_ignored_with_a_warning() {
 
 #[test]
 fn python_smtplib_over_a_pipe() {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/system/clients/smtp_pipe.py");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/system/clients/smtp_pipe.py"
+    );
     if Command::new("python3")
         .arg("-c")
         .arg("import smtplib")

@@ -619,7 +619,7 @@ fn certificates_implicit_tls_and_tls_refusals() {
 }
 
 #[test]
-fn sink_is_fast_and_counts() {
+fn sink_takes_pipelined_and_lock_step_mail_and_counts() {
     let emu = start(Config::sink());
     let (mut c, _) = Smtp::open(&emu);
     let ehlo = c.cmd("EHLO bench");
@@ -649,16 +649,15 @@ fn sink_is_fast_and_counts() {
         })
     };
     let replies = writer.join().unwrap();
+    // The throughput depends on wall-clock time and the machine's load, so it is
+    // reported, not asserted; bench/run drains into this sink and records its rates in
+    // bench/RESULTS.md.
     let elapsed = t0.elapsed();
-    eprintln!("sink: {n} pipelined messages in {elapsed:?}");
+    eprintln!("sink: {n} pipelined messages in {elapsed:?} (not asserted)");
     assert!(emu.wait_for_messages(n, Duration::from_secs(10)));
     assert_eq!(
         replies.windows(11).filter(|w| w == b"250 2.0.0 O").count(),
         n
-    );
-    assert!(
-        elapsed < Duration::from_secs(5),
-        "{n} messages took {elapsed:?}"
     );
     assert_eq!(emu.reply_count(354), n as u64);
     assert_eq!(emu.connections_opened(), 2);

@@ -20,7 +20,7 @@ use crate::spool::paths::{self, Spool};
 use crate::spool::queue::Queue;
 use crate::spool::trigger::{self, WakeError};
 use crate::spool::{QueueId, init, listing};
-use crate::sysexits::Exit;
+use crate::sysexits::{Exit, ExitStatus};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -127,8 +127,8 @@ pub fn main(argv: Vec<OsString>) -> Exit {
     let config = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
-            say(e);
-            return Exit::Config;
+            say(&e);
+            return e.exit();
         }
     };
     let spool = Spool::new(&config.spool_dir);
@@ -198,8 +198,8 @@ fn daemon(config_path: &Path) -> Exit {
     let config = match Config::load(config_path) {
         Ok(c) => c,
         Err(e) => {
-            say(e);
-            return Exit::Config;
+            say(&e);
+            return e.exit();
         }
     };
     let _lock = match engine::daemon_lock(&Spool::new(&config.spool_dir)) {
@@ -246,8 +246,9 @@ fn wake(spool: &Spool) -> Exit {
     match trigger::wake(&path) {
         Ok(()) => Exit::Ok,
         Err(e) => {
-            say(WakeError::from_io(&path, e));
-            Exit::Unavailable
+            let e = WakeError::from_io(&path, e);
+            say(&e);
+            e.exit()
         }
     }
 }

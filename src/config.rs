@@ -19,6 +19,12 @@ use crate::message::rewrite::FromPolicy;
 use crate::spool::paths;
 use crate::transport::oauth::OAuthSettings;
 
+impl crate::sysexits::ExitStatus for ConfigError {
+    fn exit(&self) -> crate::sysexits::Exit {
+        crate::sysexits::Exit::Config
+    }
+}
+
 /// Errors loading the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

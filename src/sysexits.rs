@@ -2,6 +2,25 @@
 //!
 //! Callers such as PHP's `mail()` only test for non-zero, but cron, git and the
 //! mail user agents print the code, and `EX_TEMPFAIL` tells a caller it may retry.
+//!
+//! Every error a command can end in implements [`ExitStatus`]; this module is the
+//! lowest layer, so the impls sit beside the errors, and the mapping is this table:
+//!
+//! | error | status |
+//! |---|---|
+//! | bad command line (sendmail's options, clap) | `EX_USAGE` 64 |
+//! | `IntakeError`: too big, NUL, bad header | `EX_DATAERR` 65 |
+//! | `IntakeError`: bad address | `EX_NOUSER` 67 |
+//! | `IntakeError`: no recipients | `EX_USAGE` 64 |
+//! | `IntakeError`: cannot read stdin; `SpoolError::Io` | `EX_IOERR` 74 |
+//! | `SpoolError`: spool full, file size limit | `EX_TEMPFAIL` 75 |
+//! | `SpoolError`: spool unwritable or missing | `EX_CANTCREAT` 73 |
+//! | `-bs` input ended inside a transaction | `EX_TEMPFAIL` 75 |
+//! | `WakeError`: the daemon is not running | `EX_UNAVAILABLE` 69 |
+//! | `ConfigError`, secrets and aliases at start-up | `EX_CONFIG` 78 |
+//! | `EngineError`: set-up (inotify, signals) | `EX_OSERR` 71 |
+//! | `EngineError`: another daemon holds the lock | `EX_TEMPFAIL` 75 |
+//! | privilege handling failed | `EX_OSERR` 71 |
 
 use std::process::ExitCode;
 
@@ -28,6 +47,11 @@ impl Exit {
     pub fn code(self) -> u8 {
         self as u8
     }
+}
+
+/// An error a command can end in, and the status it ends with (see the table above).
+pub trait ExitStatus {
+    fn exit(&self) -> Exit;
 }
 
 impl From<Exit> for ExitCode {

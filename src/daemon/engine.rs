@@ -30,7 +30,7 @@ use crate::secrets::{Secrets, SecretsError};
 use crate::spool::QueueId;
 use crate::spool::paths::Spool;
 use crate::spool::queue::{Queue, micros};
-use crate::sysexits::Exit;
+use crate::sysexits::{Exit, ExitStatus};
 
 /// How often the daemon rescans incoming/ even without an inotify event.
 const SAFETY_SCAN: Duration = Duration::from_secs(60);
@@ -58,8 +58,8 @@ pub enum EngineError {
     AlreadyRunning(PathBuf),
 }
 
-impl EngineError {
-    pub fn exit(&self) -> Exit {
+impl ExitStatus for EngineError {
+    fn exit(&self) -> Exit {
         match self {
             EngineError::Config(_) | EngineError::Secrets(_) | EngineError::Aliases(_) => {
                 Exit::Config

@@ -16,7 +16,7 @@ use crate::logging::Log;
 use crate::spool::paths::{self, Spool};
 use crate::spool::trigger::{self, WakeError};
 use crate::spool::{QueueId, listing};
-use crate::sysexits::Exit;
+use crate::sysexits::{Exit, ExitStatus};
 
 use super::bs::{self, Session};
 use super::deposit::{Depositor, Origin, Protocol};
@@ -78,8 +78,8 @@ pub fn main(argv: Vec<OsString>) -> Exit {
         Ok(c) => c,
         Err(e) => {
             let _ = group.drop_permanently();
-            say(e);
-            return Exit::Config;
+            say(&e);
+            return e.exit();
         }
     };
     let spool = Spool::new(&config.spool_dir);
@@ -116,8 +116,9 @@ fn queue_run(spool: &Spool, group: &DropGroup) -> Exit {
     match group.with(|| trigger::wake(&path)) {
         Ok(()) => Exit::Ok,
         Err(e) => {
-            say(WakeError::from_io(&path, e));
-            Exit::Unavailable
+            let e = WakeError::from_io(&path, e);
+            say(&e);
+            e.exit()
         }
     }
 }

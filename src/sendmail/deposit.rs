@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use crate::logging::Log;
 use crate::spool::QueueId;
 use crate::spool::paths::{self, Spool};
-use crate::sysexits::Exit;
+use crate::sysexits::{Exit, ExitStatus};
 
 use super::intake::Submission;
 use super::privilege::DropGroup;
@@ -55,16 +55,17 @@ pub enum SpoolError {
     FileSizeLimit { size: u64, limit: u64 },
 }
 
-impl SpoolError {
-    /// The exit status `sendmail` reports for it.
-    pub fn exit(&self) -> Exit {
+impl ExitStatus for SpoolError {
+    fn exit(&self) -> Exit {
         match self {
             SpoolError::Full { .. } | SpoolError::FileSizeLimit { .. } => Exit::TempFail,
             SpoolError::Unwritable { .. } => Exit::CantCreat,
             SpoolError::Io { .. } => Exit::IoErr,
         }
     }
+}
 
+impl SpoolError {
     /// Whether it is a lack of space (SMTP `452 4.3.1`) rather than a write error.
     pub fn is_full(&self) -> bool {
         matches!(

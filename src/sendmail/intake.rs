@@ -12,7 +12,7 @@ use crate::message::complete::{self, Completion};
 use crate::message::header::{self, HeaderError};
 use crate::spool::QueueId;
 use crate::spool::envelope::Envelope;
-use crate::sysexits::Exit;
+use crate::sysexits::{Exit, ExitStatus};
 
 use super::options::Options;
 
@@ -37,8 +37,8 @@ pub enum IntakeError {
     Read(#[from] std::io::Error),
 }
 
-impl IntakeError {
-    pub fn exit(&self) -> Exit {
+impl ExitStatus for IntakeError {
+    fn exit(&self) -> Exit {
         match self {
             IntakeError::TooBig { .. } | IntakeError::Nul { .. } | IntakeError::Header(_) => {
                 Exit::DataErr

@@ -11,6 +11,8 @@ use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use crate::sysexits::{Exit, ExitStatus};
+
 /// Why the daemon could not be woken.
 #[derive(Debug, thiserror::Error)]
 pub enum WakeError {
@@ -35,6 +37,12 @@ pub fn wake(path: &Path) -> io::Result<()> {
         .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
         .open(path)
         .and_then(|mut f| f.write_all(b"q"))
+}
+
+impl ExitStatus for WakeError {
+    fn exit(&self) -> Exit {
+        Exit::Unavailable
+    }
 }
 
 impl WakeError {

@@ -148,11 +148,14 @@ fn named_paths(line: &str, here: &[String]) -> Vec<Vec<String>> {
     found
 }
 
+/// One import: the line number, the module it names, the source line.
+type Edge = (usize, Vec<String>, String);
+
 struct Graph {
-    /// Module path → (line, module it names, the source line).
-    edges: BTreeMap<Vec<String>, Vec<(usize, Vec<String>, String)>>,
+    /// Module path → its imports.
+    edges: BTreeMap<Vec<String>, Vec<Edge>>,
     files: BTreeMap<Vec<String>, PathBuf>,
-    bins: BTreeMap<String, Vec<(usize, Vec<String>, String)>>,
+    bins: BTreeMap<String, Vec<Edge>>,
 }
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) {

@@ -23,7 +23,7 @@ use crate::message::address::{Address, Sender};
 use crate::message::text;
 use crate::spool::QueueId;
 use crate::spool::envelope::{BodyType, Dsn, EnvId, Notify, Ret};
-use crate::sysexits::Exit;
+use crate::sysexits::{Exit, ExitStatus};
 
 mod read;
 
@@ -74,14 +74,14 @@ pub enum Ending {
     Io(io::Error),
 }
 
-impl Ending {
+impl ExitStatus for Ending {
     /// The exit status. Postfix's smtpd in this mode exits 0 even when the input ends
     /// in the middle of a message, which tells a caller that only checks the status
     /// (as PHP's transports do) that all is well when a message was dropped. relay365
     /// exits `EX_TEMPFAIL` instead: nothing of that message was queued and nothing is
     /// wrong with its data (so not `EX_DATAERR`), the connection was lost, and sending
     /// the whole message again is the right reaction.
-    pub fn exit(&self) -> Exit {
+    fn exit(&self) -> Exit {
         match self {
             Ending::Quit | Ending::EndOfInput => Exit::Ok,
             Ending::Abandoned { .. } => Exit::TempFail,

@@ -28,9 +28,10 @@ use crate::spool::paths::Spool;
 use crate::spool::queue::{Locked, Queue, QueueEntry, RcptStatus, Recipient, micros};
 use crate::transport::capture;
 use crate::transport::classify::{
-    self, Action, HOLD_PROBE_INTERVAL, HoldUntil, Quota, Reply, Verdict, backoff, pause_for,
+    self, Action, HOLD_PROBE_INTERVAL, HoldUntil, Quota, Verdict, backoff, pause_for,
 };
 use crate::transport::oauth::{ClientCredential, TokenSource};
+use crate::transport::reply::Reply;
 use crate::transport::smtp::{Endpoint, Failure, Login, Session, xtext};
 
 /// Longest the worker sleeps for the quota window inside one delivery; longer waits

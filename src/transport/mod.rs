@@ -4,5 +4,6 @@
 pub mod capture;
 pub mod classify;
 pub mod oauth;
+pub mod reply;
 pub mod smtp;
 pub mod tls;

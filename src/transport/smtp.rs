@@ -30,8 +30,9 @@ use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, StreamOwned};
 use zeroize::Zeroizing;
 
-use super::classify::{MAX_REPLY_LINES, Reply, Stage};
+use super::classify::Stage;
 use super::oauth::xoauth2_sasl;
+use super::reply::{MAX_REPLY_LINES, Reply};
 use crate::config::TlsMode;
 use crate::secrets::Secret;
 

@@ -4,6 +4,8 @@
 //! Trusts the file as far as its owner (root) goes, but refuses any unknown key or bad
 //! value with the file, line and key named, so a typo never silently changes behaviour.
 
+pub mod oauth;
+
 use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -14,7 +16,7 @@ use serde::de::{self, Deserializer, Visitor};
 
 use crate::daemon::quota::{Limits, Rate};
 use crate::spool::paths;
-use crate::transport::oauth::OAuthSettings;
+use oauth::OAuthSettings;
 
 /// Errors loading the configuration.
 #[derive(Debug, thiserror::Error)]

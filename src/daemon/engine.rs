@@ -22,8 +22,9 @@ use fs2::FileExt;
 
 use crate::config::{Config, ConfigError};
 use crate::daemon::aliases::Aliases;
-use crate::daemon::deliver::{Outcome, Report, Runner, Stop};
 use crate::daemon::pickup::{self, Locals};
+use crate::daemon::stop::Stop;
+use crate::daemon::worker::{AccountWorker, Outcome, Report};
 use crate::logging::Log;
 use crate::secrets::{Secrets, SecretsError};
 use crate::spool::QueueId;
@@ -201,7 +202,7 @@ impl Engine {
             let jobs = Arc::new(Jobs::default());
             let mut handles = Vec::new();
             for n in 0..account.limits.connections.max(1) {
-                let mut runner = Runner::new(
+                let mut runner = AccountWorker::new(
                     account.clone(),
                     config.clone(),
                     self.loaded.aliases.clone(),
@@ -604,7 +605,7 @@ fn open_trigger(path: &Path) -> Option<File> {
 }
 
 fn worker(
-    runner: &mut Runner,
+    runner: &mut AccountWorker,
     jobs: &Jobs,
     tx: &mpsc::Sender<(QueueId, Report)>,
     wake: &OwnedFd,

@@ -4,8 +4,11 @@
 pub mod aliases;
 pub mod bounce;
 pub mod check;
-pub mod deliver;
+pub mod connect;
 pub mod engine;
+pub mod hold;
 pub mod pickup;
 pub mod quota;
 pub mod route;
+pub mod stop;
+pub mod worker;

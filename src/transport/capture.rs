@@ -8,6 +8,54 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use super::classify::Verdict;
+use super::{RcptResult, Transaction, Transport, TxnEnd, TxnResult};
+
+/// The capture transport of one account: every transaction is written to `dir`.
+#[derive(Debug, Clone)]
+pub struct Capture {
+    dir: PathBuf,
+}
+
+impl Capture {
+    pub fn new(dir: PathBuf) -> Capture {
+        Capture { dir }
+    }
+}
+
+impl Transport for Capture {
+    fn connects(&self) -> bool {
+        false
+    }
+
+    fn open(&mut self, _now: SystemTime) -> Result<(), Verdict> {
+        Ok(())
+    }
+
+    fn send(&mut self, txn: &Transaction, _now: SystemTime) -> TxnResult {
+        let relay = format!("maildir:{}", self.dir.display());
+        let rcpts: Vec<String> = txn
+            .recipients
+            .iter()
+            .map(|r| r.address.to_owned())
+            .collect();
+        match deliver(&self.dir, txn.id, txn.sender, &rcpts, txn.message) {
+            Ok(path) => TxnResult {
+                relay,
+                recipients: vec![RcptResult::Accepted; rcpts.len()],
+                end: TxnEnd::Sent(format!("250 2.0.0 captured as {}", path.display())),
+            },
+            Err(e) => TxnResult::ended(
+                relay,
+                TxnEnd::Failed(format!("cannot write to {}: {e}", self.dir.display())),
+            ),
+        }
+    }
+
+    fn close(&mut self) {}
+}
 
 /// Delivers `message` for `recipients` into the Maildir at `dir`; returns the file.
 /// The envelope is recorded in `Return-Path` and `X-Envelope-To` header lines.

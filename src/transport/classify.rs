@@ -138,6 +138,19 @@ impl Action {
     pub fn bounces(&self) -> bool {
         matches!(self, Action::BounceMessage | Action::BounceRecipient)
     }
+
+    /// Whether a refused recipient with this verdict ends the transaction: anything
+    /// but a verdict on that recipient alone (bounce it, defer it, or send it in a
+    /// smaller transaction) concerns the account, so the rest is not offered.
+    pub fn ends_transaction(&self) -> bool {
+        !matches!(
+            self,
+            Action::SplitRecipients
+                | Action::BounceRecipient
+                | Action::BounceMessage
+                | Action::Defer { .. }
+        )
+    }
 }
 
 /// A classified reply: the action and a plain-words reason for logs, alerts and DSNs.
@@ -342,6 +355,31 @@ pub fn classify(reply: &Reply, stage: Stage) -> Verdict {
         Action::BounceMessage,
         format!("the server rejected the message in reply to {stage}: {reply}"),
     )
+}
+
+/// The verdict for a message larger than the server's advertised `SIZE` limit: it would
+/// be refused at the end of DATA, so it is bounced without being sent.
+pub fn too_big(size: usize, limit: u64) -> Verdict {
+    Verdict::new(
+        Action::BounceMessage,
+        format!("552 5.3.4 message size {size} exceeds the server's limit of {limit} bytes"),
+    )
+}
+
+/// The verdict for a server certificate that is not trusted: an account problem only
+/// the administrator can fix (wrong host, a missing `ca_file`, an intercepting proxy),
+/// so the account is held and probed hourly, never bounced.
+pub fn untrusted_certificate(detail: &str) -> Verdict {
+    let fix = format!(
+        "the server's TLS certificate is not trusted ({detail}): check host, and set ca_file if the server uses a private CA"
+    );
+    Verdict {
+        action: Action::HoldAccount {
+            until: HoldUntil::Release,
+            fix: fix.clone(),
+        },
+        reason: fix,
+    }
 }
 
 /// The verdict for a failure with no reply at all: dropped connection, timeout, TLS error.

@@ -202,7 +202,7 @@ impl Engine {
             let jobs = Arc::new(Jobs::default());
             let mut handles = Vec::new();
             for n in 0..account.limits.connections.max(1) {
-                let mut runner = AccountWorker::new(
+                let mut account_worker = AccountWorker::new(
                     account.clone(),
                     config.clone(),
                     self.loaded.aliases.clone(),
@@ -212,7 +212,7 @@ impl Engine {
                 )
                 .map_err(|e| EngineError::Setup(e.to_string()))?;
                 let waiting = jobs.clone();
-                runner.others_waiting =
+                account_worker.others_waiting =
                     Box::new(move || waiting.queue.lock().is_ok_and(|q| !q.is_empty()));
                 let jobs = jobs.clone();
                 let tx = self.results_tx.clone();
@@ -220,7 +220,7 @@ impl Engine {
                 let stop = self.stop.clone();
                 let handle = std::thread::Builder::new()
                     .name(format!("{}-{n}", account.name))
-                    .spawn(move || worker(&mut runner, &jobs, &tx, &wake, &stop))
+                    .spawn(move || worker(&mut account_worker, &jobs, &tx, &wake, &stop))
                     .map_err(|e| EngineError::Setup(format!("cannot start a worker: {e}")))?;
                 handles.push(handle);
             }
@@ -605,7 +605,7 @@ fn open_trigger(path: &Path) -> Option<File> {
 }
 
 fn worker(
-    runner: &mut AccountWorker,
+    account_worker: &mut AccountWorker,
     jobs: &Jobs,
     tx: &mpsc::Sender<(QueueId, Report)>,
     wake: &OwnedFd,
@@ -616,7 +616,7 @@ fn worker(
             let Ok(mut q) = jobs.queue.lock() else { return };
             loop {
                 if stop.is_set() {
-                    runner.close();
+                    account_worker.close();
                     return;
                 }
                 if let Some(j) = q.pop_front() {
@@ -628,7 +628,7 @@ fn worker(
                     Ok((g, t)) => {
                         q = g;
                         if t.timed_out() && q.is_empty() {
-                            runner.close();
+                            account_worker.close();
                         }
                     }
                     Err(_) => return,
@@ -636,7 +636,7 @@ fn worker(
             }
         };
         let Some((id, explicit)) = job else { continue };
-        let report = runner.deliver(&id, explicit);
+        let report = account_worker.deliver(&id, explicit);
         let _ = tx.send((id, report));
         let _ = nix::unistd::write(wake, b"r");
     }

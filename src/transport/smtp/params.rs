@@ -159,7 +159,7 @@ mod tests {
             address: "x@example.org",
             original: Some("root+ops@host"),
         };
-        let mut t = txn(b"a\r\n", &[aliased.clone()]);
+        let mut t = txn(b"a\r\n", std::slice::from_ref(&aliased));
         t.dsn.notify = Some("failure,delay");
         assert_eq!(
             rcpt_params(&t, &aliased, &everything()),

@@ -484,6 +484,51 @@ mod tests {
     }
 
     #[test]
+    fn only_verdicts_on_the_recipient_alone_let_a_transaction_go_on() {
+        for goes_on in [
+            Action::SplitRecipients,
+            Action::BounceRecipient,
+            Action::BounceMessage,
+            Action::Defer { hint: None },
+        ] {
+            assert!(!goes_on.ends_transaction(), "{goes_on:?}");
+        }
+        for ends in [
+            Action::Accepted,
+            Action::FreezeAccount(Quota::Daily),
+            Action::ReduceConnections,
+            Action::PauseAccount,
+            Action::AuthFailed,
+            Action::HoldAccount {
+                until: HoldUntil::Release,
+                fix: String::new(),
+            },
+        ] {
+            assert!(ends.ends_transaction(), "{ends:?}");
+        }
+    }
+
+    #[test]
+    fn an_oversized_message_bounces_and_an_untrusted_certificate_holds() {
+        let v = too_big(200, 100);
+        assert_eq!(v.action, Action::BounceMessage);
+        assert_eq!(
+            v.reason,
+            "552 5.3.4 message size 200 exceeds the server's limit of 100 bytes"
+        );
+        let v = untrusted_certificate("unknown issuer");
+        assert!(matches!(
+            v.action,
+            Action::HoldAccount {
+                until: HoldUntil::Release,
+                ..
+            }
+        ));
+        assert!(v.reason.contains("(unknown issuer)"), "{}", v.reason);
+        assert!(v.reason.contains("ca_file"), "{}", v.reason);
+    }
+
+    #[test]
     fn concurrent_connections_reduce() {
         for raw in [
             "432 4.3.2 Concurrent connections limit exceeded. Visit https://aka.ms/concurrent_sending for more information.",

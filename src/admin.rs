@@ -12,8 +12,8 @@ use std::time::SystemTime;
 use clap::{Parser, Subcommand};
 
 use crate::config::Config;
-use crate::daemon::deliver::{hold_path, read_hold};
 use crate::daemon::engine::{self, Engine};
+use crate::daemon::hold::{hold_path, read_hold};
 use crate::logging::Log;
 use crate::quota::{Ledger, format_moment};
 use crate::spool::paths::{self, Spool};

@@ -5,6 +5,7 @@
 //! value with the file, line and key named, so a typo never silently changes behaviour.
 
 pub mod limits;
+pub mod oauth;
 
 use std::fmt;
 use std::fs;
@@ -17,7 +18,7 @@ use serde::de::{self, Deserializer, Visitor};
 use self::limits::{Limits, Rate};
 use crate::message::rewrite::FromPolicy;
 use crate::spool::paths;
-use crate::transport::oauth::OAuthSettings;
+use oauth::OAuthSettings;
 
 impl crate::sysexits::ExitStatus for ConfigError {
     fn exit(&self) -> crate::sysexits::Exit {

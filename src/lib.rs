@@ -23,6 +23,19 @@
 //!   state files, and parses even those strictly.
 //! - [`transport`]: SMTP submission, OAuth2 tokens and reply classification; trusts
 //!   the server only after TLS verification.
+//!   - [`config::oauth`]: an app registration's OAuth2 settings and their checks.
+//! - [`daemon`]: pickup, queue runs, bounces and aliases; distrusts incoming files.
+//!   - [`daemon::worker`]: the account worker (delivery through one account); applies verdicts.
+//!   - [`daemon::connect`]: connection set-up and login; the one factory of a transport.
+//!   - [`daemon::hold`]: account holds, shared with the admin commands.
+//!   - [`daemon::stop`]: the workers' stop signal.
+//!   - [`daemon::bounce::queue`]: building and queueing a bounce for failed recipients.
+//! - [`transport`]: the [`transport::Transport`] trait, SMTP submission, OAuth2 tokens and
+//!   reply classification; trusts the server only after TLS verification.
+//!   - [`transport::reply`]: the SMTP reply parser; untrusted server bytes.
+//!   - [`transport::smtp::params`]: MAIL FROM and RCPT TO parameters, a pure function.
+//!   - `transport::smtp::conn` and `submit`: the connection; SMTP as a [`transport::Transport`].
+//!   - `transport::oauth::assertion`: the certificate credential's signed JWT.
 //! - [`secrets`]: the only module that reads secrets; redacts them everywhere.
 //! - [`sysexits`]: the one mapping of errors to exit codes.
 #![deny(unsafe_code)]

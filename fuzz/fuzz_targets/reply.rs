@@ -1,4 +1,4 @@
-//! Fuzzes the SMTP reply parser (`transport::classify::Reply::parse`) and the
+//! Fuzzes the SMTP reply parser (`transport::reply::Reply::parse`) and the
 //! classifier on the server-controlled bytes of a reply.
 //!
 //! Invariants: never panics; an accepted reply has a code 200..=599 and a bounded text
@@ -7,7 +7,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use relay365::transport::classify::{self, MAX_REPLY_TEXT, Reply, Stage};
+use relay365::transport::classify::{self, Stage};
+use relay365::transport::reply::{MAX_REPLY_TEXT, Reply};
 
 const STAGES: [Stage; 9] = [
     Stage::Connect,

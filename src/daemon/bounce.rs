@@ -9,6 +9,8 @@
 //! that matches its bytes. The DSN is sent with a null envelope sender (`MAIL FROM:<>`), so it
 //! can never bounce in turn; callers must check [`is_bounce_sender`] before building one.
 
+pub mod queue;
+
 use crate::message::complete::{compact_timestamp, rfc5322_date};
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

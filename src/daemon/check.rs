@@ -6,11 +6,12 @@
 use std::time::SystemTime;
 
 use crate::config::{AuthMode, Config, Transport};
+use crate::daemon::connect::{auth_rejected, endpoint, helo_name, login};
 use crate::secrets::Secrets;
 use crate::spool::paths::Spool;
 use crate::transport::classify::{self, Action};
 use crate::transport::oauth::{ClientCredential, TokenSource};
-use crate::transport::smtp::{Endpoint, Login, Session};
+use crate::transport::smtp::Session;
 
 /// One line of the report.
 pub struct Finding {
@@ -112,16 +113,8 @@ pub fn check(config: &Config) -> Vec<Finding> {
                 }
             }
         };
-        let helo = crate::daemon::deliver::helo_name(a);
-        let ep = Endpoint {
-            host: &a.host,
-            port: a.port,
-            tls: a.tls,
-            ca_file: a.ca_file.as_deref(),
-            timeout: a.timeout,
-            helo_name: &helo,
-        };
-        let mut session = match Session::open(&ep) {
+        let helo = helo_name(a);
+        let mut session = match Session::open(&endpoint(a, &helo)) {
             Ok(s) => s,
             Err(f) => {
                 out.push(bad(format!(
@@ -131,22 +124,7 @@ pub fn check(config: &Config) -> Vec<Finding> {
                 continue;
             }
         };
-        let login = match (&a.auth, &secret) {
-            (AuthMode::Login, Some(p)) => Login::Login {
-                user: &a.mailbox,
-                password: p,
-            },
-            (AuthMode::Plain, Some(p)) => Login::Plain {
-                user: &a.mailbox,
-                password: p,
-            },
-            (AuthMode::Xoauth2, Some(t)) => Login::Xoauth2 {
-                user: &a.mailbox,
-                token: t,
-            },
-            _ => Login::None,
-        };
-        match session.authenticate(&login) {
+        match session.authenticate(&login(a, secret.as_ref())) {
             Ok(()) => out.push(ok(format!(
                 "account {}: connected to {} with TLS and authenticated as {}",
                 a.name, session.relay, a.mailbox
@@ -154,7 +132,7 @@ pub fn check(config: &Config) -> Vec<Finding> {
             Err(f) => {
                 let advice = match f.reply.as_ref().map(|r| classify::classify(r, f.stage)) {
                     Some(v) if v.action == Action::AuthFailed => {
-                        crate::daemon::deliver::auth_rejected(a, &config.secrets_file, &f).reason
+                        auth_rejected(a, &config.secrets_file, &f).reason
                     }
                     Some(v) => v.reason,
                     None => f.to_string(),

@@ -23,8 +23,9 @@ use fs2::FileExt;
 use crate::aliases::Aliases;
 use crate::aliases::Locals;
 use crate::config::{Config, ConfigError};
-use crate::daemon::deliver::{Outcome, Report, Runner, Stop};
 use crate::daemon::pickup;
+use crate::daemon::stop::Stop;
+use crate::daemon::worker::{AccountWorker, Outcome, Report};
 use crate::logging::Log;
 use crate::secrets::{Secrets, SecretsError};
 use crate::spool::QueueId;
@@ -195,7 +196,7 @@ impl Engine {
             let jobs = Arc::new(Jobs::default());
             let mut handles = Vec::new();
             for n in 0..account.limits.connections.max(1) {
-                let mut runner = Runner::new(
+                let mut account_worker = AccountWorker::new(
                     account.clone(),
                     config.clone(),
                     self.loaded.aliases.clone(),
@@ -205,7 +206,7 @@ impl Engine {
                 )
                 .map_err(|e| EngineError::Setup(e.to_string()))?;
                 let waiting = jobs.clone();
-                runner.others_waiting =
+                account_worker.others_waiting =
                     Box::new(move || waiting.queue.lock().is_ok_and(|q| !q.is_empty()));
                 let jobs = jobs.clone();
                 let tx = self.results_tx.clone();
@@ -213,7 +214,7 @@ impl Engine {
                 let stop = self.stop.clone();
                 let handle = std::thread::Builder::new()
                     .name(format!("{}-{n}", account.name))
-                    .spawn(move || worker(&mut runner, &jobs, &tx, &wake, &stop))
+                    .spawn(move || worker(&mut account_worker, &jobs, &tx, &wake, &stop))
                     .map_err(|e| EngineError::Setup(format!("cannot start a worker: {e}")))?;
                 handles.push(handle);
             }
@@ -598,7 +599,7 @@ fn open_trigger(path: &Path) -> Option<File> {
 }
 
 fn worker(
-    runner: &mut Runner,
+    account_worker: &mut AccountWorker,
     jobs: &Jobs,
     tx: &mpsc::Sender<(QueueId, Report)>,
     wake: &OwnedFd,
@@ -609,7 +610,7 @@ fn worker(
             let Ok(mut q) = jobs.queue.lock() else { return };
             loop {
                 if stop.is_set() {
-                    runner.close();
+                    account_worker.close();
                     return;
                 }
                 if let Some(j) = q.pop_front() {
@@ -621,7 +622,7 @@ fn worker(
                     Ok((g, t)) => {
                         q = g;
                         if t.timed_out() && q.is_empty() {
-                            runner.close();
+                            account_worker.close();
                         }
                     }
                     Err(_) => return,
@@ -629,7 +630,7 @@ fn worker(
             }
         };
         let Some((id, explicit)) = job else { continue };
-        let report = runner.deliver(&id, explicit);
+        let report = account_worker.deliver(&id, explicit);
         let _ = tx.send((id, report));
         let _ = nix::unistd::write(wake, b"r");
     }

@@ -4,7 +4,10 @@
 //! file in `incoming/` and every byte from the network.
 pub mod bounce;
 pub mod check;
-pub mod deliver;
+pub mod connect;
 pub mod engine;
+pub mod hold;
 pub mod pickup;
 pub mod route;
+pub mod stop;
+pub mod worker;

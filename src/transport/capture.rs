@@ -8,6 +8,54 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use super::classify::Verdict;
+use super::{RcptResult, Transaction, Transport, TxnEnd, TxnResult};
+
+/// The capture transport of one account: every transaction is written to `dir`.
+#[derive(Debug, Clone)]
+pub struct Capture {
+    dir: PathBuf,
+}
+
+impl Capture {
+    pub fn new(dir: PathBuf) -> Capture {
+        Capture { dir }
+    }
+}
+
+impl Transport for Capture {
+    fn connects(&self) -> bool {
+        false
+    }
+
+    fn open(&mut self, _now: SystemTime) -> Result<(), Verdict> {
+        Ok(())
+    }
+
+    fn send(&mut self, txn: &Transaction, _now: SystemTime) -> TxnResult {
+        let relay = format!("maildir:{}", self.dir.display());
+        let rcpts: Vec<String> = txn
+            .recipients
+            .iter()
+            .map(|r| r.address.to_owned())
+            .collect();
+        match deliver(&self.dir, txn.id, txn.sender, &rcpts, txn.message) {
+            Ok(path) => TxnResult {
+                relay,
+                recipients: vec![RcptResult::Accepted; rcpts.len()],
+                end: TxnEnd::Sent(format!("250 2.0.0 captured as {}", path.display())),
+            },
+            Err(e) => TxnResult::ended(
+                relay,
+                TxnEnd::Failed(format!("cannot write to {}: {e}", self.dir.display())),
+            ),
+        }
+    }
+
+    fn close(&mut self) {}
+}
 
 /// Delivers `message` for `recipients` into the Maildir at `dir`; returns the file.
 /// The envelope is recorded in `Return-Path` and `X-Envelope-To` header lines.
@@ -46,4 +94,65 @@ pub fn deliver(
     fs::rename(&tmp, &new)?;
     File::open(dir.join("new"))?.sync_all()?;
     Ok(new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::{DsnRequest, TxnRecipient};
+
+    fn txn<'a>(rcpts: &[TxnRecipient<'a>]) -> Transaction<'a> {
+        Transaction {
+            id: "Q1",
+            sender: "app@contoso.com",
+            recipients: rcpts.to_vec(),
+            message: b"Subject: x\r\n\r\nbody\r\n",
+            declared_8bit: false,
+            dsn: DsnRequest::default(),
+        }
+    }
+
+    const A: TxnRecipient<'static> = TxnRecipient {
+        address: "a@example.org",
+        original: None,
+    };
+    const B: TxnRecipient<'static> = TxnRecipient {
+        address: "b@example.org",
+        original: Some("b-alias@host"),
+    };
+
+    #[test]
+    fn a_transaction_is_captured_for_every_recipient() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = Capture::new(dir.path().join("maildir"));
+        assert!(!t.connects());
+        assert!(t.open(SystemTime::now()).is_ok());
+        let r = t.send(&txn(&[A, B]), SystemTime::now());
+        assert_eq!(
+            r.relay,
+            format!("maildir:{}", dir.path().join("maildir").display())
+        );
+        assert_eq!(r.recipients, [RcptResult::Accepted, RcptResult::Accepted]);
+        let TxnEnd::Sent(text) = r.end else {
+            panic!("not sent: {r:?}");
+        };
+        let path = text.strip_prefix("250 2.0.0 captured as ").unwrap();
+        let written = std::fs::read_to_string(path).unwrap();
+        assert_eq!(
+            written,
+            "Return-Path: <app@contoso.com>\r\nX-Envelope-To: <a@example.org>\r\nX-Envelope-To: <b@example.org>\r\nSubject: x\r\n\r\nbody\r\n"
+        );
+    }
+
+    #[test]
+    fn a_maildir_that_cannot_be_written_fails_the_transaction() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let mut t = Capture::new(file.path().join("maildir"));
+        let r = t.send(&txn(&[A]), SystemTime::now());
+        assert!(r.recipients.is_empty());
+        assert!(
+            matches!(&r.end, TxnEnd::Failed(text) if text.starts_with("cannot write to ")),
+            "{r:?}"
+        );
+    }
 }

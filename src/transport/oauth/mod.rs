@@ -22,123 +22,28 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ring::rand::SystemRandom;
-use ring::signature::{RSA_PKCS1_SHA256, RsaKeyPair};
-use rustls::pki_types::PrivateKeyDer;
+use ring::signature::RsaKeyPair;
 use serde::Deserialize;
 use ureq::tls::{Certificate, RootCerts, TlsConfig, TlsProvider};
 
-use super::tls::{self, TlsSetupError, pem_certificates, read_pem_file};
+use super::tls::{self, TlsSetupError};
+use crate::config::oauth::{DEFAULT_SCOPE, InvalidSetting, OAuthSettings};
 use crate::secrets::{AccountSecrets, Secret};
+use assertion::{ASSERTION_TYPE, certificate_thumbprint, client_assertion, load_rsa_key};
 
-/// Microsoft's v2.0 token endpoint; `{tenant}` is replaced by [`OAuthSettings::tenant`].
-pub const DEFAULT_TOKEN_URL: &str = "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token";
-/// The app-only scope for SMTP AUTH to Exchange Online.
-pub const DEFAULT_SCOPE: &str = "https://outlook.office365.com/.default";
+mod assertion;
 
 /// Largest token endpoint answer read; a real one is 2-4 KB.
 const MAX_RESPONSE: u64 = 64 * 1024;
-/// How long a client assertion is valid (Microsoft accepts up to 10 minutes' skew anyway).
-const ASSERTION_LIFETIME_SECS: u64 = 600;
 /// Refresh a token this much before it expires at most; short tokens refresh at 90 % of life.
 const MAX_EARLY_REFRESH: Duration = Duration::from_secs(300);
 /// A token is never cached longer than this, whatever `expires_in` claims.
 const MAX_TOKEN_LIFE: Duration = Duration::from_secs(24 * 3600);
 /// Longest error description from the endpoint kept in a message.
 const MAX_DESCRIPTION: usize = 400;
-const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
-
-fn default_token_url() -> String {
-    DEFAULT_TOKEN_URL.to_owned()
-}
-
-fn default_scope() -> String {
-    DEFAULT_SCOPE.to_owned()
-}
-
-/// The `[account.oauth]`-style settings of an app registration (not secret: they may live in
-/// the world-readable config).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OAuthSettings {
-    /// Directory (tenant) ID or a verified domain, e.g. `contoso.onmicrosoft.com`.
-    pub tenant: String,
-    /// Application (client) ID of the app registration.
-    pub client_id: String,
-    /// Token endpoint; `{tenant}` is substituted.
-    #[serde(default = "default_token_url")]
-    pub token_url: String,
-    /// Scope requested; Exchange Online's `.default` unless using another resource.
-    #[serde(default = "default_scope")]
-    pub scope: String,
-}
-
-impl OAuthSettings {
-    /// Settings with the default token URL and scope.
-    pub fn new(tenant: impl Into<String>, client_id: impl Into<String>) -> Self {
-        OAuthSettings {
-            tenant: tenant.into(),
-            client_id: client_id.into(),
-            token_url: default_token_url(),
-            scope: default_scope(),
-        }
-    }
-
-    /// The token URL with `{tenant}` substituted.
-    pub fn resolved_token_url(&self) -> String {
-        self.token_url.replace("{tenant}", &self.tenant)
-    }
-
-    fn validate(&self) -> Result<(), OAuthError> {
-        let invalid = |key, problem| Err(OAuthError::InvalidSetting { key, problem });
-        // SECURITY: the tenant is pasted into the URL, so only host/path-safe characters pass.
-        if self.tenant.is_empty()
-            || !self
-                .tenant
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
-        {
-            return invalid(
-                "tenant",
-                "must be the Directory (tenant) ID or a verified domain such as contoso.onmicrosoft.com (Entra ID > Overview)",
-            );
-        }
-        if self.client_id.is_empty()
-            || !self
-                .client_id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
-        {
-            return invalid(
-                "client_id",
-                "must be the Application (client) ID of the app registration (Entra ID > App registrations > Overview)",
-            );
-        }
-        let url = self.resolved_token_url();
-        // SECURITY: the client secret travels in this request; never over plain HTTP.
-        if !url
-            .get(..8)
-            .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
-            || url.bytes().any(|b| b <= b' ' || b == 0x7f)
-        {
-            return invalid(
-                "token_url",
-                "must be an https:// URL without spaces; the default is https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token",
-            );
-        }
-        if self.scope.is_empty() || self.scope.bytes().any(|b| b < b' ' || b == 0x7f) {
-            return invalid(
-                "scope",
-                "must be a scope such as https://outlook.office365.com/.default",
-            );
-        }
-        Ok(())
-    }
-}
 
 /// How the app proves its identity to the token endpoint.
 #[derive(Debug, Clone)]
@@ -288,6 +193,15 @@ impl OAuthError {
             | OAuthError::Key { .. }
             | OAuthError::Signing { .. }
             | OAuthError::BadResponse { .. } => false,
+        }
+    }
+}
+
+impl From<InvalidSetting> for OAuthError {
+    fn from(e: InvalidSetting) -> OAuthError {
+        OAuthError::InvalidSetting {
+            key: e.key,
+            problem: e.problem,
         }
     }
 }
@@ -608,46 +522,6 @@ fn push_encoded(out: &mut String, s: &str) {
     }
 }
 
-/// Parses a PKCS#8 or PKCS#1 RSA private key from PEM.
-fn load_rsa_key(pem: &Secret) -> Result<RsaKeyPair, String> {
-    let mut reader = pem.expose().as_bytes();
-    let key = rustls_pemfile::private_key(&mut reader)
-        .map_err(|_| "is not valid PEM".to_owned())?
-        .ok_or_else(|| {
-            "holds no private key: expected -----BEGIN PRIVATE KEY----- or -----BEGIN RSA PRIVATE KEY-----"
-                .to_owned()
-        })?;
-    let parsed = match &key {
-        PrivateKeyDer::Pkcs8(k) => RsaKeyPair::from_pkcs8(k.secret_pkcs8_der()),
-        PrivateKeyDer::Pkcs1(k) => RsaKeyPair::from_der(k.secret_pkcs1_der()),
-        _ => {
-            return Err(
-                "is not an RSA key; the client assertion is signed with RS256: create one with openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048"
-                    .to_owned(),
-            );
-        }
-    };
-    // ring's reason is a fixed word such as "InvalidEncoding" or "TooSmall": safe to show.
-    parsed
-        .map_err(|e| format!("is not a usable RSA key ({e}): use an RSA key of 2048 to 4096 bits"))
-}
-
-/// `x5t`: base64url of the SHA-1 of the first certificate's DER, which is how Entra ID
-/// finds the uploaded certificate that must verify the assertion.
-fn certificate_thumbprint(path: &Path) -> Result<String, OAuthError> {
-    let bad = |problem: String| OAuthError::Certificate {
-        path: path.to_path_buf(),
-        problem,
-    };
-    let data = read_pem_file(path).map_err(bad)?;
-    let certs = pem_certificates(&data).map_err(bad)?;
-    let first = certs.first().ok_or_else(|| {
-        bad("holds no -----BEGIN CERTIFICATE----- block: give the certificate uploaded to the app registration".to_owned())
-    })?;
-    let digest = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, first.as_ref());
-    Ok(URL_SAFE_NO_PAD.encode(digest.as_ref()))
-}
-
 /// The roots shared with SMTP submission (see [`super::tls::trusted_roots`]), in ureq's type.
 fn trusted_roots(ca_file: Option<&Path>) -> Result<Vec<Certificate<'static>>, OAuthError> {
     let roots = tls::trusted_roots(ca_file).map_err(|e| match e {
@@ -658,63 +532,6 @@ fn trusted_roots(ca_file: Option<&Path>) -> Result<Vec<Certificate<'static>>, OA
         .iter()
         .map(|c| Certificate::from_der(c.as_ref()).to_owned())
         .collect())
-}
-
-/// Formats 16 random bytes as a version-4 UUID, the form Microsoft's examples use for `jti`.
-fn uuid_v4(mut bytes: [u8; 16]) -> String {
-    bytes[6] = (bytes[6] & 0x0f) | 0x40;
-    bytes[8] = (bytes[8] & 0x3f) | 0x80;
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
-}
-
-/// The RS256 JWT client assertion: header {alg, typ, x5t}, claims aud = token URL,
-/// iss = sub = client_id, jti, nbf = iat = now, exp = now + 10 minutes.
-fn client_assertion(
-    key: &RsaKeyPair,
-    rng: &SystemRandom,
-    x5t: &str,
-    client_id: &str,
-    audience: &str,
-    now: SystemTime,
-    jti: [u8; 16],
-) -> Result<Secret, OAuthError> {
-    let now = now
-        .duration_since(UNIX_EPOCH)
-        .map_err(|_| OAuthError::Signing {
-            problem: "the system clock is before 1970: fix the clock (NTP)",
-        })?
-        .as_secs();
-    let header = serde_json::json!({ "alg": "RS256", "typ": "JWT", "x5t": x5t });
-    let claims = serde_json::json!({
-        "aud": audience,
-        "iss": client_id,
-        "sub": client_id,
-        "jti": uuid_v4(jti),
-        "nbf": now,
-        "iat": now,
-        "exp": now + ASSERTION_LIFETIME_SECS,
-    });
-    let mut jwt = format!(
-        "{}.{}",
-        URL_SAFE_NO_PAD.encode(header.to_string()),
-        URL_SAFE_NO_PAD.encode(claims.to_string())
-    );
-    let mut signature = vec![0u8; key.public().modulus_len()];
-    key.sign(&RSA_PKCS1_SHA256, rng, jwt.as_bytes(), &mut signature)
-        .map_err(|_| OAuthError::Signing {
-            problem: "ring refused to sign with the key: check certificate_key",
-        })?;
-    jwt.push('.');
-    jwt.push_str(&URL_SAFE_NO_PAD.encode(&signature));
-    Ok(Secret::new(jwt))
 }
 
 /// What a successful answer gave.
@@ -930,13 +747,17 @@ fn explain(error: &str, aadsts: Option<u32>, temporary: bool, s: &OAuthSettings)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     use ring::signature::{RSA_PKCS1_2048_8192_SHA256, UnparsedPublicKey};
+    use rustls::pki_types::PrivateKeyDer;
     use std::io::{Read, Write};
     use std::net::{SocketAddr, TcpListener};
     use std::sync::Mutex;
+    use std::time::UNIX_EPOCH;
 
-    const KEY_PKCS8: &str = include_str!("../../tests/data/oauth-test-key.pem");
-    const KEY_PKCS1: &str = include_str!("../../tests/data/oauth-test-key-pkcs1.pem");
+    const KEY_PKCS8: &str = include_str!("../../../tests/data/oauth-test-key.pem");
+    const KEY_PKCS1: &str = include_str!("../../../tests/data/oauth-test-key-pkcs1.pem");
     const CERT: &str = "tests/data/oauth-test-cert.pem";
     /// `openssl x509 -noout -fingerprint -sha1` of the test certificate.
     const CERT_SHA1: [u8; 20] = [
@@ -990,37 +811,6 @@ mod tests {
             .iter()
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
-    }
-
-    #[test]
-    fn settings_defaults_and_unknown_keys() {
-        let s: OAuthSettings =
-            toml::from_str("tenant = \"contoso.onmicrosoft.com\"\nclient_id = \"abc\"\n").unwrap();
-        assert_eq!(s.scope, DEFAULT_SCOPE);
-        assert_eq!(
-            s.resolved_token_url(),
-            "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
-        );
-        assert!(
-            toml::from_str::<OAuthSettings>("tenant = \"t\"\nclient_id = \"c\"\nscop = \"x\"\n")
-                .is_err()
-        );
-        assert!(s.validate().is_ok());
-        let mut bad = s.clone();
-        bad.tenant = "evil.com/x?".into();
-        assert!(matches!(
-            bad.validate(),
-            Err(OAuthError::InvalidSetting { key: "tenant", .. })
-        ));
-        let mut bad = s.clone();
-        bad.token_url = "http://login.microsoftonline.com/{tenant}/oauth2/v2.0/token".into();
-        assert!(matches!(
-            bad.validate(),
-            Err(OAuthError::InvalidSetting {
-                key: "token_url",
-                ..
-            })
-        ));
     }
 
     #[test]

@@ -1,0 +1,145 @@
+//! Queueing a bounce: for a message whose recipients are all final and some failed,
+//! builds the DSN ([`super::build_dsn`]) to its sender (resolved through the aliases, as
+//! pickup does) and inserts it into the queue as a message of its own.
+//!
+//! Trusts the locked queue entry (the daemon's own file, locked by the caller) and the
+//! config; the failed recipients' reply texts came from the server and are re-parsed
+//! with [`Reply::parse`] before they reach the DSN.
+
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use super::{DsnAction, DsnInput, DsnRecipient, Return};
+use crate::config::Config;
+use crate::aliases::Aliases;
+use crate::aliases::Locals;
+use crate::logging::{Level, Log};
+use crate::spool::envelope::Ret;
+use crate::spool::QueueId;
+use crate::spool::queue::{Locked, Queue, QueueEntry, RcptStatus, Recipient};
+use crate::transport::reply::Reply;
+
+/// What a bounce is built and queued with.
+pub struct Bouncer<'a> {
+    pub config: &'a Config,
+    pub aliases: &'a Aliases,
+    pub queue: &'a Queue,
+    pub log: &'a Mutex<Log>,
+    /// This host, the DSN's reporting MTA.
+    pub reporting_mta: &'a str,
+    /// The server that refused the recipients.
+    pub remote_mta: &'a str,
+}
+
+impl Bouncer<'_> {
+    fn log(&self, level: Level, line: &str) {
+        if let Ok(mut l) = self.log.lock() {
+            l.log(level, line);
+        }
+    }
+
+    /// Queues a DSN for the failed recipients, unless the message is a bounce itself,
+    /// has the null sender, or asked for no failure notices. `Err` when it is needed
+    /// but cannot be queued now (full or failing spool): the caller keeps the message.
+    pub fn bounce(&self, locked: &mut Locked, now: SystemTime) -> Result<Option<QueueId>, String> {
+        let e = &locked.entry;
+        let wants = e
+            .notify
+            .as_deref()
+            .is_none_or(|n| n.split(',').any(|w| w == "failure"));
+        if e.is_bounce || super::is_bounce_sender(&e.sender) || !wants {
+            return Ok(None);
+        }
+        let original = locked.message().map_err(|err| {
+            let why = format!("cannot read the queued message: {err}");
+            self.log(
+                Level::Error,
+                &format!("{}: cannot queue the bounce: {why}", locked.entry.id),
+            );
+            why
+        })?;
+        let e = &locked.entry;
+        let recipients: Vec<DsnRecipient> = e
+            .recipients
+            .iter()
+            .filter(|r| r.status == RcptStatus::Failed)
+            .map(|r| {
+                let text = r.reply.clone().unwrap_or_default();
+                let reply = Reply::parse(&text).ok();
+                DsnRecipient {
+                    final_recipient: r.address.clone(),
+                    original_recipient: r.original.clone(),
+                    action: DsnAction::Failed,
+                    status: reply
+                        .as_ref()
+                        .map_or_else(|| "5.0.0".to_string(), Reply::dsn_status),
+                    diagnostic: reply.as_ref().map(Reply::diagnostic_code),
+                    remote_mta: Some(self.remote_mta.to_string()),
+                    last_attempt: Some(now),
+                    will_retry_until: None,
+                    reason: Some(text),
+                }
+            })
+            .collect();
+        let locals = Locals::new(self.config, self.aliases);
+        let to: Vec<Recipient> = locals.resolve(&e.sender);
+        let dsn = super::build_dsn(&DsnInput {
+            reporting_mta: self.reporting_mta.to_string(),
+            from: format!("MAILER-DAEMON@{}", self.config.domain),
+            to: e.sender.clone(),
+            envid: e.envid.clone(),
+            arrival: e.arrival(),
+            queue_id: e.id.clone(),
+            recipients,
+            original: &original,
+            ret: if e.ret == Some(Ret::Hdrs) {
+                Return::Headers
+            } else {
+                Return::Full
+            },
+            return_limit: super::DEFAULT_RETURN_LIMIT,
+            now,
+        });
+        let bid = QueueId::generate(SystemTime::now());
+        let mut entry = QueueEntry::new(
+            &bid,
+            "",
+            nix::unistd::getuid().as_raw(),
+            now,
+            dsn.len() as u64,
+            to,
+        );
+        entry.is_bounce = true;
+        if !entry.has_pending() {
+            self.log(
+                Level::Warning,
+                &format!(
+                    "{}: the bounce to <{}> has nowhere to go; dropped",
+                    e.id, e.sender
+                ),
+            );
+            return Ok(None);
+        }
+        match self.queue.insert(&entry, &dsn) {
+            Ok(()) => {
+                self.log(
+                    Level::Info,
+                    &format!("{}: sender non-delivery notification: {bid}", e.id),
+                );
+                Ok(Some(bid))
+            }
+            Err(err) => {
+                // Take back a half-written bounce so the next try starts clean.
+                let _ = self.queue.remove(&bid);
+                self.log(
+                    Level::Error,
+                    &format!(
+                        "{}: cannot queue the bounce, keeping the message to try again: {err}",
+                        e.id
+                    ),
+                );
+                Err(err.to_string())
+            }
+        }
+    }
+}

@@ -23,7 +23,10 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     assert_eq!(entry.version, queue::VERSION);
-    assert!(QueueId::parse(&entry.id).is_ok());
+    assert!(QueueId::parse(entry.id.as_str()).is_ok());
+    for r in &entry.recipients {
+        assert!(!r.address.as_str().chars().any(char::is_control));
+    }
     let json = serde_json::to_vec(&entry).expect("serialise");
     let again: QueueEntry = serde_json::from_slice(&json).expect("round trip");
     assert_eq!(again, entry);

@@ -7,6 +7,7 @@
 //! already validated.
 
 use crate::config::Config;
+use crate::message::address::Address;
 use crate::spool::queue::{RcptStatus, Recipient};
 
 use super::{Aliases, Domains};
@@ -48,33 +49,37 @@ impl<'a> Locals<'a> {
     }
 
     /// The queue recipients for one envelope recipient.
-    pub fn resolve(&self, address: &str) -> Vec<Recipient> {
-        if !self.is_local(address) {
-            return vec![Recipient {
-                address: address.to_string(),
-                original: None,
-                status: RcptStatus::Pending,
-                reply: None,
-            }];
+    pub fn resolve(&self, address: &Address) -> Vec<Recipient> {
+        let pending = |a: Address, original: Option<Address>| Recipient {
+            address: a,
+            original,
+            status: RcptStatus::Pending,
+            reply: None,
+        };
+        let failed = |reply: String| Recipient {
+            address: address.clone(),
+            original: None,
+            status: RcptStatus::Failed,
+            reply: Some(reply),
+        };
+        let text = address.as_str();
+        if !self.is_local(text) {
+            return vec![pending(address.clone(), None)];
         }
-        let local = address.rsplit_once('@').map_or(address, |(l, _)| l);
+        let local = address.local_part();
         match super::resolve(local, self.aliases, self.admin, &self.domains) {
             Ok(res) => res
                 .recipients
                 .into_iter()
-                .map(|r| Recipient {
-                    original: (r != address).then(|| address.to_string()),
-                    address: r,
-                    status: RcptStatus::Pending,
-                    reply: None,
+                .map(|r| match Address::parse(&r) {
+                    Ok(a) if a == *address => pending(a, None),
+                    Ok(a) => pending(a, Some(address.clone())),
+                    // The resolver only yields valid addresses; should one slip
+                    // through, the recipient bounces with the reason instead.
+                    Err(e) => failed(format!("550 5.1.3 alias target {r:?}: {e}")),
                 })
                 .collect(),
-            Err(e) => vec![Recipient {
-                address: address.to_string(),
-                original: None,
-                status: RcptStatus::Failed,
-                reply: Some(format!("550 5.1.1 {e}")),
-            }],
+            Err(e) => vec![failed(format!("550 5.1.1 {e}"))],
         }
     }
 }

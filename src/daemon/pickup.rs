@@ -120,7 +120,7 @@ pub fn pickup(
                     let recipients: Vec<Recipient> = env
                         .recipients
                         .iter()
-                        .flat_map(|r| locals.resolve(r.as_str()))
+                        .flat_map(|r| locals.resolve(r))
                         .collect();
                     let mut entry = QueueEntry::from_envelope(&env, uid, recipients);
                     let from = route::from_address(&message);

@@ -14,22 +14,22 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::config::{Account, AuthMode, Config, Transport as Kind};
 use crate::aliases::Aliases;
+use crate::config::{Account, AuthMode, Config, Transport as Kind};
 use crate::daemon::bounce::queue::Bouncer;
 use crate::daemon::connect::{host_name, transport_for};
 use crate::daemon::hold::read_hold;
-use crate::quota::{FreezeCheck, Grant, Ledger};
 use crate::daemon::stop::Stop;
 use crate::logging::Log;
 use crate::message::rewrite;
+use crate::quota::{FreezeCheck, Grant, Ledger};
 use crate::secrets::AccountSecrets;
-use crate::spool::envelope::{BodyType, Ret};
 use crate::spool::QueueId;
+use crate::spool::envelope::{BodyType, Dsn};
 use crate::spool::paths::Spool;
 use crate::spool::queue::{Locked, Queue, QueueEntry, RcptStatus, micros};
 use crate::transport::classify::{Verdict, backoff};
-use crate::transport::{DsnRequest, DsnReturn, Transaction, Transport, TxnEnd, TxnRecipient};
+use crate::transport::{Transaction, Transport, TxnEnd, TxnRecipient};
 
 mod apply;
 
@@ -508,7 +508,8 @@ impl AccountWorker {
                 }
             }
             self.checked = false;
-            let txn = transaction(&locked.entry, batch, &self.account.mailbox, outgoing);
+            let dsn = locked.entry.dsn();
+            let txn = transaction(&locked.entry, batch, &self.account.mailbox, outgoing, &dsn);
             let result = self.transport.send(&txn, now);
             if result.end == TxnEnd::Stale {
                 continue;
@@ -525,9 +526,7 @@ impl AccountWorker {
         now: SystemTime,
         spawned: &mut Vec<QueueId>,
     ) -> Outcome {
-        let Some(id) = locked.entry.queue_id() else {
-            return Outcome::Skipped;
-        };
+        let id = locked.entry.id.clone();
         if locked.entry.has_pending() {
             if locked.entry.next_attempt_us <= micros(now) {
                 locked.entry.attempts += 1;
@@ -599,6 +598,7 @@ fn transaction<'a>(
     batch: &[usize],
     sender: &'a str,
     message: &'a [u8],
+    dsn: &'a Dsn,
 ) -> Transaction<'a> {
     Transaction {
         id: &e.id,
@@ -607,21 +607,11 @@ fn transaction<'a>(
             .iter()
             .map(|&i| TxnRecipient {
                 address: &e.recipients[i].address,
-                original: e.recipients[i].original.as_deref(),
+                original: e.recipients[i].original.as_ref(),
             })
             .collect(),
         message,
         declared_8bit: e.body == Some(BodyType::EightBitMime),
-        dsn: DsnRequest {
-            ret: e.ret.map(|r| {
-                if r == Ret::Full {
-                    DsnReturn::Full
-                } else {
-                    DsnReturn::Headers
-                }
-            }),
-            envid: e.envid.as_deref(),
-            notify: e.notify.as_deref(),
-        },
+        dsn,
     }
 }

@@ -103,6 +103,21 @@ impl fmt::Display for Address {
     }
 }
 
+/// Written as the plain address; read back through [`Address::parse`], so a file
+/// cannot smuggle in what the parser refuses.
+impl serde::Serialize for Address {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Address {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Address, D::Error> {
+        let s = String::deserialize(d)?;
+        Address::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
 /// Compares with the address as written (tests, listings).
 impl PartialEq<&str> for Address {
     fn eq(&self, other: &&str) -> bool {
@@ -142,6 +157,21 @@ impl Sender {
             Sender::Null => "",
             Sender::Address(a) => a.as_str(),
         }
+    }
+}
+
+/// Written as `MAIL FROM`'s form (empty for the null sender); read back through
+/// [`Sender::parse`].
+impl serde::Serialize for Sender {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Sender {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Sender, D::Error> {
+        let s = String::deserialize(d)?;
+        Sender::parse(&s).map_err(serde::de::Error::custom)
     }
 }
 

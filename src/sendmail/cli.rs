@@ -161,7 +161,7 @@ fn verify(opts: &Options, config: &Config, uid: u32) -> Exit {
                             continue;
                         }
                     };
-                    for r in locals.resolve(q.as_str()) {
+                    for r in locals.resolve(&q) {
                         let how = match (&r.status, r.address == q.as_str(), a.is_qualified()) {
                             (RcptStatus::Failed, _, _) => {
                                 status = Exit::NoUser;

@@ -145,6 +145,21 @@ impl fmt::Display for Notify {
     }
 }
 
+/// Written canonically; read back through [`Notify::parse`].
+impl Serialize for Notify {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Notify {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Notify, D::Error> {
+        let s = String::deserialize(d)?;
+        Notify::parse(&s)
+            .ok_or_else(|| serde::de::Error::custom(format!("{s:?} is not a NOTIFY list")))
+    }
+}
+
 /// `ENVID=` (`-V`, RFC 3461): 1 to 100 printable ASCII characters, no spaces.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EnvId(String);
@@ -157,6 +172,20 @@ impl EnvId {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+impl Serialize for EnvId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for EnvId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<EnvId, D::Error> {
+        let s = String::deserialize(d)?;
+        EnvId::parse(&s)
+            .ok_or_else(|| serde::de::Error::custom("an ENVID is 1-100 printable characters"))
     }
 }
 

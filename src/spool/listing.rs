@@ -135,7 +135,7 @@ pub fn queued(spool: &Spool) -> Vec<Listed> {
         let recipients = entry
             .pending()
             .map(|r| ListedRecipient {
-                address: r.address.clone(),
+                address: r.address.to_string(),
                 reason: r.reply.clone().or_else(|| entry.reason.clone()),
             })
             .collect();
@@ -143,7 +143,7 @@ pub fn queued(spool: &Spool) -> Vec<Listed> {
             id,
             size: entry.size,
             arrival_us: entry.arrival_us,
-            sender: entry.sender,
+            sender: entry.sender.to_string(),
             state,
             recipients,
             next_attempt,

@@ -56,6 +56,20 @@ impl QueueId {
     }
 }
 
+/// Written as its 24 digits; read back through [`QueueId::parse`].
+impl serde::Serialize for QueueId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for QueueId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<QueueId, D::Error> {
+        let s = String::deserialize(d)?;
+        QueueId::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
 impl fmt::Display for QueueId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)

@@ -19,9 +19,10 @@ use serde::{Deserialize, Serialize};
 
 use super::QueueId;
 use super::durable;
-use super::envelope::Envelope;
 use super::envelope::{BodyType, Ret};
+use super::envelope::{Dsn, EnvId, Envelope, Notify};
 use super::paths::{self, QUEUE_ENTRY_SUFFIX as ENV, QUEUE_MESSAGE_SUFFIX as MSG, Spool};
+use crate::message::address::{Address, Sender};
 
 /// The format version written into every `.env`.
 pub const VERSION: u32 = 1;
@@ -45,10 +46,10 @@ pub enum RcptStatus {
 #[serde(deny_unknown_fields)]
 pub struct Recipient {
     /// The address the server sees.
-    pub address: String,
+    pub address: Address,
     /// What the caller wrote, when an alias or the admin address replaced it (ORCPT).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub original: Option<String>,
+    pub original: Option<Address>,
     pub status: RcptStatus,
     /// The last reply or error for this recipient.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -60,20 +61,20 @@ pub struct Recipient {
 #[serde(deny_unknown_fields)]
 pub struct QueueEntry {
     pub version: u32,
-    pub id: String,
-    /// Empty for the null sender.
-    pub sender: String,
+    pub id: QueueId,
+    /// Written empty for the null sender.
+    pub sender: Sender,
     /// The caller, from the incoming file's owner (never from its content).
     pub uid: u32,
     pub arrival_us: u64,
     pub size: u64,
     pub recipients: Vec<Recipient>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub notify: Option<String>,
+    pub notify: Option<Notify>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ret: Option<Ret>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub envid: Option<String>,
+    pub envid: Option<EnvId>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body: Option<BodyType>,
     /// Delivery attempts so far (drives the backoff).
@@ -125,7 +126,7 @@ impl QueueEntry {
     /// A fresh entry with no DSN options, due now.
     pub fn new(
         id: &QueueId,
-        sender: &str,
+        sender: &Sender,
         uid: u32,
         arrival: SystemTime,
         size: u64,
@@ -133,8 +134,8 @@ impl QueueEntry {
     ) -> QueueEntry {
         QueueEntry {
             version: VERSION,
-            id: id.to_string(),
-            sender: sender.to_string(),
+            id: id.clone(),
+            sender: sender.clone(),
             uid,
             arrival_us: micros(arrival),
             size,
@@ -155,27 +156,29 @@ impl QueueEntry {
 
     /// A queue entry for a picked-up incoming message.
     pub fn from_envelope(env: &Envelope, uid: u32, recipients: Vec<Recipient>) -> QueueEntry {
-        QueueEntry {
-            id: env.id.to_string(),
-            arrival_us: env.arrival_us,
-            notify: env.dsn.notify.map(|n| n.to_string()),
-            ret: env.dsn.ret,
-            envid: env.dsn.envid.as_ref().map(|e| e.to_string()),
-            body: env.dsn.body,
-            queue_only: env.queue_only,
-            ..QueueEntry::new(
-                &QueueId(String::new()),
-                env.sender.as_str(),
-                uid,
-                UNIX_EPOCH,
-                env.size,
-                recipients,
-            )
+        let mut entry =
+            QueueEntry::new(&env.id, &env.sender, uid, UNIX_EPOCH, env.size, recipients);
+        entry.arrival_us = env.arrival_us;
+        entry.set_dsn(&env.dsn);
+        entry.queue_only = env.queue_only;
+        entry
+    }
+
+    /// The message-level DSN parameters and body type, as one value.
+    pub fn dsn(&self) -> Dsn {
+        Dsn {
+            notify: self.notify,
+            ret: self.ret,
+            envid: self.envid.clone(),
+            body: self.body,
         }
     }
 
-    pub fn queue_id(&self) -> Option<QueueId> {
-        QueueId::parse(&self.id).ok()
+    pub fn set_dsn(&mut self, dsn: &Dsn) {
+        self.notify = dsn.notify;
+        self.ret = dsn.ret;
+        self.envid = dsn.envid.clone();
+        self.body = dsn.body;
     }
 
     pub fn pending(&self) -> impl Iterator<Item = &Recipient> {
@@ -287,11 +290,7 @@ impl Queue {
     /// [`Queue::insert`] without the directory sync, for a caller that queues many
     /// messages and then calls [`Queue::sync_dir`] once before relying on any of them.
     pub fn insert_unsynced(&self, entry: &QueueEntry, message: &[u8]) -> Result<(), QueueError> {
-        let id = QueueId::parse(&entry.id).map_err(|e| QueueError::Corrupt {
-            path: self.dir.clone(),
-            reason: e.to_string(),
-        })?;
-        let msg = self.msg_path(&id);
+        let msg = self.msg_path(&entry.id);
         let mut f = OpenOptions::new()
             .write(true)
             .create(true)
@@ -544,10 +543,10 @@ pub fn read_entry(path: &Path) -> Result<QueueEntry, QueueError> {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
-    if entry.version != VERSION || QueueId::parse(&entry.id).is_err() {
+    if entry.version != VERSION {
         return Err(QueueError::Corrupt {
             path: path.to_path_buf(),
-            reason: format!("version {} / id {:?}", entry.version, entry.id),
+            reason: format!("version {} (this relay365 reads {VERSION})", entry.version),
         });
     }
     Ok(entry)
@@ -559,12 +558,19 @@ mod tests {
 
     fn entry(id: &QueueId) -> QueueEntry {
         let rcpt = Recipient {
-            address: "x@y.z".into(),
+            address: Address::parse("x@y.z").unwrap(),
             original: None,
             status: RcptStatus::Pending,
             reply: None,
         };
-        QueueEntry::new(id, "a@b.c", 1000, UNIX_EPOCH, 4, vec![rcpt])
+        QueueEntry::new(
+            id,
+            &Sender::parse("a@b.c").unwrap(),
+            1000,
+            UNIX_EPOCH,
+            4,
+            vec![rcpt],
+        )
     }
 
     fn queue() -> (tempfile::TempDir, Queue) {

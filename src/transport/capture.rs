@@ -39,9 +39,9 @@ impl Transport for Capture {
         let rcpts: Vec<String> = txn
             .recipients
             .iter()
-            .map(|r| r.address.to_owned())
+            .map(|r| r.address.to_string())
             .collect();
-        match deliver(&self.dir, txn.id, txn.sender, &rcpts, txn.message) {
+        match deliver(&self.dir, txn.id.as_str(), txn.sender, &rcpts, txn.message) {
             Ok(path) => TxnResult {
                 relay,
                 recipients: vec![RcptResult::Accepted; rcpts.len()],
@@ -99,27 +99,41 @@ pub fn deliver(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::transport::{DsnRequest, TxnRecipient};
+    use crate::message::address::Address;
+    use crate::spool::QueueId;
+    use crate::spool::envelope::Dsn;
+    use crate::transport::TxnRecipient;
+
+    fn a(s: &str) -> &'static Address {
+        Box::leak(Box::new(Address::parse(s).unwrap()))
+    }
 
     fn txn<'a>(rcpts: &[TxnRecipient<'a>]) -> Transaction<'a> {
         Transaction {
-            id: "Q1",
+            id: Box::leak(Box::new(
+                QueueId::parse("0000000000001000001000AB").unwrap(),
+            )),
             sender: "app@contoso.com",
             recipients: rcpts.to_vec(),
             message: b"Subject: x\r\n\r\nbody\r\n",
             declared_8bit: false,
-            dsn: DsnRequest::default(),
+            dsn: Box::leak(Box::new(Dsn::default())),
         }
     }
 
-    const A: TxnRecipient<'static> = TxnRecipient {
-        address: "a@example.org",
-        original: None,
-    };
-    const B: TxnRecipient<'static> = TxnRecipient {
-        address: "b@example.org",
-        original: Some("b-alias@host"),
-    };
+    fn rcpt_a() -> TxnRecipient<'static> {
+        TxnRecipient {
+            address: a("a@example.org"),
+            original: None,
+        }
+    }
+
+    fn rcpt_b() -> TxnRecipient<'static> {
+        TxnRecipient {
+            address: a("b@example.org"),
+            original: Some(a("b-alias@host")),
+        }
+    }
 
     #[test]
     fn a_transaction_is_captured_for_every_recipient() {
@@ -127,7 +141,7 @@ mod tests {
         let mut t = Capture::new(dir.path().join("maildir"));
         assert!(!t.connects());
         assert!(t.open(SystemTime::now()).is_ok());
-        let r = t.send(&txn(&[A, B]), SystemTime::now());
+        let r = t.send(&txn(&[rcpt_a(), rcpt_b()]), SystemTime::now());
         assert_eq!(
             r.relay,
             format!("maildir:{}", dir.path().join("maildir").display())
@@ -148,7 +162,7 @@ mod tests {
     fn a_maildir_that_cannot_be_written_fails_the_transaction() {
         let file = tempfile::NamedTempFile::new().unwrap();
         let mut t = Capture::new(file.path().join("maildir"));
-        let r = t.send(&txn(&[A]), SystemTime::now());
+        let r = t.send(&txn(&[rcpt_a()]), SystemTime::now());
         assert!(r.recipients.is_empty());
         assert!(
             matches!(&r.end, TxnEnd::Failed(text) if text.starts_with("cannot write to ")),

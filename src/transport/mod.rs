@@ -18,6 +18,10 @@ use std::time::SystemTime;
 
 use classify::Verdict;
 
+use crate::message::address::Address;
+use crate::spool::QueueId;
+use crate::spool::envelope::Dsn;
+
 /// One way of sending an account's mail: one instance per account worker.
 pub trait Transport: Send {
     /// Whether the transport keeps a connection to a server. For one that does, the
@@ -38,7 +42,7 @@ pub trait Transport: Send {
 #[derive(Debug, Clone)]
 pub struct Transaction<'a> {
     /// The queue ID, for file names and log lines.
-    pub id: &'a str,
+    pub id: &'a QueueId,
     /// The envelope sender: the account's mailbox.
     pub sender: &'a str,
     /// In the order their results come back.
@@ -48,33 +52,15 @@ pub struct Transaction<'a> {
     /// The caller declared an 8-bit body (`-B8BITMIME`, `BODY=8BITMIME`).
     pub declared_8bit: bool,
     /// What the caller asked of delivery status notifications (RFC 3461).
-    pub dsn: DsnRequest<'a>,
+    pub dsn: &'a Dsn,
 }
 
 /// One recipient of a [`Transaction`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TxnRecipient<'a> {
-    pub address: &'a str,
+    pub address: &'a Address,
     /// The address as the caller gave it, before alias expansion (`ORCPT`).
-    pub original: Option<&'a str>,
-}
-
-/// The caller's DSN parameters, passed on where the server takes them.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DsnRequest<'a> {
-    /// `RET`: return the full message or only its headers.
-    pub ret: Option<DsnReturn>,
-    /// `ENVID`.
-    pub envid: Option<&'a str>,
-    /// `NOTIFY`, as the caller wrote it (comma-separated, any case).
-    pub notify: Option<&'a str>,
-}
-
-/// `RET=FULL` or `RET=HDRS`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DsnReturn {
-    Full,
-    Headers,
+    pub original: Option<&'a Address>,
 }
 
 /// What became of a transaction: the recipients answered, in order, then how it ended.

@@ -9,7 +9,7 @@ use emu::{Fault, Stage};
 fn only_id(t: &Tenant) -> String {
     let q = t.queued();
     assert_eq!(q.len(), 1);
-    q[0].id.clone()
+    q[0].id.to_string()
 }
 
 #[test]

@@ -1034,7 +1034,7 @@ fn an_entry_without_its_message_file_does_not_cost_the_incoming_copy() {
         .recipients
         .iter()
         .map(|a| Recipient {
-            address: a.to_string(),
+            address: a.clone(),
             original: None,
             status: RcptStatus::Pending,
             reply: None,

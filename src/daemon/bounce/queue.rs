@@ -10,12 +10,13 @@ use std::sync::Mutex;
 use std::time::SystemTime;
 
 use super::{DsnAction, DsnInput, DsnRecipient, Return};
-use crate::config::Config;
 use crate::aliases::Aliases;
 use crate::aliases::Locals;
+use crate::config::Config;
 use crate::logging::{Level, Log};
-use crate::spool::envelope::Ret;
+use crate::message::address::{Address, Sender};
 use crate::spool::QueueId;
+use crate::spool::envelope::{EnvId, Notify, Ret};
 use crate::spool::queue::{Locked, Queue, QueueEntry, RcptStatus, Recipient};
 use crate::transport::reply::Reply;
 
@@ -43,11 +44,10 @@ impl Bouncer<'_> {
     /// but cannot be queued now (full or failing spool): the caller keeps the message.
     pub fn bounce(&self, locked: &mut Locked, now: SystemTime) -> Result<Option<QueueId>, String> {
         let e = &locked.entry;
-        let wants = e
-            .notify
-            .as_deref()
-            .is_none_or(|n| n.split(',').any(|w| w == "failure"));
-        if e.is_bounce || super::is_bounce_sender(&e.sender) || !wants {
+        let Sender::Address(sender) = e.sender.clone() else {
+            return Ok(None);
+        };
+        if e.is_bounce || !Notify::on_failure(e.notify) {
             return Ok(None);
         }
         let original = locked.message().map_err(|err| {
@@ -67,8 +67,8 @@ impl Bouncer<'_> {
                 let text = r.reply.clone().unwrap_or_default();
                 let reply = Reply::parse(&text).ok();
                 DsnRecipient {
-                    final_recipient: r.address.clone(),
-                    original_recipient: r.original.clone(),
+                    final_recipient: r.address.to_string(),
+                    original_recipient: r.original.as_ref().map(Address::to_string),
                     action: DsnAction::Failed,
                     status: reply
                         .as_ref()
@@ -82,14 +82,14 @@ impl Bouncer<'_> {
             })
             .collect();
         let locals = Locals::new(self.config, self.aliases);
-        let to: Vec<Recipient> = locals.resolve(&e.sender);
+        let to: Vec<Recipient> = locals.resolve(&sender);
         let dsn = super::build_dsn(&DsnInput {
             reporting_mta: self.reporting_mta.to_string(),
             from: format!("MAILER-DAEMON@{}", self.config.domain),
-            to: e.sender.clone(),
-            envid: e.envid.clone(),
+            to: sender.to_string(),
+            envid: e.envid.as_ref().map(EnvId::to_string),
             arrival: e.arrival(),
-            queue_id: e.id.clone(),
+            queue_id: e.id.to_string(),
             recipients,
             original: &original,
             ret: if e.ret == Some(Ret::Hdrs) {
@@ -103,7 +103,7 @@ impl Bouncer<'_> {
         let bid = QueueId::generate(SystemTime::now());
         let mut entry = QueueEntry::new(
             &bid,
-            "",
+            &Sender::Null,
             nix::unistd::getuid().as_raw(),
             now,
             dsn.len() as u64,

@@ -27,7 +27,7 @@ impl AccountWorker {
         r.reply = Some(reply.to_string());
         let orig = r
             .original
-            .as_deref()
+            .as_ref()
             .map(|o| format!(", orig_to=<{o}>"))
             .unwrap_or_default();
         let line = format!(

@@ -6,7 +6,7 @@
 //! ENVID and ORCPT values are caller-given and always go out as xtext.
 
 use super::Offer;
-use crate::transport::{DsnReturn, Transaction, TxnRecipient};
+use crate::transport::{Transaction, TxnRecipient};
 
 /// The MAIL FROM parameters: `SIZE` always; `BODY=8BITMIME` for an 8-bit or declared
 /// 8-bit message, `SMTPUTF8` for a non-ASCII address, and `RET` and `ENVID`, each only
@@ -17,23 +17,20 @@ pub fn mail_params(txn: &Transaction, offer: &Offer) -> Vec<String> {
     if eight_bit && offer.eight_bit {
         params.push("BODY=8BITMIME".into());
     }
-    let utf8 = !txn.sender.is_ascii() || txn.recipients.iter().any(|r| !r.address.is_ascii());
+    let utf8 = !txn.sender.is_ascii()
+        || txn
+            .recipients
+            .iter()
+            .any(|r| !r.address.as_str().is_ascii());
     if utf8 && offer.smtputf8 {
         params.push("SMTPUTF8".into());
     }
     if offer.dsn {
         if let Some(ret) = txn.dsn.ret {
-            params.push(format!(
-                "RET={}",
-                if ret == DsnReturn::Full {
-                    "FULL"
-                } else {
-                    "HDRS"
-                }
-            ));
+            params.push(format!("RET={}", ret.as_str()));
         }
-        if let Some(envid) = txn.dsn.envid {
-            params.push(format!("ENVID={}", xtext(envid)));
+        if let Some(envid) = &txn.dsn.envid {
+            params.push(format!("ENVID={}", xtext(envid.as_str())));
         }
     }
     params
@@ -44,10 +41,10 @@ pub fn rcpt_params(txn: &Transaction, rcpt: &TxnRecipient, offer: &Offer) -> Vec
     let mut params = Vec::new();
     if offer.dsn {
         if let Some(n) = txn.dsn.notify {
-            params.push(format!("NOTIFY={}", n.to_ascii_uppercase()));
+            params.push(format!("NOTIFY={}", n.to_string().to_ascii_uppercase()));
         }
         if let Some(o) = rcpt.original {
-            params.push(format!("ORCPT=rfc822;{}", xtext(o)));
+            params.push(format!("ORCPT=rfc822;{}", xtext(o.as_str())));
         }
     }
     params
@@ -69,7 +66,25 @@ pub fn xtext(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::transport::DsnRequest;
+    use crate::message::address::Address;
+    use crate::spool::QueueId;
+    use crate::spool::envelope::{Dsn, EnvId, Notify, Ret};
+
+    /// A validated address that lives as long as the test.
+    fn a(s: &str) -> &'static Address {
+        Box::leak(Box::new(Address::parse(s).unwrap()))
+    }
+
+    fn no_dsn() -> &'static Dsn {
+        Box::leak(Box::default())
+    }
+
+    fn to() -> TxnRecipient<'static> {
+        TxnRecipient {
+            address: a("x@example.org"),
+            original: None,
+        }
+    }
 
     fn everything() -> Offer {
         Offer {
@@ -82,34 +97,31 @@ mod tests {
 
     fn txn<'a>(message: &'a [u8], rcpts: &[TxnRecipient<'a>]) -> Transaction<'a> {
         Transaction {
-            id: "q1",
+            id: Box::leak(Box::new(
+                QueueId::parse("0000000000001000001000AB").unwrap(),
+            )),
             sender: "app@contoso.com",
             recipients: rcpts.to_vec(),
             message,
             declared_8bit: false,
-            dsn: DsnRequest::default(),
+            dsn: no_dsn(),
         }
     }
 
-    const TO: TxnRecipient<'static> = TxnRecipient {
-        address: "x@example.org",
-        original: None,
-    };
-
     #[test]
     fn size_always_and_nothing_else_for_plain_mail() {
-        let t = txn(b"Subject: a\r\n\r\nb\r\n", &[TO]);
+        let t = txn(b"Subject: a\r\n\r\nb\r\n", &[to()]);
         assert_eq!(mail_params(&t, &everything()), ["SIZE=17"]);
         assert_eq!(mail_params(&t, &Offer::default()), ["SIZE=17"]);
-        assert!(rcpt_params(&t, &TO, &everything()).is_empty());
+        assert!(rcpt_params(&t, &to(), &everything()).is_empty());
     }
 
     #[test]
     fn body_8bitmime_for_8bit_or_declared_bodies_when_offered() {
-        let t = txn("é\r\n".as_bytes(), &[TO]);
+        let t = txn("é\r\n".as_bytes(), &[to()]);
         assert_eq!(mail_params(&t, &everything()), ["SIZE=4", "BODY=8BITMIME"]);
         assert_eq!(mail_params(&t, &Offer::default()), ["SIZE=4"]);
-        let mut t = txn(b"a\r\n", &[TO]);
+        let mut t = txn(b"a\r\n", &[to()]);
         t.declared_8bit = true;
         assert_eq!(mail_params(&t, &everything()), ["SIZE=3", "BODY=8BITMIME"]);
     }
@@ -117,31 +129,39 @@ mod tests {
     #[test]
     fn smtputf8_for_a_non_ascii_sender_or_recipient_when_offered() {
         let intl = TxnRecipient {
-            address: "jürgen@example.de",
+            address: a("jürgen@example.de"),
             original: None,
         };
-        let t = txn(b"a\r\n", &[TO, intl]);
+        let t = txn(b"a\r\n", &[to(), intl]);
         assert_eq!(mail_params(&t, &everything()), ["SIZE=3", "SMTPUTF8"]);
         let offer = Offer {
             smtputf8: false,
             ..everything()
         };
         assert_eq!(mail_params(&t, &offer), ["SIZE=3"]);
-        let mut t = txn(b"a\r\n", &[TO]);
+        let mut t = txn(b"a\r\n", &[to()]);
         t.sender = "büro@contoso.com";
         assert_eq!(mail_params(&t, &everything()), ["SIZE=3", "SMTPUTF8"]);
     }
 
     #[test]
     fn ret_and_envid_only_with_dsn() {
-        let mut t = txn(b"a\r\n", &[TO]);
-        t.dsn.ret = Some(DsnReturn::Full);
-        t.dsn.envid = Some("id+1=x");
+        let mut t = txn(b"a\r\n", &[to()]);
+        let dsn = Dsn {
+            ret: Some(Ret::Full),
+            envid: EnvId::parse("id+1=x"),
+            ..Dsn::default()
+        };
+        t.dsn = &dsn;
         assert_eq!(
             mail_params(&t, &everything()),
             ["SIZE=3", "RET=FULL", "ENVID=id+2B1+3Dx"]
         );
-        t.dsn.ret = Some(DsnReturn::Headers);
+        let dsn = Dsn {
+            ret: Some(Ret::Hdrs),
+            ..dsn.clone()
+        };
+        t.dsn = &dsn;
         assert_eq!(
             mail_params(&t, &everything()),
             ["SIZE=3", "RET=HDRS", "ENVID=id+2B1+3Dx"]
@@ -156,17 +176,21 @@ mod tests {
     #[test]
     fn notify_uppercased_and_orcpt_in_xtext_only_with_dsn() {
         let aliased = TxnRecipient {
-            address: "x@example.org",
-            original: Some("root+ops@host"),
+            address: a("x@example.org"),
+            original: Some(a("root+ops@host")),
         };
         let mut t = txn(b"a\r\n", std::slice::from_ref(&aliased));
-        t.dsn.notify = Some("failure,delay");
+        let dsn = Dsn {
+            notify: Notify::parse("failure,delay"),
+            ..Dsn::default()
+        };
+        t.dsn = &dsn;
         assert_eq!(
             rcpt_params(&t, &aliased, &everything()),
             ["NOTIFY=FAILURE,DELAY", "ORCPT=rfc822;root+2Bops@host"]
         );
         assert_eq!(
-            rcpt_params(&t, &TO, &everything()),
+            rcpt_params(&t, &to(), &everything()),
             ["NOTIFY=FAILURE,DELAY"]
         );
         let offer = Offer {

@@ -90,7 +90,7 @@ fn converse(session: &mut Session, txn: &Transaction) -> (TxnResult, bool) {
     let rcpts: Vec<(String, Vec<String>)> = txn
         .recipients
         .iter()
-        .map(|r| (r.address.to_owned(), rcpt_params(txn, r, &session.offer)))
+        .map(|r| (r.address.to_string(), rcpt_params(txn, r, &session.offer)))
         .collect();
     // With PIPELINING, MAIL, the RCPTs and DATA go out together and their replies
     // are then taken in order exactly as the one-by-one path would get them.

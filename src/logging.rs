@@ -5,6 +5,7 @@
 //! that `journalctl -u relay365` and tests see them.
 
 use std::io::Write;
+use std::sync::{Arc, Mutex};
 
 use syslog::{Facility, Formatter3164, Logger, LoggerBackend};
 
@@ -80,6 +81,39 @@ impl Log {
     }
 
     pub fn error(&mut self, line: &str) {
+        self.log(Level::Error, line);
+    }
+}
+
+/// The daemon's one log, shared by its threads (pickup, account workers, bounces):
+/// each line takes the lock on its own, since holding it for a whole pickup pass
+/// stalled every delivery behind the pickup.
+#[derive(Debug, Clone)]
+pub struct SharedLog(Arc<Mutex<Log>>);
+
+impl SharedLog {
+    pub fn new(log: Log) -> SharedLog {
+        SharedLog(Arc::new(Mutex::new(log)))
+    }
+
+    pub fn log(&self, level: Level, line: &str) {
+        // A thread that panicked while logging leaves the log usable: take it anyway.
+        let mut l = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        l.log(level, line);
+    }
+
+    pub fn info(&self, line: &str) {
+        self.log(Level::Info, line);
+    }
+
+    pub fn warning(&self, line: &str) {
+        self.log(Level::Warning, line);
+    }
+
+    pub fn error(&self, line: &str) {
         self.log(Level::Error, line);
     }
 }

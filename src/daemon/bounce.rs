@@ -566,11 +566,7 @@ fn token(s: &str) -> String {
 /// One line of text: controls become spaces.
 fn one_line(s: &str) -> String {
     // SECURITY: no CR/LF may reach a header field: that would be header injection.
-    s.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect::<String>()
-        .trim()
-        .to_owned()
+    crate::message::text::one_line(s).trim().to_owned()
 }
 
 /// Whether a DSN value starts with a `type;` such as `smtp;` or `rfc822;`.

@@ -26,7 +26,7 @@ use crate::config::{Config, ConfigError};
 use crate::daemon::pickup;
 use crate::daemon::stop::Stop;
 use crate::daemon::worker::{AccountWorker, Outcome, Report};
-use crate::logging::Log;
+use crate::logging::{Log, SharedLog};
 use crate::secrets::{Secrets, SecretsError};
 use crate::spool::QueueId;
 use crate::spool::paths::Spool;
@@ -117,7 +117,7 @@ pub struct Engine {
     loaded: Loaded,
     spool: Spool,
     queue: Queue,
-    log: Arc<Mutex<Log>>,
+    log: SharedLog,
     stop: Arc<Stop>,
     pools: HashMap<String, Pool>,
     /// (due µs, id) for messages not in flight.
@@ -160,7 +160,7 @@ impl Engine {
             queue: Queue::new(&spool),
             spool,
             loaded,
-            log: Arc::new(Mutex::new(log)),
+            log: SharedLog::new(log),
             stop: Arc::new(Stop::default()),
             pools: HashMap::new(),
             schedule: BTreeSet::new(),
@@ -179,15 +179,11 @@ impl Engine {
     }
 
     fn info(&self, line: &str) {
-        if let Ok(mut l) = self.log.lock() {
-            l.info(line);
-        }
+        self.log.info(line);
     }
 
     fn warn(&self, line: &str) {
-        if let Ok(mut l) = self.log.lock() {
-            l.warning(line);
-        }
+        self.log.warning(line);
     }
 
     fn start_workers(&mut self) -> Result<(), EngineError> {

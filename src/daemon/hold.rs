@@ -10,6 +10,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
+use crate::spool::durable;
 use crate::spool::paths::Spool;
 use crate::spool::queue::micros;
 
@@ -23,7 +24,7 @@ pub struct Hold {
 
 /// Where an account's hold is kept.
 pub fn hold_path(spool: &Spool, account: &str) -> PathBuf {
-    spool.state().join(format!("{account}.hold"))
+    spool.hold(account)
 }
 
 /// Reads an account's hold, if any.
@@ -46,13 +47,10 @@ pub fn write_hold(
     };
     let path = hold_path(spool, account);
     let tmp = path.with_extension("hold.tmp");
+    // Durable like every state file: a hold lost in a crash would retry a refused
+    // password at once, which is what the hold is there to prevent.
     let ok = serde_json::to_vec(&hold)
         .ok()
-        .map(|b| {
-            std::fs::write(&tmp, b)
-                .and_then(|_| std::fs::rename(&tmp, &path))
-                .is_ok()
-        })
-        .unwrap_or(false);
+        .is_some_and(|b| durable::replace(&path, &tmp, &b, &durable::options(0o600)).is_ok());
     if ok { Ok(()) } else { Err(path) }
 }

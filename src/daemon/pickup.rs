@@ -13,13 +13,12 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
-use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use crate::aliases::Locals;
 use crate::config::Config;
 use crate::daemon::route;
-use crate::logging::Log;
+use crate::logging::SharedLog;
 use crate::spool::QueueId;
 use crate::spool::envelope::{Envelope, MAX_ENVELOPE_LINE};
 use crate::spool::paths::Spool;
@@ -27,27 +26,6 @@ use crate::spool::queue::{Queue, QueueEntry, RcptStatus, Recipient};
 
 /// How old a leftover in `incoming/tmp` must be before it is swept (maildir's rule).
 const TMP_MAX_AGE: Duration = Duration::from_secs(36 * 3600);
-
-/// The daemon's log, taken a line at a time: the workers log through the same lock,
-/// and holding it for a whole pass stalled every delivery behind the pickup.
-struct Lines<'a>(&'a Mutex<Log>);
-
-impl Lines<'_> {
-    fn log(&self, level: crate::logging::Level, line: &str) {
-        if let Ok(mut l) = self.0.lock() {
-            l.log(level, line);
-        }
-    }
-    fn info(&self, line: &str) {
-        self.log(crate::logging::Level::Info, line);
-    }
-    fn warning(&self, line: &str) {
-        self.log(crate::logging::Level::Warning, line);
-    }
-    fn error(&self, line: &str) {
-        self.log(crate::logging::Level::Error, line);
-    }
-}
 
 /// Why one incoming file was refused.
 #[derive(Debug, thiserror::Error)]
@@ -83,10 +61,9 @@ pub fn pickup(
     queue: &Queue,
     config: &Config,
     locals: &Locals,
-    log: &Mutex<Log>,
+    log: &SharedLog,
     limit: usize,
 ) -> Picked {
-    let log = &Lines(log);
     let mut picked = Picked::default();
     let dir = spool.incoming_new();
     let Ok(entries) = fs::read_dir(&dir) else {
@@ -219,7 +196,7 @@ fn take(path: &Path, bound: u64) -> Result<(u32, Envelope, Vec<u8>), Refusal> {
     Ok((meta.uid(), env.clone(), message.to_vec()))
 }
 
-fn quarantine(spool: &Spool, path: &Path, why: &str, log: &Lines) {
+fn quarantine(spool: &Spool, path: &Path, why: &str, log: &SharedLog) {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

@@ -10,8 +10,8 @@
 //! [`transport_for`]); this worker applies what it reports (see `apply`).
 
 use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::aliases::Aliases;
@@ -20,7 +20,7 @@ use crate::daemon::bounce::queue::Bouncer;
 use crate::daemon::connect::{host_name, transport_for};
 use crate::daemon::hold::read_hold;
 use crate::daemon::stop::Stop;
-use crate::logging::Log;
+use crate::logging::SharedLog;
 use crate::message::rewrite;
 use crate::quota::{FreezeCheck, Grant, Ledger};
 use crate::secrets::AccountSecrets;
@@ -76,7 +76,7 @@ pub struct AccountWorker {
     ledger: Ledger,
     /// How this account sends: the only way out for a transaction.
     transport: Box<dyn Transport>,
-    log: Arc<Mutex<Log>>,
+    log: SharedLog,
     host: String,
     pauses: u32,
     /// After a failed connection: no new attempt before this (one error line a retry).
@@ -114,11 +114,11 @@ impl AccountWorker {
         config: Arc<Config>,
         aliases: Arc<Aliases>,
         secrets: Option<AccountSecrets>,
-        log: Arc<Mutex<Log>>,
+        log: SharedLog,
         stop: Arc<Stop>,
     ) -> Result<AccountWorker, WorkerError> {
         let spool = Spool::new(&config.spool_dir);
-        let ledger_path = spool.state().join(format!("{}.ledger", account.name));
+        let ledger_path = spool.ledger(&account.name);
         let ledger = Ledger::open(&ledger_path).map_err(|e| WorkerError::Setup {
             account: account.name.clone(),
             message: e.to_string(),
@@ -127,13 +127,11 @@ impl AccountWorker {
             && account.transport == Kind::Smtp
             && !BASIC_AUTH_WARNED.swap(true, Ordering::SeqCst)
         {
-            if let Ok(mut l) = log.lock() {
-                l.warning(&format!(
-                    "account {}: basic authentication (AUTH {}) is deprecated: Microsoft disables it by default for existing tenants at the end of December 2026 and will remove it in 2027; switch to auth = \"xoauth2\"",
-                    account.name,
-                    if account.auth == AuthMode::Login { "LOGIN" } else { "PLAIN" }
-                ));
-            }
+            log.warning(&format!(
+                "account {}: basic authentication (AUTH {}) is deprecated: Microsoft disables it by default for existing tenants at the end of December 2026 and will remove it in 2027; switch to auth = \"xoauth2\"",
+                account.name,
+                if account.auth == AuthMode::Login { "LOGIN" } else { "PLAIN" }
+            ));
         }
         Ok(AccountWorker {
             transport: transport_for(&account, &config, secrets),
@@ -156,9 +154,7 @@ impl AccountWorker {
     }
 
     fn log(&self, level: crate::logging::Level, line: &str) {
-        if let Ok(mut l) = self.log.lock() {
-            l.log(level, line);
-        }
+        self.log.log(level, line);
     }
 
     /// Closes the transport's connection politely.

@@ -4,9 +4,10 @@
 //!
 //! Trusts the configured path (root's config); creates `tmp`, `new`, `cur` as needed.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs;
+use std::io;
+
+use crate::spool::durable;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -77,22 +78,13 @@ pub fn deliver(
     let name = format!("{now}.{id}.{:08x}.relay365", u32::from_le_bytes(rand));
     let tmp = dir.join("tmp").join(&name);
     let new = dir.join("new").join(&name);
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o640)
-        .custom_flags(nix::libc::O_NOFOLLOW)
-        .open(&tmp)?;
     let mut head = format!("Return-Path: <{sender}>\r\n");
     for r in recipients {
         head.push_str(&format!("X-Envelope-To: <{r}>\r\n"));
     }
-    f.write_all(head.as_bytes())?;
-    f.write_all(message)?;
-    f.sync_all()?;
-    drop(f);
-    fs::rename(&tmp, &new)?;
-    File::open(dir.join("new"))?.sync_all()?;
+    let mut bytes = head.into_bytes();
+    bytes.extend_from_slice(message);
+    durable::replace(&new, &tmp, &bytes, &durable::options(0o640))?;
     Ok(new)
 }
 

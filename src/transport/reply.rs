@@ -209,17 +209,9 @@ impl fmt::Display for Reply {
 }
 
 /// Replaces control characters and bounds length at a character boundary.
+// SECURITY: remote text ends up in logs and DSN headers; no CR, LF or other controls.
 pub(crate) fn sanitize(text: &str, max: usize) -> String {
-    let mut out = String::with_capacity(text.len().min(max));
-    for ch in text.chars() {
-        if out.len() + ch.len_utf8() > max {
-            out.push_str("...");
-            break;
-        }
-        // SECURITY: remote text ends up in logs and DSN headers; no CR, LF or other controls.
-        out.push(if ch.is_control() { ' ' } else { ch });
-    }
-    out
+    crate::message::text::one_line_max(text, max)
 }
 
 /// Splits a leading `c.s.d ` enhanced status code off a line.

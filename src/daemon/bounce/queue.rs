@@ -6,14 +6,13 @@
 //! config; the failed recipients' reply texts came from the server and are re-parsed
 //! with [`Reply::parse`] before they reach the DSN.
 
-use std::sync::Mutex;
 use std::time::SystemTime;
 
 use super::{DsnAction, DsnInput, DsnRecipient, Return};
 use crate::aliases::Aliases;
 use crate::aliases::Locals;
 use crate::config::Config;
-use crate::logging::{Level, Log};
+use crate::logging::{Level, SharedLog};
 use crate::message::address::{Address, Sender};
 use crate::spool::QueueId;
 use crate::spool::envelope::{EnvId, Notify, Ret};
@@ -25,7 +24,7 @@ pub struct Bouncer<'a> {
     pub config: &'a Config,
     pub aliases: &'a Aliases,
     pub queue: &'a Queue,
-    pub log: &'a Mutex<Log>,
+    pub log: &'a SharedLog,
     /// This host, the DSN's reporting MTA.
     pub reporting_mta: &'a str,
     /// The server that refused the recipients.
@@ -34,9 +33,7 @@ pub struct Bouncer<'a> {
 
 impl Bouncer<'_> {
     fn log(&self, level: Level, line: &str) {
-        if let Ok(mut l) = self.log.lock() {
-            l.log(level, line);
-        }
+        self.log.log(level, line);
     }
 
     /// Queues a DSN for the failed recipients, unless the message is a bounce itself,

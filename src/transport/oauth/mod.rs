@@ -654,10 +654,7 @@ fn aadsts_code(description: &str) -> Option<u32> {
 /// Server text made fit for a log line: control characters flattened, length bounded, and
 /// any of our own secrets masked in case the endpoint echoes the request back.
 fn sanitise(text: &str, mask: &[&str], max: usize) -> String {
-    let mut out: String = text
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
+    let mut out = crate::message::text::one_line(text);
     for secret in mask {
         // SECURITY: a hostile or broken endpoint must not get our secret into the logs.
         if !secret.is_empty() && out.contains(secret) {

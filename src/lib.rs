@@ -3,41 +3,35 @@
 //!
 //! ```text
 //! caller (any uid) ─► sendmail (setgid relay365-drop; no secrets; small)
-//!                       writes incoming/tmp/<id>, fsync, rename → incoming/new/, fsync dir
+//!                       sendmail::deposit: incoming/tmp/<id>, fsync, rename → incoming/new/, fsync dir
 //! incoming/{tmp,new}    written by the drop group only
 //! relay365 daemon       owns queue/, state/ and the secrets
-//!    pickup → queue → scheduler (backoff, quota) → transport → sent / bounce / hold
+//!    pickup → queue → scheduler (backoff, quota) → account worker → Transport → sent / bounce / hold
 //! ```
 //!
-//! Modules and what each trusts:
-//! - [`sendmail`]: argv, stdin, and the process state a caller hands a setgid program —
-//!   all untrusted. [`sendmail::privilege`] holds the group only around file operations.
-//! - [`message`]: pure parsing of caller-written headers and addresses; untrusted input.
-//! - [`spool`]: the path table, the incoming maildir and the envelope format; readers
-//!   distrust every file.
-//! - [`config`]: the world-readable config file, written by root; validated strictly.
-//!   [`config::limits`] holds the rates and limits the quota enforces.
-//! - [`daemon`]: pickup, queue runs, bounces and aliases; distrusts incoming files.
-//! - [`quota`]: the per-account send ledger and freezes (run in the `relay365` binary
-//!   by the daemon user `relay365`, and by root's admin commands); trusts only its own
-//!   state files, and parses even those strictly.
-//! - [`transport`]: SMTP submission, OAuth2 tokens and reply classification; trusts
-//!   the server only after TLS verification.
-//!   - [`config::oauth`]: an app registration's OAuth2 settings and their checks.
-//! - [`daemon`]: pickup, queue runs, bounces and aliases; distrusts incoming files.
-//!   - [`daemon::worker`]: the account worker (delivery through one account); applies verdicts.
-//!   - [`daemon::connect`]: connection set-up and login; the one factory of a transport.
-//!   - [`daemon::hold`]: account holds, shared with the admin commands.
-//!   - [`daemon::stop`]: the workers' stop signal.
-//!   - [`daemon::bounce::queue`]: building and queueing a bounce for failed recipients.
-//! - [`transport`]: the [`transport::Transport`] trait, SMTP submission, OAuth2 tokens and
-//!   reply classification; trusts the server only after TLS verification.
-//!   - [`transport::reply`]: the SMTP reply parser; untrusted server bytes.
-//!   - [`transport::smtp::params`]: MAIL FROM and RCPT TO parameters, a pure function.
-//!   - `transport::smtp::conn` and `submit`: the connection; SMTP as a [`transport::Transport`].
-//!   - `transport::oauth::assertion`: the certificate credential's signed JWT.
-//! - [`secrets`]: the only module that reads secrets; redacts them everywhere.
-//! - [`sysexits`]: the one mapping of errors to exit codes.
+//! # Who runs what
+//! Two binaries link this library; the module graph keeps the setgid one small
+//! (`tests/it/layers.rs` fails if anything `sendmail` reaches names `daemon`,
+//! `transport`, `quota`, `secrets` or `admin`).
+//!
+//! | module | binary | user / group | trusts |
+//! |---|---|---|---|
+//! | [`sendmail`] ([`sendmail::cli`], [`sendmail::options`], [`sendmail::intake`], [`sendmail::bs`], [`sendmail::deposit`], [`sendmail::privilege`]) | `sendmail`, `mailq`, `newaliases` | any caller's uid; setgid `relay365-drop`, held only around the deposit | nothing: argv, stdin, environment, fds |
+//! | [`daemon`] (pickup, engine, worker, connect, hold, stop, bounce, route, check) | `relay365 daemon`, `relay365 flush` | `relay365` (group `relay365`, member of `relay365-drop` to read `incoming/`) | incoming files: nothing; the network: only after TLS |
+//! | [`admin`] | `relay365` | root (or `relay365` for `daemon`) | the command line |
+//! | [`transport`] (smtp, capture, oauth, tls, reply, classify) | `relay365` | `relay365` | servers only after TLS verification; every reply byte is untrusted |
+//! | [`quota`] | `relay365` | `relay365`, root for `relay365 quota` | its own state files, parsed strictly |
+//! | [`secrets`] | `relay365` | `relay365` (the only module that reads secrets) | the secrets file's owner and mode |
+//! | [`aliases`] | both | the caller's uid (`sendmail -bv`), `relay365` | `/etc/aliases`: intent yes, syntax no |
+//! | [`config`] ([`config::limits`], [`config::oauth`]) | both | any | the world-readable config, written by root; validated strictly |
+//! | [`spool`] (paths, envelope, queue, listing, durable, trigger, init) | both | any; writes only as the daemon or through the deposit | every file it reads |
+//! | [`message`] (header, address, qualify, complete, rewrite, text) | both | any | nothing: pure parsing of caller-written text |
+//! | [`logging`], [`sysexits`] | both | any | — |
+//!
+//! # Layers
+//! Imports run one way, top to bottom (`tests/it/layers.rs` checks it from the source):
+//! `admin` → `sendmail`, `daemon` (and the listener) → `aliases`, `quota`, `transport`
+//! → `secrets` → `config` → `spool` → `message`, `logging`, `sysexits`.
 #![deny(unsafe_code)]
 #![cfg_attr(
     not(test),

@@ -9,7 +9,7 @@
 //! hostile file can neither loop nor blow up. Nothing here runs commands or opens the
 //! files an alias names.
 //!
-//! Used by the daemon's pickup and by `sendmail -bv` ([`locals`]); it names neither.
+//! Used by the daemon's pickup and by `sendmail -bv` (`locals`); it names neither.
 
 use std::collections::HashMap;
 use std::io::Read as _;

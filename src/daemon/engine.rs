@@ -236,7 +236,7 @@ impl Engine {
         }
     }
 
-    /// Moves incoming mail into the queue and schedules it, [`PICKUP_CHUNK`] messages at
+    /// Moves incoming mail into the queue and schedules it, `PICKUP_CHUNK` messages at
     /// a time, handing each chunk to the workers (`explicit`: all of it, as a flush or
     /// `sendmail -q` does) before taking the next, so that delivery overlaps the pickup
     /// of a long backlog instead of waiting for all of it.

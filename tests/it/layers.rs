@@ -148,11 +148,14 @@ fn named_paths(line: &str, here: &[String]) -> Vec<Vec<String>> {
     found
 }
 
+/// (line, module it names, the source line).
+type Uses = Vec<(usize, Vec<String>, String)>;
+
 struct Graph {
-    /// Module path → (line, module it names, the source line).
-    edges: BTreeMap<Vec<String>, Vec<(usize, Vec<String>, String)>>,
+    /// Module path → what it names.
+    edges: BTreeMap<Vec<String>, Uses>,
     files: BTreeMap<Vec<String>, PathBuf>,
-    bins: BTreeMap<String, Vec<(usize, Vec<String>, String)>>,
+    bins: BTreeMap<String, Uses>,
 }
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) {

@@ -372,7 +372,7 @@ fn unprivileged_users_get_nothing_they_should_not() {
         report(
             T,
             &format!("gids_reading_config_{mode}"),
-            &format!("{gids:?}"),
+            format!("{gids:?}"),
         );
     }
     std::fs::remove_file(&conf).unwrap();

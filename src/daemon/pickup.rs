@@ -26,7 +26,7 @@ use crate::config::Config;
 use crate::daemon::route;
 use crate::logging::Log;
 use crate::spool::QueueId;
-use crate::spool::envelope::{Envelope, MAX_ENVELOPE_LINE};
+use crate::spool::envelope::{self, Envelope};
 use crate::spool::paths::Spool;
 use crate::spool::queue::{Queue, QueueEntry, QueueError, RcptStatus, Recipient};
 
@@ -153,7 +153,7 @@ pub fn pickup(
         names.truncate(limit);
         picked.more = true;
     }
-    let bound = config.max_message_size.0 + MAX_ENVELOPE_LINE as u64 + 64;
+    let bound = envelope::max_file_len(config.max_message_size.0);
     // Incoming files whose message is in the queue, removed once the queue is synced.
     let mut taken = Vec::new();
     // Files that left incoming/new in this pass; a pass that moved none ends the

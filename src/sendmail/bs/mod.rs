@@ -545,6 +545,7 @@ fn intake_reply(e: &IntakeError) -> String {
     let why = printable(&e.to_string());
     match e {
         IntakeError::TooBig { .. } => format!("552 5.3.4 Error: {why}"),
+        IntakeError::Envelope { .. } => format!("552 5.5.3 Error: {why}"),
         IntakeError::Nul { .. } | IntakeError::Header(_) | IntakeError::Address(_) => {
             format!("554 5.6.0 Error: {why}")
         }
@@ -982,6 +983,30 @@ mod tests {
             &mut f,
         );
         assert_eq!(f.queued[0].1.recipients, ["root@example.com"]);
+    }
+
+    #[test]
+    fn an_envelope_over_the_queue_bound_gets_552_and_is_not_queued() {
+        // Only with a recipient limit far above Exchange's: the same bound as the
+        // command line (intake::build), so the pickup never quarantines what -bs took.
+        let mut f = Fake::default();
+        let mut input = String::from("MAIL FROM:<a@b>\r\n");
+        let local = "r".repeat(60);
+        for i in 0..20_000 {
+            input.push_str(&format!(
+                "RCPT TO:<{local}{i}@{}.example.org>\r\n",
+                "d".repeat(150)
+            ));
+        }
+        input.push_str("DATA\r\n\r\nb\r\n.\r\nQUIT\r\n");
+        let (lines, _) = session_with(input.as_bytes(), &mut f, 10_000, 20_000);
+        let answer = &lines[lines.len() - 2];
+        assert!(
+            answer.starts_with("552 5.5.3 Error: too many recipients (20000)"),
+            "{answer}"
+        );
+        assert!(answer.contains("split the message"), "{answer}");
+        assert!(f.queued.is_empty());
     }
 
     #[test]

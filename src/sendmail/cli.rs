@@ -308,7 +308,7 @@ fn smtp_session(
         bs::Ending::Abandoned { in_data } => say(format_args!(
             "the SMTP input ended {} without QUIT: that message was not queued; send it again",
             if *in_data {
-                "in the middle of a message (no line with a single dot)"
+                "in the middle of a message (no <CR><LF>.<CR><LF>; a dot ended by LF alone does not end the data)"
             } else {
                 "after MAIL FROM but before the message data"
             }

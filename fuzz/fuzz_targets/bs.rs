@@ -7,7 +7,9 @@
 //! Invariants: never panics; the output is whole SMTP replies only (`ddd[ -]text\r\n`,
 //! printable text, continuation lines sharing the code, starting with the 220
 //! greeting); it stays within a bound per input line; a message is queued only after
-//! a 354 and a line with a single dot, every queued id is announced in its `250` and
+//! a 354 and a line holding a single dot ended by CRLF (no LF-only or CR-only variant
+//! ends the data: SMTP smuggling), a `550 5.5.2 ... bare <LF>` only for input that
+//! holds a bare LF; every queued id is announced in its `250` and
 //! lies in the spool as a file that reads back to a valid envelope; nothing else is
 //! left in the spool.
 #![no_main]
@@ -160,10 +162,19 @@ fuzz_target!(|data: &[u8]| {
     let ids: Vec<&str> = report.queued.iter().map(QueueId::as_str).collect();
     assert_eq!(announced, ids, "queued and announced ids differ");
     let go_aheads = lines.iter().filter(|l| l.starts_with(b"354 ")).count();
+    // Only `.` CRLF can end the data (smuggling: `.` LF and the like never do).
     let dots = input
         .split(|&b| b == b'\n')
-        .filter(|l| *l == b"." || *l == b".\r")
+        .filter(|l| *l == b".\r")
         .count();
+    let bare_lf = input
+        .iter()
+        .enumerate()
+        .any(|(i, &b)| b == b'\n' && (i == 0 || input[i - 1] != b'\r'));
+    assert!(
+        bare_lf || !lines.iter().any(|l| l.starts_with(b"550 5.5.2 ")),
+        "bare <LF> refused in input without one"
+    );
     assert!(
         ids.len() <= go_aheads && ids.len() <= dots,
         "queued without a whole DATA"

@@ -8,24 +8,79 @@
 //! unauthenticated). The queue copy is synced before the incoming file is removed (the
 //! queue directory once per pass, not once per message), so a crash at any point
 //! leaves the message in one place or (briefly) both — never none.
+//!
+//! A pass that cannot write the queue or the quarantine (a full or read-only spool)
+//! stops at the first such failure and reports no more work, so the caller's loop
+//! ends instead of re-reading the same files forever; the fault is logged once per
+//! outage (again every [`FAULT_RELOG`]), and its end once.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::path::Path;
-use std::time::{Duration, SystemTime};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::aliases::Locals;
 use crate::config::Config;
 use crate::daemon::route;
 use crate::logging::SharedLog;
 use crate::spool::QueueId;
-use crate::spool::envelope::{Envelope, MAX_ENVELOPE_LINE};
+use crate::spool::envelope::{self, Envelope};
 use crate::spool::paths::Spool;
-use crate::spool::queue::{Queue, QueueEntry, RcptStatus, Recipient};
+use crate::spool::queue::{Queue, QueueEntry, QueueError, RcptStatus, Recipient};
 
 /// How old a leftover in `incoming/tmp` must be before it is swept (maildir's rule).
 const TMP_MAX_AGE: Duration = Duration::from_secs(36 * 3600);
+
+/// How often a spool fault that lasts is logged again.
+const FAULT_RELOG: Duration = Duration::from_secs(600);
+
+/// The spool fault the pickup last logged: every new file, trigger and safety scan
+/// starts a pass, and an outage logged once per pass flooded the log.
+struct Fault {
+    incoming: PathBuf,
+    what: String,
+    logged: Instant,
+}
+
+static FAULT: Mutex<Option<Fault>> = Mutex::new(None);
+
+/// Logs a fault that stopped a pass unless the same one was logged lately.
+fn fault(incoming: &Path, what: String, line: &str, log: &SharedLog) {
+    let Ok(mut last) = FAULT.lock() else {
+        log.error(line);
+        return;
+    };
+    let repeat = last.as_ref().is_some_and(|f| {
+        f.incoming == incoming && f.what == what && f.logged.elapsed() < FAULT_RELOG
+    });
+    if !repeat {
+        log.error(line);
+        *last = Some(Fault {
+            incoming: incoming.to_path_buf(),
+            what,
+            logged: Instant::now(),
+        });
+    }
+}
+
+/// Logs the end of an outage logged by [`fault`].
+fn fault_over(incoming: &Path, log: &SharedLog) {
+    let Ok(mut last) = FAULT.lock() else { return };
+    if last.as_ref().is_some_and(|f| f.incoming == incoming) {
+        *last = None;
+        log.info("pickup: the spool accepts mail again");
+    }
+}
+
+/// What stays the same from one failing file to the next (not its path).
+fn fault_kind(e: &QueueError) -> String {
+    match e {
+        QueueError::Io { source, .. } => format!("queue: {}", source.kind()),
+        other => format!("queue: {other}"),
+    }
+}
 
 /// Why one incoming file was refused.
 #[derive(Debug, thiserror::Error)]
@@ -71,25 +126,58 @@ pub fn pickup(
     };
     let mut names: Vec<_> = entries.flatten().map(|e| e.file_name()).collect();
     names.sort();
+    let waiting = names.len();
     if names.len() > limit {
         names.truncate(limit);
         picked.more = true;
     }
-    let bound = config.max_message_size.0 + MAX_ENVELOPE_LINE as u64 + 64;
+    let bound = envelope::max_file_len(config.max_message_size.0);
     // Incoming files whose message is in the queue, removed once the queue is synced.
     let mut taken = Vec::new();
+    // Files that left incoming/new in this pass; a pass that moved none ends the
+    // caller's loop (a full spool made it re-read the same chunk forever).
+    let mut moved = 0usize;
+    // A failure to write the queue or the quarantine: the next file would meet it too.
+    let mut stuck = false;
+    // Quarantines a file, or stops the pass when the quarantine cannot take it.
+    let mut refuse = |path: &Path, why: &str, picked: &mut Picked| -> bool {
+        match quarantine(spool, path, why, log) {
+            Ok(()) => {
+                picked.quarantined += 1;
+                moved += 1;
+                true
+            }
+            Err(e) => {
+                let name = path.file_name().unwrap_or_default();
+                fault(
+                    &dir,
+                    format!("quarantine: {}", e.kind()),
+                    &format!(
+                        "incoming file {name:?} refused ({why}) and cannot be quarantined: {e}; \
+                         pickup stopped, {waiting} file(s) wait in incoming/"
+                    ),
+                    log,
+                );
+                false
+            }
+        }
+    };
     for name in names {
         let path = dir.join(&name);
         let Some(id) = name.to_str().and_then(|n| QueueId::parse(n).ok()) else {
-            quarantine(spool, &path, "a file name that is not a queue id", log);
-            picked.quarantined += 1;
+            if !refuse(&path, "a file name that is not a queue id", &mut picked) {
+                stuck = true;
+                break;
+            }
             continue;
         };
         match take(&path, bound) {
             Ok((uid, env, message)) => {
                 if env.id != id {
-                    quarantine(spool, &path, "its envelope names another queue id", log);
-                    picked.quarantined += 1;
+                    if !refuse(&path, "its envelope names another queue id", &mut picked) {
+                        stuck = true;
+                        break;
+                    }
                     continue;
                 }
                 // A crash after queueing but before the unlink leaves both; the queue wins.
@@ -104,9 +192,19 @@ pub fn pickup(
                     entry.account = route::route(config, env.sender.as_str(), from.as_deref(), uid)
                         .map(|a| a.name.clone());
                     if let Err(e) = queue.insert_unsynced(&entry, &message) {
-                        // Leave it in incoming/ for the next pass: nothing is lost.
-                        log.error(&format!("{id}: cannot queue: {e}"));
-                        continue;
+                        // Leave it and the rest in incoming/ for a later pass (new
+                        // mail, a trigger, the safety scan): nothing is lost.
+                        fault(
+                            &dir,
+                            fault_kind(&e),
+                            &format!(
+                                "{id}: cannot queue: {e}; pickup stopped, \
+                                 {waiting} file(s) wait in incoming/"
+                            ),
+                            log,
+                        );
+                        stuck = true;
+                        break;
                     }
                     picked.due.push((id.clone(), entry.next_attempt_us));
                     log.info(&format!(
@@ -131,8 +229,10 @@ pub fn pickup(
                 picked.queued.push(id);
             }
             Err(e) => {
-                quarantine(spool, &path, &e.to_string(), log);
-                picked.quarantined += 1;
+                if !refuse(&path, &e.to_string(), &mut picked) {
+                    stuck = true;
+                    break;
+                }
             }
         }
     }
@@ -143,7 +243,10 @@ pub fn pickup(
             Ok(()) => {
                 let mut removed_any = false;
                 for path in &taken {
-                    removed_any |= fs::remove_file(path).is_ok();
+                    if fs::remove_file(path).is_ok() {
+                        removed_any = true;
+                        moved += 1;
+                    }
                 }
                 if removed_any {
                     // The unlinks need not be durable: a resurrected file is recognised
@@ -152,8 +255,21 @@ pub fn pickup(
                 }
             }
             // The incoming copies stay; the next pass finds them queued and removes them.
-            Err(e) => log.error(&format!("cannot sync the queue: {e}")),
+            Err(e) => {
+                stuck = true;
+                fault(
+                    &dir,
+                    format!("sync {}", fault_kind(&e)),
+                    &format!("cannot sync the queue: {e}"),
+                    log,
+                );
+            }
         }
+    }
+    if stuck || moved == 0 {
+        picked.more = false;
+    } else {
+        fault_over(&dir, log);
     }
     if !picked.more {
         sweep_tmp(spool);
@@ -196,7 +312,8 @@ fn take(path: &Path, bound: u64) -> Result<(u32, Envelope, Vec<u8>), Refusal> {
     Ok((meta.uid(), env.clone(), message.to_vec()))
 }
 
-fn quarantine(spool: &Spool, path: &Path, why: &str, log: &SharedLog) {
+/// Moves a refused file to `quarantine/`; on failure the file stays where it is.
+fn quarantine(spool: &Spool, path: &Path, why: &str, log: &SharedLog) -> std::io::Result<()> {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -210,15 +327,12 @@ fn quarantine(spool: &Spool, path: &Path, why: &str, log: &SharedLog) {
         .quarantine()
         .join(format!("{safe}.{}", std::process::id()));
     // rename moves the directory entry only: a symlink stays a symlink, never followed.
-    match fs::rename(path, &target) {
-        Ok(()) => log.warning(&format!(
-            "incoming file {name:?} quarantined as {}: {why}; it was not delivered or bounced",
-            target.display()
-        )),
-        Err(e) => log.error(&format!(
-            "incoming file {name:?} refused ({why}) and cannot be quarantined: {e}"
-        )),
-    }
+    fs::rename(path, &target)?;
+    log.warning(&format!(
+        "incoming file {name:?} quarantined as {}: {why}; it was not delivered or bounced",
+        target.display()
+    ));
+    Ok(())
 }
 
 /// Removes leftovers of killed `sendmail` runs from `incoming/tmp`.

@@ -13,6 +13,7 @@ use std::time::SystemTime;
 
 use crate::config::Config;
 use crate::logging::Log;
+use crate::message::text;
 use crate::spool::paths::{self, Spool};
 use crate::spool::trigger::{self, WakeError};
 use crate::spool::{QueueId, listing};
@@ -70,6 +71,10 @@ pub fn main(argv: Vec<OsString>) -> Exit {
     for w in &opts.warnings {
         say(format_args!("warning: {w}"));
     }
+    let (tag, refused) = log_tag(opts.log_tag.as_deref(), uid);
+    if let Some(w) = refused {
+        say(format_args!("warning: {w}"));
+    }
     let config_path = opts
         .config
         .clone()
@@ -91,11 +96,11 @@ pub fn main(argv: Vec<OsString>) -> Exit {
             ));
             Exit::Usage
         }
-        Mode::Smtp => smtp_session(&opts, &config, &spool, &group, uid),
+        Mode::Smtp => smtp_session(&opts, &config, &spool, &group, uid, &tag),
         Mode::ListQueue => list_queue(&spool),
         Mode::QueueRun => queue_run(&spool, &group),
         Mode::Verify => verify(&opts, &config, uid),
-        Mode::Enqueue => enqueue(&opts, &config, &spool, &group, uid),
+        Mode::Enqueue => enqueue(&opts, &config, &spool, &group, uid, &tag),
     }
 }
 
@@ -186,7 +191,14 @@ fn verify(opts: &Options, config: &Config, uid: u32) -> Exit {
     status
 }
 
-fn enqueue(opts: &Options, config: &Config, spool: &Spool, group: &DropGroup, uid: u32) -> Exit {
+fn enqueue(
+    opts: &Options,
+    config: &Config,
+    spool: &Spool,
+    group: &DropGroup,
+    uid: u32,
+    tag: &str,
+) -> Exit {
     let max = config.max_message_size.0;
     let raw = match intake::read_message(std::io::stdin().lock(), opts.ignore_dots, max) {
         Ok(r) => r,
@@ -212,7 +224,7 @@ fn enqueue(opts: &Options, config: &Config, spool: &Spool, group: &DropGroup, ui
     let mut depositor = Depositor::new(
         spool,
         group,
-        Log::open(log_tag(opts), false),
+        Log::open(tag, false),
         Origin::Local { uid },
         Protocol::Sendmail,
     );
@@ -233,9 +245,34 @@ fn enqueue(opts: &Options, config: &Config, spool: &Spool, group: &DropGroup, ui
     }
 }
 
-/// The syslog tag: `-L`, or relay365/sendmail.
-fn log_tag(opts: &Options) -> &str {
-    opts.log_tag.as_deref().unwrap_or("relay365/sendmail")
+/// The syslog tag when `-L` is not honoured.
+const DEFAULT_TAG: &str = "relay365/sendmail";
+/// The longest `-L` tag kept (RFC 3164 allows 32; Postfix's `-L` is not cut).
+const MAX_TAG: usize = 64;
+
+/// The syslog tag: `-L` from root, else relay365/sendmail; and the warning for a
+/// caller whose `-L` was not honoured.
+fn log_tag(requested: Option<&str>, uid: u32) -> (String, Option<String>) {
+    match requested {
+        None => (DEFAULT_TAG.to_string(), None),
+        // SECURITY: the tag heads every syslog line of this run; from anyone but root
+        // it would let a local user pass their lines off as another program's.
+        Some(_) if uid != 0 => (
+            DEFAULT_TAG.to_string(),
+            Some(format!(
+                "-L is honoured for root only; logging as {DEFAULT_TAG}"
+            )),
+        ),
+        // SECURITY: a CR or LF in the tag would start a forged log line.
+        Some(t) => {
+            let t = text::one_line_max(t.trim(), MAX_TAG);
+            if t.trim().is_empty() {
+                (DEFAULT_TAG.to_string(), None)
+            } else {
+                (t, None)
+            }
+        }
+    }
 }
 
 /// `-bs`: the SMTP dialogue on stdin/stdout. The envelope comes from MAIL FROM and
@@ -246,6 +283,7 @@ fn smtp_session(
     spool: &Spool,
     group: &DropGroup,
     uid: u32,
+    tag: &str,
 ) -> Exit {
     if opts.extract || !opts.recipients.is_empty() || opts.sender.is_some() {
         say(
@@ -256,7 +294,7 @@ fn smtp_session(
     let sink = Depositor::new(
         spool,
         group,
-        Log::open(log_tag(opts), false),
+        Log::open(tag, false),
         Origin::Local { uid },
         Protocol::Esmtp,
     );
@@ -271,7 +309,7 @@ fn smtp_session(
         bs::Ending::Abandoned { in_data } => say(format_args!(
             "the SMTP input ended {} without QUIT: that message was not queued; send it again",
             if *in_data {
-                "in the middle of a message (no line with a single dot)"
+                "in the middle of a message (no <CR><LF>.<CR><LF>; a dot ended by LF alone does not end the data)"
             } else {
                 "after MAIL FROM but before the message data"
             }
@@ -294,4 +332,29 @@ fn smtp_session(
         ));
     }
     report.ending.exit()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_log_tag_is_root_only_and_one_line() {
+        assert_eq!(log_tag(None, 1000), (DEFAULT_TAG.to_string(), None));
+        assert_eq!(log_tag(None, 0), (DEFAULT_TAG.to_string(), None));
+        let (tag, warning) = log_tag(Some("myapp"), 1000);
+        assert_eq!(tag, DEFAULT_TAG);
+        assert!(warning.is_some_and(|w| w.contains("root only")));
+        assert_eq!(log_tag(Some("myapp"), 0), ("myapp".to_string(), None));
+        // A forged second line: the control characters become spaces.
+        let (tag, _) = log_tag(
+            Some("app\nDec  3 12:00:00 host relay365/daemon[1]: 0A: status=sent\r\x1b[2J"),
+            0,
+        );
+        assert!(!tag.chars().any(char::is_control), "{tag:?}");
+        assert!(tag.len() <= MAX_TAG + 3, "{tag:?}");
+        assert_eq!(log_tag(Some("\n\t "), 0).0, DEFAULT_TAG);
+        // Forged from a user: not honoured at all.
+        assert_eq!(log_tag(Some("a\nb"), 33).0, DEFAULT_TAG);
+    }
 }

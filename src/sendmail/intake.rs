@@ -11,7 +11,7 @@ use crate::message::address::{self, Address, AddressError, Sender};
 use crate::message::complete::{self, Completion};
 use crate::message::header::{self, HeaderError};
 use crate::spool::QueueId;
-use crate::spool::envelope::Envelope;
+use crate::spool::envelope::{Envelope, EnvelopeError};
 use crate::sysexits::{Exit, ExitStatus};
 
 use super::options::Options;
@@ -33,6 +33,12 @@ pub enum IntakeError {
     Address(#[from] AddressError),
     #[error("no recipients found: {0}")]
     NoRecipients(&'static str),
+    #[error("too many recipients ({count}): {source}; split the message")]
+    Envelope {
+        count: usize,
+        #[source]
+        source: EnvelopeError,
+    },
     #[error("cannot read the message from standard input: {0}")]
     Read(#[from] std::io::Error),
 }
@@ -40,9 +46,10 @@ pub enum IntakeError {
 impl ExitStatus for IntakeError {
     fn exit(&self) -> Exit {
         match self {
-            IntakeError::TooBig { .. } | IntakeError::Nul { .. } | IntakeError::Header(_) => {
-                Exit::DataErr
-            }
+            IntakeError::TooBig { .. }
+            | IntakeError::Nul { .. }
+            | IntakeError::Header(_)
+            | IntakeError::Envelope { .. } => Exit::DataErr,
             IntakeError::Address(_) => Exit::NoUser,
             IntakeError::NoRecipients(_) => Exit::Usage,
             IntakeError::Read(_) => Exit::IoErr,
@@ -254,6 +261,14 @@ pub fn build(
         dsn: opts.dsn.clone(),
         queue_only: opts.queue_only,
     };
+    // SECURITY: the pickup quarantines an envelope line over its bound without a
+    // bounce; whatever is accepted here must be deliverable or bounced.
+    envelope
+        .check_line()
+        .map_err(|source| IntakeError::Envelope {
+            count: envelope.recipients.len(),
+            source,
+        })?;
     Ok(Submission { envelope, message })
 }
 
@@ -343,6 +358,122 @@ mod tests {
         };
         let now = UNIX_EPOCH + std::time::Duration::from_secs(1_795_734_105);
         build(&opts, &settings, &caller, raw, now, &QueueId::generate(now))
+    }
+
+    /// xorshift64*: a reproducible stream for the generated cases below.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    /// A random valid address: plain, with dots and plus, or quoted with characters
+    /// JSON must escape (so the line is longer than the sum of the addresses).
+    fn address(rng: &mut Rng, i: usize) -> String {
+        let len = 1 + rng.below(60) as usize;
+        let local: String = (0..len)
+            .map(|k| (b'a' + ((k as u64 + rng.below(26)) % 26) as u8) as char)
+            .collect();
+        match rng.below(4) {
+            0 => format!("{local}{i}@example.org"),
+            1 => format!("{local}.x+{i}@sub{}.example.net", rng.below(1000)),
+            2 => format!("\"{local} \\\"{i}\"@example.org"),
+            _ => format!("{local}{i}"),
+        }
+    }
+
+    #[test]
+    fn whatever_intake_accepts_the_pickup_reads() {
+        // Generated envelopes of every size, many near the 4 MiB line bound: what build
+        // accepts must read back (from_file_bytes) within the pickup's file bound with
+        // the same recipients; what it refuses as too many recipients the pickup would
+        // have quarantined.
+        let max = 1_000_000;
+        let mut rng = Rng(0x5eed_1234_abcd_ef01);
+        let (mut accepted, mut refused) = (0, 0);
+        for case in 0..120 {
+            let near = case % 30 == 0;
+            let target = if near {
+                crate::spool::envelope::MAX_ENVELOPE_LINE - 30_000 + rng.below(60_000) as usize
+            } else {
+                rng.below(20_000) as usize
+            };
+            let mut opts = options::parse("sendmail", &[OsString::from("-i")]).unwrap();
+            let mut total = 0;
+            let mut i = 0;
+            while total <= target {
+                let a = address(&mut rng, i);
+                if Address::parse(&a).is_err() {
+                    continue;
+                }
+                total += a.len() + 3;
+                opts.recipients.push(a);
+                i += 1;
+            }
+            let caller = Caller {
+                uid: 33,
+                login: "www-data".into(),
+                full_name: None,
+            };
+            let settings = IntakeSettings {
+                domain: "example.com",
+                max_message_size: max,
+            };
+            let now = UNIX_EPOCH + std::time::Duration::from_secs(1_795_734_105);
+            let id = QueueId::generate(now);
+            match build(
+                &opts,
+                &settings,
+                &caller,
+                b"Subject: s\r\n\r\nb\r\n",
+                now,
+                &id,
+            ) {
+                Ok(sub) => {
+                    accepted += 1;
+                    let bytes = sub.envelope.to_file_bytes(&sub.message);
+                    assert!(bytes.len() as u64 <= crate::spool::envelope::max_file_len(max));
+                    let (env, msg) = Envelope::from_file_bytes(&bytes)
+                        .unwrap_or_else(|e| panic!("case {case}: accepted, then {e}"));
+                    assert_eq!(env, sub.envelope, "case {case}");
+                    assert_eq!(msg, sub.message);
+                }
+                Err(e @ IntakeError::Envelope { .. }) => {
+                    refused += 1;
+                    assert!(near, "case {case}: {e}");
+                    assert!(e.to_string().contains("split the message"), "{e}");
+                    assert_eq!(e.exit(), Exit::DataErr);
+                    // The same envelope, written anyway, is what the pickup quarantines.
+                    let mut env = Envelope {
+                        id: id.clone(),
+                        sender: Sender::Null,
+                        recipients: Vec::new(),
+                        uid: 33,
+                        arrival_us: 0,
+                        size: 0,
+                        dsn: Default::default(),
+                        queue_only: false,
+                    };
+                    for r in &opts.recipients {
+                        env.recipients
+                            .push(Address::parse(r).unwrap().qualify("example.com").unwrap());
+                    }
+                    assert!(Envelope::from_file_bytes(&env.to_file_bytes(b"")).is_err());
+                }
+                Err(e) => panic!("case {case}: {e}"),
+            }
+        }
+        assert!(
+            accepted > 100 && refused > 0,
+            "{accepted} accepted, {refused} refused"
+        );
     }
 
     #[test]

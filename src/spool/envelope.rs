@@ -23,7 +23,17 @@ use crate::spool::QueueId;
 /// The first line of every incoming file.
 pub const MAGIC: &[u8] = b"RELAY365 1\n";
 /// An envelope line longer than this is refused (500 recipients of 320 bytes fit).
+/// The writer checks the same bound ([`Envelope::check_line`]) so that `sendmail` never
+/// accepts what the pickup would quarantine.
 pub const MAX_ENVELOPE_LINE: usize = 4 << 20;
+
+/// The largest incoming file the pickup reads for a `max_message_size` of `max_message`:
+/// magic, the longest envelope line, its newline, the message.
+pub fn max_file_len(max_message: u64) -> u64 {
+    max_message
+        .saturating_add(MAX_ENVELOPE_LINE as u64)
+        .saturating_add(64)
+}
 
 /// `BODY=` (`-B`): passed on when the server offers 8BITMIME.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -258,11 +268,39 @@ pub enum EnvelopeError {
     Size { declared: u64, actual: u64 },
     #[error("envelope field {field}: {reason}")]
     Field { field: &'static str, reason: String },
+    #[error(
+        "the envelope would be {bytes} bytes, more than the {} MiB a queue entry may hold",
+        MAX_ENVELOPE_LINE >> 20
+    )]
+    TooLong { bytes: usize },
 }
 
 impl Envelope {
-    /// The file's bytes: magic, JSON line, message.
+    /// The file's bytes: magic, JSON line, message. The caller checks [`Self::check_line`]
+    /// first; a longer line is written but the reader refuses it.
     pub fn to_file_bytes(&self, message: &[u8]) -> Vec<u8> {
+        let json = self.json();
+        let mut out = Vec::with_capacity(MAGIC.len() + json.len() + 1 + message.len());
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&json);
+        out.push(b'\n');
+        out.extend_from_slice(message);
+        out
+    }
+
+    /// Whether [`Self::from_file_bytes`] will take the envelope line this envelope is
+    /// written as: the one bound the writer and the reader share.
+    pub fn check_line(&self) -> Result<(), EnvelopeError> {
+        let bytes = self.json().len();
+        // The reader looks for the newline within the first MAX_ENVELOPE_LINE bytes.
+        if bytes >= MAX_ENVELOPE_LINE {
+            return Err(EnvelopeError::TooLong { bytes: bytes + 1 });
+        }
+        Ok(())
+    }
+
+    /// The JSON line, without its newline.
+    fn json(&self) -> Vec<u8> {
         let line = Line {
             id: self.id.to_string(),
             sender: self.sender.as_str().to_string(),
@@ -277,13 +315,7 @@ impl Envelope {
             queue_only: self.queue_only,
         };
         // Serialising plain strings and integers cannot fail.
-        let json = serde_json::to_vec(&line).unwrap_or_default();
-        let mut out = Vec::with_capacity(MAGIC.len() + json.len() + 1 + message.len());
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&json);
-        out.push(b'\n');
-        out.extend_from_slice(message);
-        out
+        serde_json::to_vec(&line).unwrap_or_default()
     }
 
     /// Parses and validates an incoming file, returning the envelope and the message.
@@ -413,6 +445,54 @@ mod tests {
         let (env, m) = Envelope::from_file_bytes(&bytes).unwrap();
         assert_eq!(env, sample(msg.len() as u64));
         assert_eq!(m, msg);
+    }
+
+    #[test]
+    fn the_writers_line_bound_is_exactly_the_readers() {
+        // Recipients up to just below the bound, then a last one whose length walks the
+        // line across it one byte at a time: check_line and the reader must agree on
+        // every length, and both outcomes must occur.
+        let mut env = sample(0);
+        env.recipients.clear();
+        let filler = Address::parse("f@e.org").unwrap();
+        // Each filler adds `"f@e.org",` (10 bytes): fill to about 20 bytes short.
+        env.recipients = vec![filler; (MAX_ENVELOPE_LINE - 20 - env.json().len()) / 10];
+        // The line with a last recipient of local part length m is base + m.
+        let probe = |m: usize| {
+            let mut e = env.clone();
+            e.recipients
+                .push(Address::parse(&format!("{}@x.example", "q".repeat(m))).unwrap());
+            e
+        };
+        let base = probe(1).json().len() - 1;
+        let (mut accepted, mut refused) = (0, 0);
+        for line in [
+            MAX_ENVELOPE_LINE - 2,
+            MAX_ENVELOPE_LINE - 1,
+            MAX_ENVELOPE_LINE,
+            MAX_ENVELOPE_LINE + 1,
+        ] {
+            let m = line - base;
+            assert!((1..=64).contains(&m), "{m}");
+            let e = probe(m);
+            assert_eq!(e.json().len(), line);
+            let bytes = e.to_file_bytes(b"");
+            let read = Envelope::from_file_bytes(&bytes);
+            match e.check_line() {
+                Ok(()) => {
+                    accepted += 1;
+                    assert_eq!(read.map(|(r, _)| r), Ok(e.clone()), "{line}");
+                    assert!(bytes.len() as u64 <= max_file_len(0));
+                }
+                Err(EnvelopeError::TooLong { bytes }) => {
+                    refused += 1;
+                    assert_eq!(bytes, line + 1);
+                    assert_eq!(read.map(|_| ()), Err(EnvelopeError::Line), "{line}");
+                }
+                Err(other) => panic!("{other}"),
+            }
+        }
+        assert!(accepted > 0 && refused > 0, "{accepted} {refused}");
     }
 
     #[test]

@@ -620,3 +620,25 @@ fn spool_modes_follow_the_path_table() {
     let spool = relay365::spool::paths::Spool::new(s.root());
     assert_eq!(relay365::spool::init::verify(&spool), Vec::<String>::new());
 }
+
+#[test]
+fn two_hundred_fifty_thousand_recipients_are_refused_at_intake_not_lost_at_pickup() {
+    // Regression: `sendmail -t` took 250,000 recipients and exited 0; the envelope
+    // line was over the pickup's 4 MiB bound, so the pickup quarantined the message
+    // with no bounce. Refused here, with what to do, and nothing is queued.
+    let s = Spool::new("");
+    let mut msg = String::from("Subject: everyone\r\nTo: r0@example.org");
+    for i in 1..250_000 {
+        msg.push_str(&format!(",\r\n r{i}@example.org"));
+    }
+    msg.push_str("\r\n\r\nhello\r\n");
+    let out = s.sendmail(&["-t", "-i"], msg.as_bytes());
+    assert_fails(&out, 65, "too many recipients (250000)");
+    let err = stderr(&out);
+    assert!(
+        err.contains("4 MiB") && err.contains("split the message"),
+        "{err}"
+    );
+    assert_eq!(s.count_files("incoming/new"), 0, "nothing queued");
+    assert_eq!(s.count_files("incoming/tmp"), 0, "nothing half-written");
+}

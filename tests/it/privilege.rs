@@ -638,3 +638,50 @@ fn unprivileged_users_get_nothing_they_should_not() {
     let _ = daemon.kill();
     let _ = daemon.wait();
 }
+
+#[test]
+fn a_log_tag_from_a_user_is_not_honoured_and_roots_is_one_line() {
+    // `-L` names the syslog tag of every line the run logs: from a local user it would
+    // pass their lines off as the daemon's, and a newline in it would start a forged
+    // line. A user's `-L` is refused with a warning (the message still goes); root's
+    // is kept, one line (unit test: sendmail::cli::tests).
+    const T: &str = "privilege_log_tag";
+    if !need_root(T) {
+        return;
+    }
+    let s = Spool::new("");
+    // The spool belongs to the caller, as with `-C` for a user (the group is dropped).
+    assert!(sh(
+        "chown",
+        &["-R", "nobody:nogroup", &s.dir.path().display().to_string()]
+    ));
+    let forged = "app\nDec  3 12:00:00 host relay365/daemon[1]: 0A: status=sent";
+    let mut c = Command::new("setpriv");
+    c.args([
+        "--reuid",
+        "nobody",
+        "--regid",
+        "nogroup",
+        "--clear-groups",
+        "--",
+    ])
+    .arg(SENDMAIL)
+    .arg("-C")
+    .arg(&s.config)
+    .args(["-L", forged, "-i", "a@example.org"]);
+    let out = run(c, b"Subject: tag\n\nx\n");
+    assert_ok(&out);
+    let err = stderr(&out);
+    assert!(
+        err.contains("warning: -L is honoured for root only; logging as relay365/sendmail"),
+        "{err}"
+    );
+    assert_eq!(s.incoming().len(), 1, "the message still went: {err}");
+    report(T, "user_warning", err.trim());
+    let out = s.sendmail(
+        &["-L", forged, "-i", "a@example.org"],
+        b"Subject: tag\n\nx\n",
+    );
+    assert_ok(&out);
+    assert!(!stderr(&out).contains("-L"), "{}", stderr(&out));
+}

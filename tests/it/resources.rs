@@ -358,6 +358,88 @@ fn a_message_refused_at_pickup_for_every_recipient_is_bounced_not_kept_forever()
     assert_eq!(s.count_files("queue"), 0, "{}", stderr(&out));
 }
 
+/// Plants `n` valid incoming files, as `sendmail` would have left them.
+fn plant_incoming(s: &Spool, n: usize) {
+    use relay365::message::address::{Address, Sender};
+    use relay365::spool::QueueId;
+    use relay365::spool::envelope::Envelope;
+    let address = |a: &str| Address::parse(a).expect("valid address");
+    for i in 0..n {
+        let now = std::time::SystemTime::now();
+        let id = QueueId::generate(now);
+        let msg = format!("Subject: backlog {i}\r\n\r\nx\r\n").into_bytes();
+        let env = Envelope {
+            id: id.clone(),
+            sender: Sender::Address(address("shop@contoso.com")),
+            recipients: vec![address(&format!("r{i}@example.org"))],
+            uid: 0,
+            arrival_us: relay365::spool::queue::micros(now),
+            size: msg.len() as u64,
+            dsn: Default::default(),
+            queue_only: false,
+        };
+        std::fs::write(s.new_dir().join(id.as_str()), env.to_file_bytes(&msg))
+            .expect("write an incoming file");
+    }
+}
+
+#[test]
+fn a_full_spool_with_a_long_backlog_stops_the_pickup_and_the_daemon_still_answers() {
+    // Regression: with more than one chunk (256) waiting and the queue unwritable, the
+    // pickup re-read the same chunk forever: a million log lines, a busy CPU, SIGTERM
+    // ignored (the daemon never got back to its poll).
+    const T: &str = "resources_backlog";
+    if !need_root(T) {
+        return;
+    }
+    let s = Spool::new("");
+    let fs = spool_on_tmpfs(&s, "4m", 2048);
+    let n = 300;
+    plant_incoming(&s, n);
+    let filler = fs.fill_blocks();
+    let d = Daemon::start(&s);
+    assert_ok(&s.sendmail(&["-q"], b""));
+    assert!(
+        d.wait_log("queue run requested", Duration::from_secs(2)),
+        "the daemon answers a trigger: {}",
+        d.log_text()
+    );
+    // The new file and the trigger each start a pass; the fault is logged once.
+    std::thread::sleep(Duration::from_millis(500));
+    let log = d.log_text();
+    let faults = log.matches("cannot queue").count();
+    assert_eq!(faults, 1, "the fault is logged once: {log}");
+    assert!(
+        log.contains("No space left") && log.contains("wait in incoming/"),
+        "{log}"
+    );
+    assert!(log.lines().count() < 20, "log lines bounded: {log}");
+    assert_eq!(count(&s.root(), "incoming/new"), n, "nothing lost: {log}");
+    report(T, "backlog", n);
+    report(T, "fault_lines", faults);
+    let asked = std::time::Instant::now();
+    let status = d.stop();
+    let took = asked.elapsed();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        took < Duration::from_secs(1),
+        "SIGTERM answered in {took:?}"
+    );
+    report(T, "sigterm_ms", took.as_millis());
+
+    // Space returns: the whole backlog is picked up.
+    fs.free(&filler);
+    let d = Daemon::start(&s);
+    assert!(
+        eventually(Duration::from_secs(20), || count(&s.root(), "incoming/new")
+            == 0),
+        "the backlog was picked up: {}",
+        d.log_text()
+    );
+    assert_eq!(count(&s.root(), "quarantine"), 0, "{}", d.log_text());
+    drop(d);
+}
+
 #[test]
 fn a_missing_spool_names_the_fix_everywhere() {
     const T: &str = "resources_missing";

@@ -368,7 +368,7 @@ fn end_of_input_without_quit_after_complete_transactions_is_success() {
     let s = Spool::new("");
     let out = s.sendmail(
         &["-bs"],
-        b"MAIL FROM:<a@example.com>\nRCPT TO:<b@example.org>\nDATA\nSubject: lf only\n\nbody\n.\n",
+        b"MAIL FROM:<a@example.com>\nRCPT TO:<b@example.org>\nDATA\nSubject: lf only\r\n\r\nbody\r\n.\r\n",
     );
     assert_ok(&out);
     assert_eq!(codes(&lines(&out)), ["220", "250", "250", "354", "250"]);
@@ -514,4 +514,42 @@ fn python_smtplib_over_a_pipe() {
     assert_eq!(env.recipients, ["root@example.com"]);
     assert!(msg.contains("Schöne Grüße\r\n"), "8-bit body kept: {msg}");
     assert!(msg.contains("Content-Transfer-Encoding: 8bit"), "{msg}");
+}
+
+#[test]
+fn smtp_smuggling_over_bs_queues_nothing_and_lf_only_data_never_ends() {
+    // A client (or a web form feeding one) hides a second transaction behind an
+    // end-of-data that some servers accept: `<LF>.<LF>`, `<CR><LF>.<LF>`,
+    // `<LF>.<CR><LF>`. Only `<CR><LF>.<CR><LF>` ends the data; the bare LF gets
+    // Postfix's `550 5.5.2 Error: bare <LF> received` and nothing is queued.
+    let s = Spool::new("");
+    for end in ["\n.\n", "\r\n.\n", "\n.\r\n"] {
+        let session = format!(
+            "MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n\
+             Subject: cover\r\n\r\nhello{end}\
+             MAIL FROM:<ceo@example.com>\r\nRCPT TO:<victim@example.org>\r\nDATA\r\n\
+             Subject: smuggled\r\n\r\npay now\r\n.\r\nQUIT\r\n"
+        );
+        let out = s.sendmail(&["-bs"], session.as_bytes());
+        assert_ok(&out);
+        let l = lines(&out);
+        assert_eq!(
+            codes(&l),
+            ["220", "250", "250", "354", "550", "221"],
+            "{end:?}"
+        );
+        assert!(
+            l[4].starts_with("550 5.5.2 Error: bare <LF> received"),
+            "{}",
+            l[4]
+        );
+        assert_eq!(s.count_files("incoming/new"), 0, "{end:?}: nothing queued");
+    }
+    // LF-only data (a client that writes LF everywhere) never ends: tempfail, resend.
+    let out = s.sendmail(
+        &["-bs"],
+        b"MAIL FROM:<a@example.com>\nRCPT TO:<b@example.org>\nDATA\nSubject: s\n\nbody\n.\nQUIT\n",
+    );
+    assert_fails(&out, 75, "<CR><LF>.<CR><LF>");
+    assert_eq!(s.count_files("incoming/new"), 0);
 }

@@ -458,6 +458,17 @@ impl<'a, S: Spooler> Session<'a, S> {
                 )?;
                 return Ok(Flow::Continue);
             }
+            Data::BareLf { line } => {
+                // Postfix's reply with smtpd_forbid_bare_newline = reject; the session
+                // goes on, as there (no 521 and disconnect: the caller is local).
+                reply(
+                    out,
+                    &format!(
+                        "550 5.5.2 Error: bare <LF> received (line {line} of the message; end every line with <CR><LF>)"
+                    ),
+                )?;
+                return Ok(Flow::Continue);
+            }
             Data::Nul { line } => {
                 reply(
                     out,
@@ -545,6 +556,7 @@ fn intake_reply(e: &IntakeError) -> String {
     let why = printable(&e.to_string());
     match e {
         IntakeError::TooBig { .. } => format!("552 5.3.4 Error: {why}"),
+        IntakeError::Envelope { .. } => format!("552 5.5.3 Error: {why}"),
         IntakeError::Nul { .. } | IntakeError::Header(_) | IntakeError::Address(_) => {
             format!("554 5.6.0 Error: {why}")
         }
@@ -985,6 +997,30 @@ mod tests {
     }
 
     #[test]
+    fn an_envelope_over_the_queue_bound_gets_552_and_is_not_queued() {
+        // Only with a recipient limit far above Exchange's: the same bound as the
+        // command line (intake::build), so the pickup never quarantines what -bs took.
+        let mut f = Fake::default();
+        let mut input = String::from("MAIL FROM:<a@b>\r\n");
+        let local = "r".repeat(60);
+        for i in 0..20_000 {
+            input.push_str(&format!(
+                "RCPT TO:<{local}{i}@{}.example.org>\r\n",
+                "d".repeat(150)
+            ));
+        }
+        input.push_str("DATA\r\n\r\nb\r\n.\r\nQUIT\r\n");
+        let (lines, _) = session_with(input.as_bytes(), &mut f, 10_000, 20_000);
+        let answer = &lines[lines.len() - 2];
+        assert!(
+            answer.starts_with("552 5.5.3 Error: too many recipients (20000)"),
+            "{answer}"
+        );
+        assert!(answer.contains("split the message"), "{answer}");
+        assert!(f.queued.is_empty());
+    }
+
+    #[test]
     fn no_valid_recipients() {
         let mut f = Fake::default();
         let (lines, _) = session("MAIL FROM:<a@b>\r\nRCPT TO:<>\r\nDATA\r\n", &mut f);
@@ -994,24 +1030,111 @@ mod tests {
     #[test]
     fn dot_unstuffing_and_line_endings() {
         let mut f = Fake::default();
-        let input = b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\nSubject: s\r\n\r\n..leading dot\r\n...\r\n\r\nbare lf\nbare\rcr\r\n.x\r\n. \r\n.\r\nQUIT\r\n";
+        let input = b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\nSubject: s\r\n\r\n..leading dot\r\n...\r\n\r\nbare\rcr\r\n.x\r\n. \r\n.\r\nQUIT\r\n";
         let (lines, _) = session_with(input, &mut f, 10_000, 5);
         assert_eq!(codes(&lines), ["220", "250", "250", "354", "250", "221"]);
         let msg = String::from_utf8(f.queued[0].2.clone()).unwrap();
         assert!(
-            msg.ends_with("\r\n\r\n.leading dot\r\n..\r\n\r\nbare lf\r\nbare\rcr\r\nx\r\n \r\n"),
+            msg.ends_with("\r\n\r\n.leading dot\r\n..\r\n\r\nbare\rcr\r\nx\r\n \r\n"),
             "{msg:?}"
         );
-        // An LF-only terminator ends the data too.
+        // LF-only command lines still work; the data must end in CRLF . CRLF.
         let mut f = Fake::default();
         let (lines, _) = session_with(
-            b"MAIL FROM:<a@b>\nRCPT TO:<c@d>\nDATA\nS: s\n\nb\n.\nQUIT\n",
+            b"MAIL FROM:<a@b>\nRCPT TO:<c@d>\nDATA\nS: s\r\n\r\nb\r\n.\r\nQUIT\n",
             &mut f,
             10_000,
             5,
         );
         assert_eq!(codes(&lines), ["220", "250", "250", "354", "250", "221"]);
         assert!(f.queued[0].2.ends_with(b"\r\n\r\nb\r\n"));
+        // An LF-only terminator does not end the data: the input ends inside it.
+        let mut f = Fake::default();
+        let (lines, report) = session_with(
+            b"MAIL FROM:<a@b>\nRCPT TO:<c@d>\nDATA\nS: s\n\nb\n.\nQUIT\n",
+            &mut f,
+            10_000,
+            5,
+        );
+        assert_eq!(codes(&lines), ["220", "250", "250", "354"]);
+        assert!(
+            matches!(report.ending, Ending::Abandoned { in_data: true }),
+            "{lines:?}"
+        );
+        assert!(f.queued.is_empty());
+    }
+
+    #[test]
+    fn smtp_smuggling_never_ends_the_data_nor_starts_a_second_message() {
+        // Each of these ends the data for some server (CVE-2023-51764/5/6); here only
+        // CRLF . CRLF does. The smuggled transaction after it must stay message text.
+        let smuggled = "MAIL FROM:<evil@x.org>\r\nRCPT TO:<victim@y.org>\r\nDATA\r\n\
+                        Subject: smuggled\r\n\r\nx\r\n";
+        for (end, bare_lf) in [
+            ("\n.\n", true),
+            ("\r\n.\n", true),
+            ("\n.\r\n", true),
+            ("\r.\r\n", false),
+            ("\r\n.\r\r\n", false),
+        ] {
+            let input = format!(
+                "MAIL FROM:<a@b.org>\r\nRCPT TO:<c@d.org>\r\nDATA\r\nSubject: s\r\n\r\nfirst\
+                 {end}{smuggled}.\r\nQUIT\r\n"
+            );
+            let mut f = Fake::default();
+            let (lines, report) = session_with(input.as_bytes(), &mut f, 10_000, 5);
+            let want = if bare_lf { "550" } else { "250" };
+            assert_eq!(
+                codes(&lines),
+                ["220", "250", "250", "354", want, "221"],
+                "{end:?}: {lines:?}"
+            );
+            assert!(matches!(report.ending, Ending::Quit), "{end:?}");
+            if bare_lf {
+                assert_eq!(
+                    lines[4],
+                    "550 5.5.2 Error: bare <LF> received (line 3 of the message; end every line with <CR><LF>)"
+                        .replace("line 3", if end.starts_with("\r\n") { "line 4" } else { "line 3" }),
+                    "{end:?}"
+                );
+                assert!(f.queued.is_empty(), "{end:?}");
+            } else {
+                // One message, to the one recipient, the smuggled commands in its text.
+                assert_eq!(f.queued.len(), 1, "{end:?}");
+                assert_eq!(f.queued[0].1.recipients, ["c@d.org"]);
+                let text = String::from_utf8_lossy(&f.queued[0].2);
+                assert!(text.contains("RCPT TO:<victim@y.org>"), "{text:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_bare_lf_in_the_data_is_refused_and_the_session_goes_on() {
+        let mut f = Fake::default();
+        let input = b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\nSubject: s\r\n\r\nbare lf\nx\r\n.\r\n\
+                      MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\nSubject: t\r\n\r\nok\r\n.\r\nQUIT\r\n";
+        let (lines, _) = session_with(input, &mut f, 10_000, 5);
+        assert_eq!(
+            codes(&lines),
+            [
+                "220", "250", "250", "354", "550", "250", "250", "354", "250", "221"
+            ]
+        );
+        assert!(
+            lines[4].starts_with("550 5.5.2 Error: bare <LF> received (line 3"),
+            "{}",
+            lines[4]
+        );
+        assert_eq!(f.queued.len(), 1);
+        assert!(f.queued[0].2.ends_with(b"\r\n\r\nok\r\n"));
+        // A CRLF split across two pieces of the reader is no bare LF.
+        let mut f = Fake::default();
+        let mut input = b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\nS: s\r\n\r\n".to_vec();
+        input.extend(std::iter::repeat_n(b'y', read::DATA_PIECE - 1));
+        input.extend_from_slice(b"\r\n.\r\nQUIT\r\n");
+        let (lines, _) = session_with(&input, &mut f, 1_000_000, 5);
+        assert_eq!(codes(&lines), ["220", "250", "250", "354", "250", "221"]);
+        assert!(f.queued[0].2.ends_with(b"yy\r\n"));
     }
 
     #[test]

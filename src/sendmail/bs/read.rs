@@ -2,6 +2,12 @@
 //! lines cut at a maximum (the rest read and dropped), and message data up to the
 //! lone dot, dot-unstuffed, kept only up to the size limit.
 //!
+//! SMTP smuggling: only `<CR><LF>.<CR><LF>` ends message data, and data holding a bare
+//! LF is refused whole, as Postfix 3.9 does with `smtpd_forbid_bare_newline = reject`;
+//! so no byte sequence that another server would read as the end of the message (LF
+//! `.` LF, CRLF `.` LF, LF `.` CRLF, CR `.` CRLF) ends it here, nor starts a second one.
+//! Command lines may still end in a bare LF (Postfix's `normalize` does the same).
+//!
 //! Trusts nothing: every byte comes from the client.
 
 use std::io::{self, BufRead};
@@ -14,7 +20,13 @@ pub(super) const DATA_PIECE: usize = 64 * 1024;
 pub(super) enum Data {
     Message(Vec<u8>),
     TooBig,
-    Nul { line: usize },
+    Nul {
+        line: usize,
+    },
+    /// A line ended in LF without CR (the first such line).
+    BareLf {
+        line: usize,
+    },
     Eof,
 }
 
@@ -85,16 +97,23 @@ pub(super) fn read_line(
     }
 }
 
-/// Reads message data up to the line holding a single dot, undoing dot-stuffing and
-/// storing CRLF line endings (LF alone is accepted, as Postfix does). Past `max` bytes
-/// the data is read and dropped, so memory stays bounded.
+/// Reads message data up to `<CR><LF>.<CR><LF>`, undoing dot-stuffing. A line ending
+/// in a bare LF makes the whole message [`Data::BareLf`] (the reading goes on to the
+/// real end, so what follows is never taken for commands). Past `max` bytes, or once
+/// a bare LF was seen, the data is read and dropped, so memory stays bounded.
 pub(super) fn read_data(input: &mut impl BufRead, max: u64) -> io::Result<Data> {
     let mut out: Vec<u8> = Vec::with_capacity(16 * 1024);
     let mut piece = Vec::with_capacity(4096);
+    // The previous piece ended a line (dot-unstuffing and the end apply to line starts).
     let mut at_start = true;
+    // It ended the line with CRLF: only then can a lone dot end the data.
+    let mut after_crlf = true;
+    // The previous piece ended without an LF but with a CR (a CRLF split across pieces).
+    let mut pending_cr = false;
     let mut line_no = 0;
     let mut too_big = false;
     let mut nul = None;
+    let mut bare_lf = None;
     loop {
         piece.clear();
         let (n, lf) = read_piece(input, &mut piece, DATA_PIECE)?;
@@ -102,19 +121,31 @@ pub(super) fn read_data(input: &mut impl BufRead, max: u64) -> io::Result<Data> 
             // The input ended before the terminating dot: nothing is queued.
             return Ok(Data::Eof);
         }
+        if at_start {
+            line_no += 1;
+        }
         let mut content: &[u8] = &piece;
+        let mut crlf = false;
         if lf {
             content = &content[..content.len() - 1];
             if let Some(c) = content.strip_suffix(b"\r") {
                 content = c;
-            } else if content.is_empty() && !at_start && !too_big && out.last() == Some(&b'\r') {
+                crlf = true;
+            } else if content.is_empty() && pending_cr {
                 // The CR of this CRLF ended the previous piece.
-                out.pop();
+                crlf = true;
+                if out.last() == Some(&b'\r') {
+                    out.pop();
+                }
+            } else if bare_lf.is_none() {
+                // SECURITY: a bare LF is how SMTP smuggling hides a second message
+                // from one server and shows it to the next; the message is refused.
+                bare_lf = Some(line_no);
             }
         }
         if at_start {
-            line_no += 1;
-            if lf && content == b"." {
+            // SECURITY: only CRLF . CRLF ends the data.
+            if after_crlf && crlf && content == b"." {
                 break;
             }
             if let Some(unstuffed) = content.strip_prefix(b".") {
@@ -124,7 +155,7 @@ pub(super) fn read_data(input: &mut impl BufRead, max: u64) -> io::Result<Data> 
         if nul.is_none() && content.contains(&0) {
             nul = Some(line_no);
         }
-        if !too_big {
+        if !too_big && bare_lf.is_none() {
             out.extend_from_slice(content);
             if lf {
                 out.extend_from_slice(b"\r\n");
@@ -135,9 +166,13 @@ pub(super) fn read_data(input: &mut impl BufRead, max: u64) -> io::Result<Data> 
                 out = Vec::new();
             }
         }
+        pending_cr = !lf && piece.last() == Some(&b'\r');
         at_start = lf;
+        after_crlf = crlf;
     }
-    Ok(if too_big {
+    Ok(if let Some(line) = bare_lf {
+        Data::BareLf { line }
+    } else if too_big {
         Data::TooBig
     } else if let Some(line) = nul {
         Data::Nul { line }

@@ -804,11 +804,9 @@ impl Session<'_> {
             Flow::Close => return Ok(Next::Close),
             Flow::AcceptThenDrop => drop_after = true,
         }
-        if !drop_after {
-            if let Some(reply) = self.refusal(&txn, &data, too_big) {
-                self.reply(&reply)?;
-                return Ok(Next::Continue);
-            }
+        if !drop_after && let Some(reply) = self.refusal(&txn, &data, too_big) {
+            self.reply(&reply)?;
+            return Ok(Next::Continue);
         }
         let message_id = header_value(&data, "Message-ID")
             .filter(|m| m.starts_with('<') && m.ends_with('>'))
@@ -849,10 +847,10 @@ impl Session<'_> {
         if too_big {
             return Some(self.replies().too_big());
         }
-        if let (Some(auth), Some(max)) = (&self.auth, cfg.max_connections_per_mailbox) {
-            if self.sh.limits.rank(&auth.mailbox, auth.seq) >= max {
-                return Some(self.replies().thread_limit());
-            }
+        if let (Some(auth), Some(max)) = (&self.auth, cfg.max_connections_per_mailbox)
+            && self.sh.limits.rank(&auth.mailbox, auth.seq) >= max
+        {
+            return Some(self.replies().thread_limit());
         }
         if let (Some(auth), true) = (&self.auth, cfg.check_send_as) {
             let mailbox = cfg.find_mailbox(&auth.mailbox);
@@ -861,10 +859,10 @@ impl Session<'_> {
             };
             let from = header_value(data, "From").and_then(|v| first_address(&v));
             // SECURITY: the From header must be the mailbox or one it has SendAs on.
-            if let Some(from) = &from {
-                if !allowed(from) {
-                    return Some(self.replies().send_as_denied(&auth.mailbox, from));
-                }
+            if let Some(from) = &from
+                && !allowed(from)
+            {
+                return Some(self.replies().send_as_denied(&auth.mailbox, from));
             }
             // SECURITY: so must the envelope sender (the null sender of a DSN is let through).
             if !txn.from.is_empty() && !allowed(&txn.from) {

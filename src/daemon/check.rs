@@ -5,7 +5,7 @@
 
 use std::time::SystemTime;
 
-use crate::config::{AuthMode, Config, Transport};
+use crate::config::{Account, AuthMode, Config, Transport};
 use crate::daemon::connect::{auth_rejected, endpoint, helo_name, login};
 use crate::secrets::Secrets;
 use crate::spool::paths::Spool;
@@ -46,10 +46,7 @@ pub fn check(config: &Config) -> Vec<Finding> {
         ));
         return out;
     }
-    let needs = config
-        .accounts
-        .iter()
-        .any(|a| a.auth != AuthMode::None && a.transport == Transport::Smtp);
+    let needs = config.accounts.iter().any(Account::needs_secrets);
     let creds_dir = std::env::var_os("CREDENTIALS_DIRECTORY").map(std::path::PathBuf::from);
     let secrets = if needs {
         match Secrets::load(&config.secrets_file, creds_dir.as_deref()) {
@@ -114,7 +111,8 @@ pub fn check(config: &Config) -> Vec<Finding> {
             }
         };
         let helo = helo_name(a);
-        let mut session = match Session::open(&endpoint(a, &helo)) {
+        let proxy = crate::transport::proxy::HttpProxy::for_account(a, s, &a.host);
+        let mut session = match Session::open(&endpoint(a, &helo, proxy.as_ref())) {
             Ok(s) => s,
             Err(f) => {
                 out.push(bad(format!(

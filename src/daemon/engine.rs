@@ -96,9 +96,10 @@ fn load(config_path: &Path) -> Result<Loaded, EngineError> {
     let config = Config::load(config_path)?;
     let aliases = Aliases::load_if_present(&config.aliases)
         .map_err(|e| EngineError::Aliases(e.to_string()))?;
-    let needs_secrets = config.accounts.iter().any(|a| {
-        a.auth != crate::config::AuthMode::None && a.transport == crate::config::Transport::Smtp
-    });
+    let needs_secrets = config
+        .accounts
+        .iter()
+        .any(crate::config::Account::needs_secrets);
     let secrets = if needs_secrets {
         let creds = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
         Secrets::load(&config.secrets_file, creds.as_deref())?

@@ -121,6 +121,10 @@ pub enum Action {
     BounceRecipient,
     /// Temporary: retry with [`backoff`]. `hint` is the alert to raise if it repeats.
     Defer { hint: Option<String> },
+    /// The server asked for exactly this long without requests from the account (HTTP
+    /// `429`/`503` with `Retry-After`): every message of the account waits, nothing is
+    /// bounced, no backoff is added.
+    WaitAccount(Duration),
 }
 
 impl Action {
@@ -205,6 +209,165 @@ the mailbox, or have an admin grant Send As for this address (Add-RecipientPermi
 const LOGON_HINT: &str = "the mailbox refused the app's logon: if this repeats, give the app's \
 service principal access with Add-MailboxPermission -Identity <mailbox> -User <service principal> \
 -AccessRights FullAccess";
+
+/// Longest `Retry-After` honoured as given; a longer one (or a date) is cut to this,
+/// so a broken proxy cannot park an account for days.
+pub const RETRY_AFTER_CAP: Duration = Duration::from_secs(24 * 3600);
+/// The wait after a `429`/`503` without a usable `Retry-After`.
+pub const RETRY_AFTER_DEFAULT: Duration = Duration::from_secs(60);
+
+/// One HTTP answer from Microsoft Graph: the status, the `error.code` and
+/// `error.message` of its JSON body (empty when there was none) and `Retry-After`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpAnswer<'a> {
+    pub status: u16,
+    pub code: &'a str,
+    pub message: &'a str,
+    pub retry_after: Option<Duration>,
+}
+
+/// The fix for an app that Graph refuses (`403 ErrorAccessDenied`): the permission, its
+/// consent, and the Exchange policy that limits it to some mailboxes.
+pub const GRAPH_ACCESS_FIX: &str = "Microsoft Graph denied the app access to this mailbox: \
+give the app registration the Mail.Send application permission with admin consent (Entra ID > \
+App registrations > API permissions; Mail.ReadWrite too for harvest_bounces), and if access is \
+limited to some mailboxes, include this one: New-ApplicationAccessPolicy -AppId <client_id> \
+-PolicyScopeGroupId <group containing the mailbox> -AccessRight RestrictAccess (check with \
+Test-ApplicationAccessPolicy -Identity <mailbox> -AppId <client_id>), or with RBAC for \
+Applications New-ManagementRoleAssignment -App <service principal> -Role \"Application Mail.Send\" \
+-CustomResourceScope <scope>; then run relay365 account release <account>";
+const GRAPH_MAILBOX_FIX: &str = "Microsoft Graph does not know this mailbox (or it has no \
+Exchange Online license or is not in the cloud): check mailbox = in relay365.toml and the \
+mailbox's license";
+const GRAPH_TOKEN_FIX: &str = "Microsoft Graph refused a freshly fetched token: check that the \
+app registration has the Mail.Send application permission with admin consent, that the token is \
+for https://graph.microsoft.com (the national cloud's Graph for GCC High, DoD or China: set \
+[account.graph] url), then run relay365 account release <account>";
+
+/// Classifies an answer of Microsoft Graph (`sendMail`, a draft or upload request) in
+/// the same table as SMTP replies: Microsoft's error codes and texts first (the quota,
+/// spam and Send As ones carry the SMTP status codes in their message), the HTTP status
+/// last. Codes from "Microsoft Graph error responses" and the Outlook mail API.
+pub fn classify_http(a: &HttpAnswer) -> Verdict {
+    let code = a.code.to_ascii_lowercase();
+    let text = a.message.to_ascii_lowercase();
+    let has = |n: &str| text.contains(n) || code.contains(n);
+    let shown = format!(
+        "{} {}: {}",
+        a.status,
+        sanitize(a.code, 80),
+        sanitize(a.message, MAX_REPLY_TEXT)
+    );
+    let shown = shown.trim_end_matches([':', ' ']).to_owned();
+    if (200..300).contains(&a.status) {
+        return Verdict::new(Action::Accepted, format!("accepted: {shown}"));
+    }
+    if a.status == 429 || a.status == 503 {
+        let wait = a
+            .retry_after
+            .unwrap_or(RETRY_AFTER_DEFAULT)
+            .min(RETRY_AFTER_CAP);
+        return Verdict::new(
+            Action::WaitAccount(wait),
+            format!(
+                "Microsoft Graph asked to wait {} s before the next request of this mailbox ({shown})",
+                wait.as_secs()
+            ),
+        );
+    }
+    if has("submissionquotaexceeded") || has("submission quota") || has("5.1.90") {
+        return Verdict::new(
+            Action::FreezeAccount(Quota::Daily),
+            "the mailbox reached its daily recipient quota (10,000 per rolling 24 hours): every \
+             message of this mailbox waits until its 24-hour ledger frees room",
+        );
+    }
+    if has("5.7.233") || has("5.7.232") {
+        return Verdict::new(
+            Action::FreezeAccount(Quota::Tenant),
+            "the tenant reached its daily limit of external recipients: mail waits and is retried \
+             hourly; an admin should check the tenant's outbound volume",
+        );
+    }
+    if has("messagesubmissionblocked") || has("5.1.8") || has("outboundspam") {
+        return graph_hold(HoldUntil::NextUtcDay, SPAM_FIX, &shown);
+    }
+    if has("sendasdenied") || has("5.7.60") {
+        return Verdict::new(Action::BounceMessage, format!("{SENDAS_REASON} ({shown})"));
+    }
+    if a.status == 401 || code == "invalidauthenticationtoken" {
+        return Verdict::new(
+            Action::AuthFailed,
+            format!(
+                "Microsoft Graph refused the token ({shown}): refreshing it once; if that fails the \
+                 account is held: {GRAPH_TOKEN_FIX}"
+            ),
+        );
+    }
+    if code == "erroraccessdenied" || has("accesspolicy") || code == "authorization_requestdenied" {
+        return graph_hold(HoldUntil::Release, GRAPH_ACCESS_FIX, &shown);
+    }
+    if code == "errorquotaexceeded" {
+        return graph_hold(HoldUntil::Release, MAILBOX_FULL_FIX, &shown);
+    }
+    if code == "errorinvaliduser"
+        || code == "mailboxnotenabledforrestapi"
+        || code == "mailboxnothostedinexchangeonline"
+    {
+        return graph_hold(HoldUntil::Release, GRAPH_MAILBOX_FIX, &shown);
+    }
+    if code == "errormessagesizeexceeded" || has("maxsubmissionexceeded") || a.status == 413 {
+        return Verdict::new(
+            Action::BounceMessage,
+            format!(
+                "the message is larger than this mailbox may send (35 MB by default, at most 150 MB): \
+                 send it smaller or ask an admin to raise the mailbox's maximum send size ({shown})"
+            ),
+        );
+    }
+    if code == "errorinvalidrecipients" || has("5.1.1") || has("not resolved") {
+        return Verdict::new(
+            Action::BounceRecipient,
+            format!("Microsoft Graph rejected this recipient: {shown}"),
+        );
+    }
+    if has("reciplimit") || code == "errortoomanyrecipients" {
+        return Verdict::new(
+            Action::SplitRecipients,
+            "too many recipients in one message for this mailbox: sending in smaller batches",
+        );
+    }
+    if a.status >= 500 || a.status == 408 {
+        return Verdict::new(
+            Action::Defer { hint: None },
+            format!("temporary failure of Microsoft Graph, retrying later: {shown}"),
+        );
+    }
+    if matches!(a.status, 400 | 415 | 422) {
+        return Verdict::new(
+            Action::BounceMessage,
+            format!("Microsoft Graph refused the message: {shown}"),
+        );
+    }
+    // 404 on the endpoint, 405, 409...: nothing about one message; bouncing would
+    // bounce the queue.
+    graph_hold(
+        HoldUntil::Release,
+        "Microsoft Graph refused the request for a reason that is not about one message: check \
+         [account.graph] url, mailbox and the app's permissions in relay365.toml",
+        &shown,
+    )
+}
+
+fn graph_hold(until: HoldUntil, fix: &str, shown: &str) -> Verdict {
+    Verdict::new(
+        Action::HoldAccount {
+            until,
+            fix: fix.to_owned(),
+        },
+        format!("{fix} (Microsoft Graph said: {shown})"),
+    )
+}
 
 /// Classifies `reply`, received at `stage`. Specific texts and codes first, the reply
 /// class last, exactly in the order of the table in docs/exchange-online.md.

@@ -223,6 +223,23 @@ impl AccountWorker {
                 self.log(crate::logging::Level::Warning, &format!("account {name}: too many connections, closing this one and retrying later: {}", v.reason));
                 Flow::Stop
             }
+            Action::WaitAccount(wait) => {
+                // The ledger's freeze stops every worker and `relay365 flush` alike.
+                let until = now + *wait;
+                let _ = self.ledger.freeze(until, &v.reason);
+                self.retry_after = Some((until, v.reason.clone()));
+                note(&mut locked.entry, &v.reason);
+                locked.entry.set_next_attempt(until);
+                self.log(
+                    crate::logging::Level::Warning,
+                    &format!(
+                        "account {name}: waiting until {} as the server asked: {}",
+                        crate::message::complete::rfc5322_date(until),
+                        v.reason
+                    ),
+                );
+                Flow::Stop
+            }
             Action::PauseAccount => {
                 self.pauses += 1;
                 let until = now + pause_for(self.pauses);

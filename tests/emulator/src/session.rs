@@ -825,6 +825,7 @@ impl Session<'_> {
             accepted_at: SystemTime::now(),
             connection_id: self.id,
             message_id: message_id.clone(),
+            via: crate::store::Via::Smtp,
         };
         if let Some(hook) = &self.sh.cfg.on_message {
             hook(&received);

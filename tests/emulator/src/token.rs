@@ -25,10 +25,14 @@ use crate::jwt::{AssertionError, RegisteredKey, verify_assertion};
 use crate::replies::random_u64;
 
 pub const SCOPE: &str = "https://outlook.office365.com/.default";
+/// The app-only scope for Microsoft Graph.
+pub const GRAPH_SCOPE: &str = "https://graph.microsoft.com/.default";
 const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 const MAX_HEADER_LINE: usize = 16 * 1024;
 const MAX_HEADERS: usize = 100;
 const MAX_BODY: u64 = 1024 * 1024;
+/// Graph requests are read up to this (Graph itself refuses more than 4 MB).
+const MAX_GRAPH_BODY: u64 = 8 * 1024 * 1024;
 
 /// A scripted misbehaviour of the token endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +48,18 @@ pub enum TokenFault {
 struct Issued {
     mailboxes: Vec<String>,
     expires: Instant,
+    /// Issued for Graph (`aud` graph.microsoft.com) rather than Exchange Online.
+    graph: bool,
+    roles: Vec<String>,
+    app: String,
+}
+
+/// What a valid Graph token lets its app do.
+#[derive(Debug, Clone)]
+pub(crate) struct GraphGrant {
+    pub(crate) app: String,
+    pub(crate) roles: Vec<String>,
+    pub(crate) mailboxes: Vec<String>,
 }
 
 /// Apps, issued tokens and counters; shared by the HTTPS listener and the SMTP sessions.
@@ -66,7 +82,7 @@ fn random_bytes(rng: &ring::rand::SystemRandom, n: usize) -> Vec<u8> {
     v
 }
 
-fn uuid() -> String {
+pub(crate) fn uuid() -> String {
     let a = random_u64();
     let b = random_u64();
     format!(
@@ -115,6 +131,10 @@ impl TokenRegistry {
 
     /// A fresh access token for `app`, shaped like an Entra ID v1 access token (about 2 KB).
     fn issue(&self, app: &App) -> (String, u64) {
+        self.issue_for(app, false)
+    }
+
+    fn issue_for(&self, app: &App, graph: bool) -> (String, u64) {
         let lifetime = self.lifetime();
         let now = unix_now();
         let header = serde_json::json!({
@@ -125,7 +145,7 @@ impl TokenRegistry {
             "kid": "JYhAcTPMZ_LX6DBlOWQ7Hn0NeXE",
         });
         let claims = serde_json::json!({
-            "aud": "https://outlook.office365.com",
+            "aud": if graph { "https://graph.microsoft.com" } else { "https://outlook.office365.com" },
             "iss": format!("https://sts.windows.net/{}/", app.tenant),
             "iat": now, "nbf": now, "exp": now + lifetime.as_secs() as i64,
             "aio": URL_SAFE_NO_PAD.encode(random_bytes(&self.rng, 96)),
@@ -135,7 +155,7 @@ impl TokenRegistry {
             "idp": format!("https://sts.windows.net/{}/", app.tenant),
             "oid": uuid(),
             "rh": URL_SAFE_NO_PAD.encode(random_bytes(&self.rng, 48)),
-            "roles": ["SMTP.SendAsApp"],
+            "roles": if graph { app.graph_roles.clone() } else { vec!["SMTP.SendAsApp".to_owned()] },
             "sid": uuid(),
             "sub": uuid(),
             "tid": app.tenant,
@@ -155,6 +175,9 @@ impl TokenRegistry {
         let issued = Issued {
             mailboxes: app.mailboxes.clone(),
             expires: Instant::now() + lifetime,
+            graph,
+            roles: app.graph_roles.clone(),
+            app: app.client_id.clone(),
         };
         self.tokens
             .lock()
@@ -170,8 +193,37 @@ impl TokenRegistry {
         // SECURITY: only tokens this endpoint issued, before expiry, for a permitted mailbox.
         tokens.get(token).is_some_and(|t| {
             Instant::now() < t.expires
+                && !t.graph
                 && t.mailboxes.iter().any(|m| m.eq_ignore_ascii_case(mailbox))
         })
+    }
+
+    /// The grant of a Graph bearer token, or Graph's 401 error (code, message).
+    pub(crate) fn check_graph(
+        &self,
+        token: &str,
+    ) -> Result<GraphGrant, (&'static str, &'static str)> {
+        let tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+        // SECURITY: only tokens this endpoint issued, before expiry, for Graph's audience.
+        match tokens.get(token) {
+            None => Err((
+                "InvalidAuthenticationToken",
+                "IDX14100: JWT is not well formed, there are no dots (.).",
+            )),
+            Some(t) if Instant::now() >= t.expires => Err((
+                "InvalidAuthenticationToken",
+                "Lifetime validation failed, the token is expired.",
+            )),
+            Some(t) if !t.graph => Err((
+                "InvalidAuthenticationToken",
+                "Access token validation failure. Invalid audience.",
+            )),
+            Some(t) => Ok(GraphGrant {
+                app: t.app.clone(),
+                roles: t.roles.clone(),
+                mailboxes: t.mailboxes.clone(),
+            }),
+        }
     }
 
     fn take_fault(&self) -> Option<TokenFault> {
@@ -263,7 +315,7 @@ impl TokenRegistry {
         let Some(scope) = get("scope") else {
             return missing("scope");
         };
-        if scope != SCOPE {
+        if scope != SCOPE && scope != GRAPH_SCOPE {
             let (code, text) = if scope.ends_with("/.default") {
                 (
                     70011,
@@ -336,7 +388,7 @@ impl TokenRegistry {
                 );
             }
         }
-        let (token, expires_in) = self.issue(app);
+        let (token, expires_in) = self.issue_for(app, scope == GRAPH_SCOPE);
         let body = serde_json::json!({
             "token_type": "Bearer",
             "expires_in": expires_in,
@@ -443,6 +495,8 @@ struct ListenState {
 
 struct Shared {
     registry: Arc<TokenRegistry>,
+    /// Microsoft Graph, served on the same HTTPS listener once the emulator set it.
+    graph: std::sync::OnceLock<Arc<crate::graph::Graph>>,
     tls: Arc<ServerConfig>,
     addr: SocketAddr,
     shutdown: Arc<AtomicBool>,
@@ -465,6 +519,7 @@ impl TokenEndpoint {
         let listener = TcpListener::bind(("127.0.0.1", port))?;
         let shared = Arc::new(Shared {
             registry,
+            graph: std::sync::OnceLock::new(),
             tls,
             addr: listener.local_addr()?,
             shutdown: Arc::new(AtomicBool::new(false)),
@@ -500,6 +555,11 @@ impl TokenEndpoint {
     /// `https://localhost:PORT/{tenant}/oauth2/v2.0/token`.
     pub fn url(&self, tenant: &str) -> String {
         format!("{}/{tenant}/oauth2/v2.0/token", self.authority())
+    }
+
+    /// Serves Microsoft Graph's paths (`/v1.0/...`, upload URLs) on this listener.
+    pub(crate) fn set_graph(&self, graph: Arc<crate::graph::Graph>) {
+        let _ = self.shared.graph.set(graph);
     }
 
     /// Requests received (each HTTP request, whatever its outcome).
@@ -656,7 +716,12 @@ fn accept_loop(sh: &Arc<Shared>, first: TcpListener) {
 fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
+        201 => "Created",
+        202 => "Accepted",
+        204 => "No Content",
         400 => "Bad Request",
+        403 => "Forbidden",
+        413 => "Request Entity Too Large",
         401 => "Unauthorized",
         404 => "Not Found",
         429 => "Too Many Requests",
@@ -685,6 +750,7 @@ fn serve(sh: &Shared, sock: TcpStream) {
         let mut content_length = 0u64;
         let mut close = false;
         let mut chunked = false;
+        let mut headers: Vec<(String, String)> = Vec::new();
         let mut headers_ok = false;
         for _ in 0..MAX_HEADERS {
             let line = match io.read_line(MAX_HEADER_LINE) {
@@ -700,6 +766,9 @@ fn serve(sh: &Shared, sock: TcpStream) {
             }
             if let Some((k, v)) = line.split_once(':') {
                 let v = v.trim();
+                if headers.len() < MAX_HEADERS {
+                    headers.push((k.trim().to_ascii_lowercase(), v.to_owned()));
+                }
                 if k.eq_ignore_ascii_case("content-length") {
                     content_length = v.parse().unwrap_or(u64::MAX);
                 } else if k.eq_ignore_ascii_case("connection") && v.eq_ignore_ascii_case("close") {
@@ -712,12 +781,21 @@ fn serve(sh: &Shared, sock: TcpStream) {
             }
         }
         // SECURITY: bounded header count and body size.
-        if !headers_ok || content_length > MAX_BODY {
+        let graph = sh
+            .graph
+            .get()
+            .filter(|_| path.starts_with("/v1.0/") || path.starts_with("/upload/"));
+        let limit = if graph.is_some() {
+            MAX_GRAPH_BODY
+        } else {
+            MAX_BODY
+        };
+        if !headers_ok || content_length > limit {
             respond(&mut io, 400, "", true);
             break;
         }
         let body = if chunked {
-            read_chunked(&mut io)
+            read_chunked(&mut io, limit)
         } else {
             let mut body = Vec::with_capacity(content_length as usize);
             io.read_exact_to(content_length, |b| body.extend_from_slice(b))
@@ -725,6 +803,14 @@ fn serve(sh: &Shared, sock: TcpStream) {
                 .ok()
         };
         let Some(body) = body else { break };
+        if let Some(g) = graph {
+            let a = g.answer(&method, &path, &headers, &body);
+            respond_full(&mut io, &a, close);
+            if close || io.flush().is_err() {
+                break;
+            }
+            continue;
+        }
         sh.registry.requests.fetch_add(1, Ordering::Relaxed);
         let (status, json) = match sh.registry.take_fault() {
             Some(TokenFault::Drop) => {
@@ -749,7 +835,7 @@ fn serve(sh: &Shared, sock: TcpStream) {
 }
 
 /// A `Transfer-Encoding: chunked` body, bounded by `MAX_BODY`; `None` on any malformation.
-fn read_chunked(io: &mut Io) -> Option<Vec<u8>> {
+fn read_chunked(io: &mut Io, limit: u64) -> Option<Vec<u8>> {
     let mut body = Vec::new();
     loop {
         let line = io.read_line(MAX_HEADER_LINE).ok()?;
@@ -757,7 +843,7 @@ fn read_chunked(io: &mut Io) -> Option<Vec<u8>> {
         let size_text = size_text.trim().split(';').next().unwrap_or("");
         let size = u64::from_str_radix(size_text, 16).ok()?;
         // SECURITY: the body stays bounded even when sent in chunks.
-        if body.len() as u64 + size > MAX_BODY {
+        if body.len() as u64 + size > limit {
             return None;
         }
         if size == 0 {
@@ -768,6 +854,39 @@ fn read_chunked(io: &mut Io) -> Option<Vec<u8>> {
         io.read_exact_to(size, |b| body.extend_from_slice(b)).ok()?;
         io.read_line(MAX_HEADER_LINE).ok()?;
     }
+}
+
+/// A Graph answer: status, content type, body and extra headers (`Retry-After`).
+pub(crate) struct HttpOut {
+    pub(crate) status: u16,
+    pub(crate) content_type: &'static str,
+    pub(crate) body: Vec<u8>,
+    pub(crate) headers: Vec<(&'static str, String)>,
+}
+
+fn respond_full(io: &mut Io, a: &HttpOut, close: bool) {
+    let mut head = format!(
+        "HTTP/1.1 {} {}\r\nCache-Control: no-cache\r\nrequest-id: {}\r\nclient-request-id: {}\r\nDate: {}\r\nContent-Length: {}\r\n",
+        a.status,
+        reason(a.status),
+        uuid(),
+        uuid(),
+        Civil::now().rfc2822().replace("+0000", "GMT"),
+        a.body.len(),
+    );
+    if !a.body.is_empty() {
+        head.push_str(&format!("Content-Type: {}\r\n", a.content_type));
+    }
+    for (k, v) in &a.headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if close {
+        head.push_str("Connection: close\r\n");
+    }
+    head.push_str("\r\n");
+    io.write(head.as_bytes());
+    io.write(&a.body);
+    let _ = io.flush();
 }
 
 fn respond(io: &mut Io, status: u16, json: &str, close: bool) {

@@ -616,6 +616,188 @@ mod tests {
         }
     }
 
+    fn http(status: u16, code: &str, message: &str, retry: Option<u64>) -> Verdict {
+        classify_http(&HttpAnswer {
+            status,
+            code,
+            message,
+            retry_after: retry.map(Duration::from_secs),
+        })
+    }
+
+    // --- the Graph rows, one test each ---
+
+    #[test]
+    fn graph_202_is_sent() {
+        assert_eq!(http(202, "", "", None).action, Action::Accepted);
+    }
+
+    #[test]
+    fn graph_429_and_503_wait_exactly_retry_after_for_the_account() {
+        for status in [429, 503] {
+            let v = http(
+                status,
+                "ApplicationThrottled",
+                "Application is over its MailboxConcurrency limit.",
+                Some(17),
+            );
+            assert_eq!(v.action, Action::WaitAccount(Duration::from_secs(17)));
+            assert!(!v.action.bounces() && !v.action.alerts());
+            assert!(v.action.ends_transaction());
+        }
+        assert_eq!(
+            http(429, "", "", None).action,
+            Action::WaitAccount(RETRY_AFTER_DEFAULT)
+        );
+        assert_eq!(
+            http(503, "", "", Some(10 * 86_400)).action,
+            Action::WaitAccount(RETRY_AFTER_CAP)
+        );
+    }
+
+    #[test]
+    fn graph_401_refreshes_the_token_then_holds() {
+        let v = http(
+            401,
+            "InvalidAuthenticationToken",
+            "Access token has expired or is not yet valid.",
+            None,
+        );
+        assert_eq!(v.action, Action::AuthFailed);
+        assert!(v.reason.contains("Mail.Send"), "{}", v.reason);
+    }
+
+    #[test]
+    fn graph_403_access_denied_holds_with_the_powershell() {
+        for (code, msg) in [
+            (
+                "ErrorAccessDenied",
+                "Access is denied. Check credentials and try again.",
+            ),
+            (
+                "ErrorAccessDenied",
+                "Access to OData is disabled: [RAOP] : Blocked by tenant configured AppOnly AccessPolicy settings.",
+            ),
+        ] {
+            let v = http(403, code, msg, None);
+            let Action::HoldAccount { until, fix } = v.action else {
+                panic!("{v:?}")
+            };
+            assert_eq!(until, HoldUntil::Release);
+            assert!(fix.contains("New-ApplicationAccessPolicy"), "{fix}");
+            assert!(fix.contains("Mail.Send"), "{fix}");
+        }
+    }
+
+    #[test]
+    fn graph_invalid_recipients_bounce_the_recipient_and_too_large_the_message() {
+        let v = http(
+            400,
+            "ErrorInvalidRecipients",
+            "At least one recipient isn't valid., Recipient 'x@y' isn't resolved.",
+            None,
+        );
+        assert_eq!(v.action, Action::BounceRecipient);
+        assert!(v.reason.contains("x@y"));
+        assert_eq!(
+            http(
+                400,
+                "ErrorMessageSizeExceeded",
+                "The message exceeds the maximum supported size.",
+                None
+            )
+            .action,
+            Action::BounceMessage
+        );
+        assert_eq!(
+            http(413, "RequestEntityTooLarge", "", None).action,
+            Action::BounceMessage
+        );
+        assert_eq!(
+            http(403, "ErrorSendAsDenied", "", None).action,
+            Action::BounceMessage
+        );
+        assert_eq!(
+            http(
+                400,
+                "ErrorMimeContentInvalidBase64String",
+                "Invalid base64 string for MIME content.",
+                None
+            )
+            .action,
+            Action::BounceMessage
+        );
+    }
+
+    #[test]
+    fn graph_quota_errors_freeze_like_smtp() {
+        assert_eq!(
+            http(403, "ErrorSubmissionQuotaExceeded", "Cannot submit message. 554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException", None).action,
+            Action::FreezeAccount(Quota::Daily)
+        );
+        assert_eq!(
+            http(
+                400,
+                "ErrorMessageSubmissionBlocked",
+                "5.7.233 tenant external recipient limit",
+                None
+            )
+            .action,
+            Action::FreezeAccount(Quota::Tenant)
+        );
+    }
+
+    #[test]
+    fn graph_account_level_refusals_hold_and_server_errors_defer() {
+        assert!(matches!(
+            http(
+                403,
+                "ErrorMessageSubmissionBlocked",
+                "Cannot send mail.",
+                None
+            )
+            .action,
+            Action::HoldAccount {
+                until: HoldUntil::NextUtcDay,
+                ..
+            }
+        ));
+        assert!(matches!(
+            http(
+                404,
+                "ErrorInvalidUser",
+                "The requested user 'x' is invalid.",
+                None
+            )
+            .action,
+            Action::HoldAccount { .. }
+        ));
+        assert!(matches!(
+            http(404, "MailboxNotEnabledForRESTAPI", "", None).action,
+            Action::HoldAccount { .. }
+        ));
+        assert!(matches!(
+            http(
+                403,
+                "ErrorQuotaExceeded",
+                "Mailbox has exceeded maximum mailbox size.",
+                None
+            )
+            .action,
+            Action::HoldAccount { .. }
+        ));
+        assert!(matches!(
+            http(405, "", "", None).action,
+            Action::HoldAccount { .. }
+        ));
+        for s in [500, 502, 504, 408] {
+            assert!(
+                matches!(http(s, "", "", None).action, Action::Defer { .. }),
+                "{s}"
+            );
+        }
+    }
+
     // --- one test per row of the doc's table ---
 
     #[test]

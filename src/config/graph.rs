@@ -269,10 +269,12 @@ pub fn proxy_from_env(host: &str) -> Option<ProxySettings> {
 pub fn exempt(list: &str, host: &str) -> bool {
     let host = host.trim_matches(['[', ']']).to_ascii_lowercase();
     list.split(',').map(str::trim).any(|e| {
+        if e == "*" {
+            return true;
+        }
         let e = e.to_ascii_lowercase();
         let e = e.trim_start_matches('*').trim_start_matches('.');
         !e.is_empty() && (host == e || host.ends_with(&format!(".{e}")))
-            || e.is_empty() && list.trim() == "*"
     })
 }
 

@@ -119,7 +119,19 @@ impl Credentials {
                     let Some(cred) = self.secrets.as_ref().and_then(ClientCredential::from_account) else {
                         return Err(hold(format!("no client_secret or certificate for account {} in the secrets file: add [{}] client_secret = \"...\" to {}", account.name, account.name, self.secrets_file.display())));
                     };
-                    let ts = TokenSource::new(settings, cred, account.ca_file.as_deref(), account.timeout)
+                    let token_host = settings.resolved_token_url();
+                    let token_host = token_host
+                        .split_once("://")
+                        .map_or("", |(_, r)| r)
+                        .split(['/', ':'])
+                        .next()
+                        .unwrap_or("")
+                        .to_owned();
+                    let proxy = match HttpProxy::for_account(account, self.secrets.as_ref(), &token_host) {
+                        Some(p) => Some(p.for_ureq().map_err(|e| e.verdict())?),
+                        None => None,
+                    };
+                    let ts = TokenSource::new_via(settings, cred, account.ca_file.as_deref(), account.timeout, proxy)
                         .map_err(|e| hold(e.to_string()))?;
                     self.tokens = Some(ts);
                 }

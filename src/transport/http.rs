@@ -46,7 +46,8 @@ pub fn agent(
 }
 
 /// Whether a ureq error is the proxy refusing the tunnel (as opposed to the proxy or
-/// the server being unreachable): `CONNECT` answered with a status other than 200.
+/// the server being unreachable): `CONNECT` answered with a 4xx status (403 refused by
+/// its rules, 407 authentication required), which only the administrator can fix.
 pub fn is_proxy_refusal(e: &ureq::Error) -> bool {
-    matches!(e, ureq::Error::ConnectProxyFailed(why) if why.contains("responded"))
+    matches!(e, ureq::Error::ConnectProxyFailed(why) if why.contains("responded 4"))
 }

@@ -54,6 +54,14 @@ pub enum ProxyError {
         target: String,
         status: String,
     },
+    #[error(
+        "the HTTP proxy {proxy} could not reach {target} ({status}): relay365 retries; if it lasts, check the proxy's own route to Microsoft"
+    )]
+    Upstream {
+        proxy: String,
+        target: String,
+        status: String,
+    },
     #[error("the HTTP proxy {proxy} sent an unusable answer to CONNECT: {problem}")]
     BadAnswer { proxy: String, problem: String },
 }
@@ -64,7 +72,7 @@ impl ProxyError {
     pub fn verdict(&self) -> Verdict {
         let reason = self.to_string();
         match self {
-            ProxyError::Unreachable { .. } => Verdict {
+            ProxyError::Unreachable { .. } | ProxyError::Upstream { .. } => Verdict {
                 action: Action::Defer { hint: None },
                 reason,
             },
@@ -193,6 +201,11 @@ impl HttpProxy {
         match status.0 {
             200..=299 => Ok(stream),
             407 => Err(ProxyError::AuthRequired { proxy }),
+            500..=599 => Err(ProxyError::Upstream {
+                proxy,
+                target,
+                status: format!("{} {}", status.0, status.1),
+            }),
             _ => Err(ProxyError::Refused {
                 proxy,
                 target,

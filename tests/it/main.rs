@@ -12,6 +12,7 @@ mod layers;
 mod load;
 mod postfix;
 mod privilege;
+mod proxy;
 mod quota;
 mod resources;
 mod smtp_stdio;

@@ -203,6 +203,14 @@ release it; otherwise sending resumes the next UTC day at the earliest";
 const MAILBOX_FULL_FIX: &str = "the sending mailbox is full (the copies in its Sent Items count \
 against its quota): empty Sent Items or Deleted Items or raise the mailbox quota, then release the \
 hold";
+/// The fix for a tenant-level block (5.7.705, 5.7.708, 5.7.750): nothing relay365 can
+/// change; every account of the tenant is affected.
+pub const TENANT_BLOCK_FIX: &str = "Microsoft blocks outbound mail of the whole tenant \
+(5.7.705: the tenant exceeded its threshold or is suspected of spam; 5.7.708: traffic from this \
+tenant's IPs is not accepted; 5.7.750: mail from unregistered domains): an admin must open a \
+ticket with Microsoft 365 support or register the sending domain as an accepted domain, then \
+run relay365 account release <account>";
+
 const SENDAS_REASON: &str = "Exchange Online does not allow this mailbox to send as the message's \
 sender (SendAs denied): set from = \"rewrite\" in relay365.toml so relay365 rewrites the sender to \
 the mailbox, or have an admin grant Send As for this address (Add-RecipientPermission)";
@@ -288,6 +296,9 @@ pub fn classify_http(a: &HttpAnswer) -> Verdict {
             "the tenant reached its daily limit of external recipients: mail waits and is retried \
              hourly; an admin should check the tenant's outbound volume",
         );
+    }
+    if has("5.7.705") || has("5.7.708") || has("5.7.750") {
+        return graph_hold(HoldUntil::Release, TENANT_BLOCK_FIX, &shown);
     }
     if has("messagesubmissionblocked") || has("5.1.8") || has("outboundspam") {
         return graph_hold(HoldUntil::NextUtcDay, SPAM_FIX, &shown);
@@ -459,6 +470,10 @@ pub fn classify(reply: &Reply, stage: Stage) -> Verdict {
         );
     }
 
+    if reply.mentions((5, 7, 705)) || reply.mentions((5, 7, 708)) || reply.mentions((5, 7, 750)) {
+        return hold(HoldUntil::Release, TENANT_BLOCK_FIX, reply);
+    }
+
     if reply.mentions((5, 1, 8)) || has("outboundspamexception") {
         return hold(HoldUntil::NextUtcDay, SPAM_FIX, reply);
     }
@@ -623,6 +638,19 @@ mod tests {
             message,
             retry_after: retry.map(Duration::from_secs),
         })
+    }
+
+    #[test]
+    fn tenant_level_blocks_hold_the_account() {
+        for raw in [
+            "550 5.7.705 Access denied, tenant has exceeded threshold.",
+            "550 5.7.708 Service unavailable. Access denied, traffic not accepted from this IP.",
+            "550 5.7.750 Service unavailable. Client blocked from sending from unregistered domains.",
+        ] {
+            let (until, fix) = held(raw, Stage::AfterDot);
+            assert_eq!(until, HoldUntil::Release);
+            assert!(fix.contains("whole tenant"), "{fix}");
+        }
     }
 
     // --- the Graph rows, one test each ---

@@ -6,6 +6,7 @@ mod delivery;
 mod faults;
 mod graph;
 mod harness;
+mod harvest;
 mod hostile;
 mod intake;
 mod layers;

@@ -82,6 +82,7 @@ impl AccountWorker {
                 for &i in &accepted {
                     self.mark_sent(locked, i, &relay, &text);
                 }
+                self.record_sent(locked, &accepted);
                 Flow::Continue
             }
             TxnEnd::Refused(v) if v.action == Action::SplitRecipients => {
@@ -98,6 +99,46 @@ impl AccountWorker {
                 }
                 Flow::Stop
             }
+        }
+    }
+
+    /// Appends the transaction to the sent log, for late NDRs (`harvest_bounces` only).
+    fn record_sent(&self, locked: &Locked, accepted: &[usize]) {
+        let (true, Some(mid)) = (self.account.harvest_bounces, self.message_id.clone()) else {
+            return;
+        };
+        let e = &locked.entry;
+        let record = crate::daemon::harvest::sentlog::SentRecord {
+            message_id: mid,
+            queue_id: e.id.to_string(),
+            sender: e.sender.clone(),
+            notify: e.notify,
+            ret: e.ret,
+            envid: e.envid.clone(),
+            arrival_us: e.arrival_us,
+            sent_us: crate::spool::queue::micros(SystemTime::now()),
+            is_bounce: e.is_bounce,
+            rcpts: accepted
+                .iter()
+                .map(|&i| {
+                    let r = &e.recipients[i];
+                    (
+                        r.address.to_string(),
+                        r.original.as_ref().map(ToString::to_string),
+                    )
+                })
+                .collect(),
+        };
+        let path = self.spool.sent_log(&self.account.name);
+        if let Err(err) = crate::daemon::harvest::sentlog::append(&path, &record) {
+            self.log(
+                crate::logging::Level::Error,
+                &format!(
+                    "{}: cannot record it in {} (a late NDR for it will not be matched): {err}",
+                    e.id,
+                    path.display()
+                ),
+            );
         }
     }
 

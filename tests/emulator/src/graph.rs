@@ -794,7 +794,7 @@ impl Graph {
         out(202, Value::Null)
     }
 
-    fn schedule_ndrs(&self, mailbox: &str, mime: &[u8], rcpts: &[String]) {
+    pub(crate) fn schedule_ndrs(&self, mailbox: &str, mime: &[u8], rcpts: &[String]) {
         let chosen: Vec<(String, String, String)> = {
             let st = self.state();
             rcpts

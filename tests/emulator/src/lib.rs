@@ -87,6 +87,7 @@ impl Emulator {
             (Some(t), Some(r)) => {
                 let g = Arc::new(graph::Graph::new(Arc::clone(&shared), r, t.authority()));
                 t.set_graph(Arc::clone(&g));
+                let _ = shared.graph.set(Arc::downgrade(&g));
                 Some(g)
             }
             _ => None,

@@ -830,6 +830,12 @@ impl Session<'_> {
         if let Some(hook) = &self.sh.cfg.on_message {
             hook(&received);
         }
+        if let (Some(g), Some(mb)) = (
+            self.sh.graph.get().and_then(std::sync::Weak::upgrade),
+            received.mailbox.as_deref(),
+        ) {
+            g.schedule_ndrs(mb, &received.data, &received.rcpts);
+        }
         if !self.sh.cfg.keep_bodies {
             received.data = Vec::new();
         }

@@ -39,6 +39,36 @@ pub fn transport_for(
     }
 }
 
+/// The OAuth2 token client of an account for `settings`, through the account's proxy
+/// for the token endpoint's host, if it has one. `Err` says what is wrong.
+pub fn token_source(
+    account: &Account,
+    secrets: Option<&AccountSecrets>,
+    settings: crate::config::oauth::OAuthSettings,
+    cred: ClientCredential,
+) -> Result<TokenSource, String> {
+    let url = settings.resolved_token_url();
+    let host = url
+        .split_once("://")
+        .map_or("", |(_, r)| r)
+        .split(['/', ':'])
+        .next()
+        .unwrap_or("")
+        .to_owned();
+    let proxy = match HttpProxy::for_account(account, secrets, &host) {
+        Some(p) => Some(p.for_ureq().map_err(|e| e.to_string())?),
+        None => None,
+    };
+    TokenSource::new_via(
+        settings,
+        cred,
+        account.ca_file.as_deref(),
+        account.timeout,
+        proxy,
+    )
+    .map_err(|e| e.to_string())
+}
+
 /// The short host name, for display names and the DSN's reporting MTA.
 pub fn host_name() -> String {
     nix::unistd::gethostname()
@@ -119,20 +149,8 @@ impl Credentials {
                     let Some(cred) = self.secrets.as_ref().and_then(ClientCredential::from_account) else {
                         return Err(hold(format!("no client_secret or certificate for account {} in the secrets file: add [{}] client_secret = \"...\" to {}", account.name, account.name, self.secrets_file.display())));
                     };
-                    let token_host = settings.resolved_token_url();
-                    let token_host = token_host
-                        .split_once("://")
-                        .map_or("", |(_, r)| r)
-                        .split(['/', ':'])
-                        .next()
-                        .unwrap_or("")
-                        .to_owned();
-                    let proxy = match HttpProxy::for_account(account, self.secrets.as_ref(), &token_host) {
-                        Some(p) => Some(p.for_ureq().map_err(|e| e.verdict())?),
-                        None => None,
-                    };
-                    let ts = TokenSource::new_via(settings, cred, account.ca_file.as_deref(), account.timeout, proxy)
-                        .map_err(|e| hold(e.to_string()))?;
+                    let ts = token_source(account, self.secrets.as_ref(), settings, cred)
+                        .map_err(hold)?;
                     self.tokens = Some(ts);
                 }
                 let Some(ts) = self.tokens.as_mut() else {

@@ -458,3 +458,34 @@ fn graph_limits_beyond_graphs_own_are_refused_with_the_reason() {
         stderr(&out)
     );
 }
+
+#[test]
+fn check_names_the_graph_roles_and_what_the_mailbox_refuses() {
+    let t = graph_tenant();
+    let out = t.spool.relay365(&["check"]);
+    assert_ok(&out);
+    let text = stdout(&out);
+    assert!(
+        text.contains("application permissions: Mail.Send, Mail.ReadWrite"),
+        "{text}"
+    );
+    assert!(text.contains("read the inbox of app@contoso.com"), "{text}");
+    // Only Mail.ReadWrite (no Mail.Send), and an access policy without this mailbox.
+    let cfg = emu::Config::default()
+        .mailbox(emu::Mailbox::new(MAILBOX))
+        .app(
+            emu::App::with_secret(TENANT, CLIENT_ID, CLIENT_SECRET, "other@contoso.com")
+                .with_graph_roles(&["Mail.ReadWrite"]),
+        );
+    let t = Tenant::graph(cfg, "", "", "", "");
+    let out = t.spool.relay365(&["check"]);
+    assert_eq!(out.status.code(), Some(78));
+    let text = stdout(&out);
+    assert!(
+        text.contains("lacks the Mail.Send application permission"),
+        "{text}"
+    );
+    assert!(text.contains("New-ApplicationAccessPolicy"), "{text}");
+    assert!(!text.contains(CLIENT_SECRET));
+    assert_eq!(t.emu.message_count(), 0);
+}

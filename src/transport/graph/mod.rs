@@ -357,6 +357,35 @@ impl GraphClient {
         })
     }
 
+    /// The application permissions (`roles` claim) of the app's Graph token, for
+    /// `relay365 check`. The claim is read without verifying the signature: it only
+    /// names what to fix, it grants nothing here.
+    pub fn roles(&mut self, now: SystemTime) -> Result<Vec<String>, Verdict> {
+        use base64::Engine;
+        let token = self.tokens.token(now).map_err(|e| token_verdict(&e))?;
+        let claims = token
+            .secret()
+            .expose()
+            .split('.')
+            .nth(1)
+            .and_then(|p| {
+                base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(p)
+                    .ok()
+            })
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .unwrap_or_default();
+        Ok(claims["roles"]
+            .as_array()
+            .map(|r| {
+                r.iter()
+                    .filter_map(|v| v.as_str())
+                    .map(|v| super::reply::sanitize(v, 64))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
     /// `POST /sendMail` with the MIME message in base64.
     pub fn send_mime(&mut self, message: &[u8], now: SystemTime) -> Result<Answer, Verdict> {
         use base64::Engine;

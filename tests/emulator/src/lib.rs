@@ -19,6 +19,7 @@ pub mod config;
 pub mod faults;
 pub mod graph;
 mod headers;
+mod https;
 mod io;
 pub mod jwt;
 mod limits;

@@ -20,6 +20,7 @@ use rustls::ServerConfig;
 
 use crate::clock::Civil;
 use crate::config::{App, Credential};
+use crate::https::{parse_form, read_chunked, respond, respond_full};
 use crate::io::{Io, sleep_unless};
 use crate::jwt::{AssertionError, RegisteredKey, verify_assertion};
 use crate::replies::random_u64;
@@ -451,43 +452,6 @@ fn entra_error(status: u16, error: &str, code: u32, text: &str) -> (u16, String)
     (status, body.to_string())
 }
 
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = b
-            .get(i + 1..i + 3)
-            .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (b[i], hex) {
-            (b'+', _) => out.push(b' '),
-            (b'%', Some(v)) => {
-                out.push(v);
-                i += 2;
-            }
-            (c, _) => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// `application/x-www-form-urlencoded`; a repeated key keeps its first value.
-fn parse_form(body: &[u8]) -> HashMap<String, String> {
-    let mut form = HashMap::new();
-    for pair in String::from_utf8_lossy(body).split('&') {
-        if pair.is_empty() {
-            continue;
-        }
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        form.entry(percent_decode(k))
-            .or_insert_with(|| percent_decode(v));
-    }
-    form
-}
-
 struct ListenState {
     down: bool,
     listening: bool,
@@ -713,24 +677,6 @@ fn accept_loop(sh: &Arc<Shared>, first: TcpListener) {
     }
 }
 
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        201 => "Created",
-        202 => "Accepted",
-        204 => "No Content",
-        400 => "Bad Request",
-        403 => "Forbidden",
-        413 => "Request Entity Too Large",
-        401 => "Unauthorized",
-        404 => "Not Found",
-        429 => "Too Many Requests",
-        500 => "Internal Server Error",
-        503 => "Service Unavailable",
-        _ => "Unknown",
-    }
-}
-
 /// One HTTP/1.1 connection, keep-alive until the client closes or says `Connection: close`.
 fn serve(sh: &Shared, sock: TcpStream) {
     let Ok(mut io) = Io::new(sock, Arc::clone(&sh.shutdown), Duration::from_secs(30)) else {
@@ -832,75 +778,6 @@ fn serve(sh: &Shared, sock: TcpStream) {
         }
     }
     io.close();
-}
-
-/// A `Transfer-Encoding: chunked` body, bounded by `MAX_BODY`; `None` on any malformation.
-fn read_chunked(io: &mut Io, limit: u64) -> Option<Vec<u8>> {
-    let mut body = Vec::new();
-    loop {
-        let line = io.read_line(MAX_HEADER_LINE).ok()?;
-        let size_text = String::from_utf8_lossy(line);
-        let size_text = size_text.trim().split(';').next().unwrap_or("");
-        let size = u64::from_str_radix(size_text, 16).ok()?;
-        // SECURITY: the body stays bounded even when sent in chunks.
-        if body.len() as u64 + size > limit {
-            return None;
-        }
-        if size == 0 {
-            // Trailers up to the empty line.
-            while !io.read_line(MAX_HEADER_LINE).ok()?.trim_ascii().is_empty() {}
-            return Some(body);
-        }
-        io.read_exact_to(size, |b| body.extend_from_slice(b)).ok()?;
-        io.read_line(MAX_HEADER_LINE).ok()?;
-    }
-}
-
-/// A Graph answer: status, content type, body and extra headers (`Retry-After`).
-pub(crate) struct HttpOut {
-    pub(crate) status: u16,
-    pub(crate) content_type: &'static str,
-    pub(crate) body: Vec<u8>,
-    pub(crate) headers: Vec<(&'static str, String)>,
-}
-
-fn respond_full(io: &mut Io, a: &HttpOut, close: bool) {
-    let mut head = format!(
-        "HTTP/1.1 {} {}\r\nCache-Control: no-cache\r\nrequest-id: {}\r\nclient-request-id: {}\r\nDate: {}\r\nContent-Length: {}\r\n",
-        a.status,
-        reason(a.status),
-        uuid(),
-        uuid(),
-        Civil::now().rfc2822().replace("+0000", "GMT"),
-        a.body.len(),
-    );
-    if !a.body.is_empty() {
-        head.push_str(&format!("Content-Type: {}\r\n", a.content_type));
-    }
-    for (k, v) in &a.headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    if close {
-        head.push_str("Connection: close\r\n");
-    }
-    head.push_str("\r\n");
-    io.write(head.as_bytes());
-    io.write(&a.body);
-    let _ = io.flush();
-}
-
-fn respond(io: &mut Io, status: u16, json: &str, close: bool) {
-    let head = format!(
-        "HTTP/1.1 {status} {}\r\nCache-Control: no-store, no-cache\r\nPragma: no-cache\r\nContent-Type: application/json; charset=utf-8\r\nExpires: -1\r\nStrict-Transport-Security: max-age=31536000; includeSubDomains\r\nX-Content-Type-Options: nosniff\r\nx-ms-request-id: {}\r\nDate: {}\r\nContent-Length: {}\r\n{}\r\n",
-        reason(status),
-        uuid(),
-        Civil::now().rfc2822().replace("+0000", "GMT"),
-        json.len(),
-        if close { "Connection: close\r\n" } else { "" },
-    );
-    io.write(head.as_bytes());
-    io.write(json.as_bytes());
-    let _ = io.flush();
 }
 
 #[cfg(test)]
@@ -1011,9 +888,9 @@ mod tests {
         assert_eq!(f["a"], "1+2 3");
         assert_eq!(f["b"], "%zz");
         assert_eq!(f["c"], "");
-        assert_eq!(percent_decode("%"), "%");
-        assert_eq!(percent_decode("%4"), "%4");
-        assert_eq!(percent_decode("%41"), "A");
-        assert_eq!(percent_decode("%+1"), "% 1");
+        assert_eq!(crate::https::percent_decode("%"), "%");
+        assert_eq!(crate::https::percent_decode("%4"), "%4");
+        assert_eq!(crate::https::percent_decode("%41"), "A");
+        assert_eq!(crate::https::percent_decode("%+1"), "% 1");
     }
 }

@@ -246,7 +246,8 @@ impl Harvester {
                 if !valid_id(&item.id) || p.seen.contains(&item.id) {
                     continue;
                 }
-                self.handle(&item, &mut p, now);
+                // A failure to read it leaves it unseen, for the next round.
+                self.handle(&item, &mut p, now)?;
                 // Ids at the newest time reached stay remembered; older ones are
                 // behind the inclusive `since` and can no longer come back.
                 match &p.since {
@@ -267,7 +268,7 @@ impl Harvester {
     }
 
     /// One inbox item: an NDR relay365 can match is acted on; anything else is left.
-    fn handle(&mut self, item: &Item, p: &mut Progress, now: SystemTime) {
+    fn handle(&mut self, item: &Item, p: &mut Progress, now: SystemTime) -> Result<(), String> {
         let subject = item
             .subject
             .clone()
@@ -286,33 +287,21 @@ impl Harvester {
             || from.starts_with("postmaster@")
             || from.starts_with("mailer-daemon@");
         if !looks {
-            return;
+            return Ok(());
         }
         let Some(client) = self.client.as_mut() else {
-            return;
+            return Ok(());
         };
         let url = client.url(&format!("/messages/{}/$value", item.id));
         let mime = match client.call(Method::Get, &url, None, b"", SystemTime::now()) {
             Ok(a) if a.ok() => a.body,
-            Ok(a) => {
-                self.log.warning(&format!(
-                    "account {}: bounce harvest: cannot read message {}: {}",
-                    self.account.name,
-                    item.id,
-                    a.text()
-                ));
-                return;
-            }
-            Err(v) => {
-                self.log.warning(&format!(
-                    "account {}: bounce harvest: {}",
-                    self.account.name, v.reason
-                ));
-                return;
-            }
+            // Deleted or moved meanwhile: nothing left to read.
+            Ok(a) if a.status == 404 => return Ok(()),
+            Ok(a) => return Err(format!("cannot read message {}: {}", item.id, a.text())),
+            Err(v) => return Err(v.reason),
         };
         let Some(report) = ndr::parse(&mime) else {
-            return;
+            return Ok(());
         };
         let records = sentlog::read(&self.spool.sent_log(&self.account.name)).unwrap_or_default();
         let record = report
@@ -336,7 +325,7 @@ impl Harvester {
                 "account {}: an NDR in the inbox ({}) matches nothing relay365 sent; left alone ({} so far)",
                 self.account.name, item.id, p.unmatched
             ));
-            return;
+            return Ok(());
         };
         p.matched += 1;
         let relay = self.account.graph.host().to_owned();
@@ -388,6 +377,7 @@ impl Harvester {
             )),
         }
         self.after(&item.id, p);
+        Ok(())
     }
 
     /// Freezes or holds the account when the NDR's reply would in the session.

@@ -563,7 +563,10 @@ impl AccountWorker {
                 queue: &self.queue,
                 log: &self.log,
                 reporting_mta: &self.host,
-                remote_mta: &self.account.host,
+                remote_mta: match self.account.transport {
+                    Kind::Graph => self.account.graph.host(),
+                    _ => &self.account.host,
+                },
             };
             match bouncer.bounce(locked, now) {
                 Ok(Some(b)) => spawned.push(b),

@@ -10,6 +10,7 @@ use std::collections::HashSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::{AccountWorker, Flow};
+use crate::config::Transport as Kind;
 use crate::daemon::hold::write_hold;
 use crate::spool::queue::{Locked, QueueEntry, RcptStatus};
 use crate::transport::classify::{
@@ -191,7 +192,10 @@ impl AccountWorker {
         now: SystemTime,
     ) -> Flow {
         let id = locked.entry.id.clone();
-        let relay = format!("{}:{}", self.account.host, self.account.port);
+        let relay = match self.account.transport {
+            Kind::Graph => self.account.graph.host().to_owned(),
+            _ => format!("{}:{}", self.account.host, self.account.port),
+        };
         let name = self.account.name.clone();
         let note = |e: &mut QueueEntry, text: &str| {
             for &i in indices {

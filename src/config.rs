@@ -490,15 +490,6 @@ impl Account {
             ));
         }
         let auth = r.auth.unwrap_or(AuthMode::Xoauth2);
-        if auth == AuthMode::Xoauth2 && r.oauth.is_none() {
-            return Err((
-                "account.oauth",
-                format!(
-                    "account {:?} uses auth = \"xoauth2\" but has no [account.oauth] table with tenant and client_id",
-                    r.name
-                ),
-            ));
-        }
         let transport = match r.transport.as_deref() {
             None | Some("smtp") => Transport::Smtp,
             Some("graph") => Transport::Graph,
@@ -523,6 +514,15 @@ impl Account {
                 "account.oauth",
                 format!(
                     "account {:?} uses {what}, which signs in to Microsoft Graph as an app: add an [account.oauth] table with tenant and client_id",
+                    r.name
+                ),
+            ));
+        }
+        if auth == AuthMode::Xoauth2 && r.oauth.is_none() {
+            return Err((
+                "account.oauth",
+                format!(
+                    "account {:?} uses auth = \"xoauth2\" but has no [account.oauth] table with tenant and client_id",
                     r.name
                 ),
             ));
@@ -701,6 +701,52 @@ mod tests {
         assert_eq!(a.limits.recipient_rate.count, 10_000);
         assert_eq!(c.max_queue_lifetime, DEFAULT_QUEUE_LIFETIME);
         assert!(c.local_domains.contains(&"localhost".to_string()));
+    }
+
+    #[test]
+    fn graph_proxy_and_harvest_keys() {
+        let oauth = "[account.oauth]\ntenant = \"contoso.onmicrosoft.com\"\nclient_id = \"abc\"\n";
+        let base = "domain = \"a.b\"\nproxy = \"http://u@proxy.corp:3128\"\n[[account]]\nname = \"app\"\nmailbox = \"app@contoso.com\"\n";
+        let c = load(&format!(
+            "{base}transport = \"graph\"\nharvest_bounces = true\n[account.graph]\nurl = \"https://graph.microsoft.us\"\n{oauth}"
+        ))
+        .unwrap();
+        let a = &c.accounts[0];
+        assert_eq!(a.transport, Transport::Graph);
+        assert!(a.harvest_bounces && a.needs_secrets());
+        assert_eq!(a.graph.scope(), "https://graph.microsoft.us/.default");
+        assert!(
+            matches!(&a.proxy, Proxy::Configured(p) if p.host == "proxy.corp" && p.port == 3128)
+        );
+        let c = load(&format!("{base}proxy = \"none\"\n{oauth}")).unwrap();
+        assert_eq!(c.accounts[0].proxy, Proxy::Direct);
+        let e = load(&format!("{base}transport = \"graph\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("account.oauth") && e.contains("transport = \"graph\""),
+            "{e}"
+        );
+        let e = load(&format!("{base}harvest_bounces = true\nauth = \"login\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("harvest_bounces = true"), "{e}");
+        let e = load(&format!(
+            "{base}transport = \"graph\"\nauth = \"login\"\n{oauth}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("account.auth"), "{e}");
+        let e = load(&format!("{base}proxy = \"socks5://x:1\"\n{oauth}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("account.proxy") && e.contains("CONNECT"), "{e}");
+        let e = load(&format!(
+            "{base}transport = \"graph\"\nmessage_rate = \"20000/10m\"\n{oauth}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("10,000 requests per 10 minutes"), "{e}");
     }
 
     #[test]

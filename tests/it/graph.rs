@@ -489,3 +489,25 @@ fn check_names_the_graph_roles_and_what_the_mailbox_refuses() {
     assert!(!text.contains(CLIENT_SECRET));
     assert_eq!(t.emu.message_count(), 0);
 }
+
+#[test]
+fn graph_split_batches_name_only_their_own_recipients() {
+    let t = Tenant::graph(tenant_config(), "", "max_recipients = 1", "", "");
+    send(
+        &t,
+        &["-t", "-i"],
+        b"To: a@example.org, b@example.org\nBcc: c@example.org\nSubject: split\n\nx\n",
+    );
+    let out = t.flush();
+    assert_ok(&out);
+    let msgs = t.emu.messages();
+    assert_eq!(msgs.len(), 3, "{}", stderr(&out));
+    let mut got: Vec<Vec<String>> = msgs.iter().map(|m| m.rcpts.clone()).collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [["a@example.org"], ["b@example.org"], ["c@example.org"]],
+        "nobody gets it twice"
+    );
+    assert!(t.queued().is_empty());
+}

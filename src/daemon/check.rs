@@ -47,6 +47,23 @@ pub fn check(config: &Config) -> Vec<Finding> {
         ));
         return out;
     }
+    if config
+        .accounts
+        .iter()
+        .any(|a| a.proxy == crate::config::Proxy::FromEnvironment)
+    {
+        for n in ["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"] {
+            let Ok(v) = std::env::var(n) else { continue };
+            if v.trim().is_empty() {
+                continue;
+            }
+            if let Err(why) = crate::config::graph::ProxySettings::parse(v.trim()) {
+                out.push(bad(format!(
+                    "{n} in the environment is not a proxy relay365 can use ({why}); it is ignored: fix it, or set proxy in relay365.toml"
+                )));
+            }
+        }
+    }
     let needs = config.accounts.iter().any(Account::needs_secrets);
     let creds_dir = std::env::var_os("CREDENTIALS_DIRECTORY").map(std::path::PathBuf::from);
     let secrets = if needs {

@@ -183,3 +183,30 @@ fn a_late_5_7_233_after_smtp_freezes_the_account_and_the_ndr_is_moved() {
     );
     assert!(d.stop().success());
 }
+
+#[test]
+fn the_harvester_pages_through_a_full_inbox_and_counts_what_it_cannot_match() {
+    let t = Tenant::graph(
+        tenant_config(),
+        "",
+        "harvest_bounces = true",
+        "harvest_interval = \"1s\"",
+        "",
+    );
+    // More strangers than one page (50) holds, all before the real NDR.
+    for _ in 0..60 {
+        t.emu.deliver_to_inbox(MAILBOX, STRANGER).unwrap();
+    }
+    t.emu.ndr_for("nobody@example.org", "5.1.1", NOT_FOUND);
+    let d = Daemon::start(&t.spool);
+    send(&t, &["nobody@example.org"]);
+    assert!(
+        eventually(Duration::from_secs(30), || dsns_to_sender(&t).len() == 1),
+        "{}",
+        d.log_text()
+    );
+    let log = d.log_text();
+    assert!(log.contains("left alone (60 so far)"), "{log}");
+    assert_eq!(late_bounces(&log, "nobody@example.org"), 1, "{log}");
+    assert!(d.stop().success());
+}

@@ -159,9 +159,10 @@ fn send_mail_takes_mime_and_json_with_graph_tokens_only_and_documented_errors() 
 
 #[test]
 fn more_than_four_requests_at_once_get_429_and_the_inbox_pages() {
-    let mut cfg = Config::default();
-    cfg.graph_delay = Duration::from_millis(1500);
-    let emu = Arc::new(start(cfg));
+    let emu = Arc::new(start(Config {
+        graph_delay: Duration::from_millis(1500),
+        ..Config::default()
+    }));
     let a = agent(&emu);
     let graph = token(&a, &emu, GRAPH_SCOPE);
     let url = format!(

@@ -44,13 +44,15 @@ IDLE_S = knob("BENCH_IDLE_S", 10, 2)  # case 5: idle CPU window
 ROUNDS = knob("BENCH_ROUNDS", 2, 1)  # cases 2-3: repetitions (medians over them)
 LATENCY_ROUNDS = knob("BENCH_LATENCY_ROUNDS", 1, 1)  # case 4: repetitions
 CONNECTIONS = knob("BENCH_CONNECTIONS", 3, 3)  # relay365 and Postfix: Exchange's limit
+GRAPH_N = knob("BENCH_GRAPH_N", 1000, 100)  # case graph: messages per transport
 DEFAULTS = {
     "BENCH_ENQUEUE_N": 1000, "BENCH_PARALLEL": 16, "BENCH_DRAIN_N": 10000,
     "BENCH_SYNC_N": 2000, "BENCH_LATENCY_N": 200, "BENCH_DELAY_MS": 50,
     "BENCH_SCALE_N": 100000, "BENCH_PICKUP_N": 20, "BENCH_IDLE_S": 10,
     "BENCH_ROUNDS": 2, "BENCH_LATENCY_ROUNDS": 1, "BENCH_CONNECTIONS": 3,
+    "BENCH_GRAPH_N": 1000,
 }
-CASES = ["enqueue", "parallel", "drain", "latency", "scale", "pacing"]
+CASES = ["enqueue", "parallel", "drain", "latency", "scale", "pacing", "graph"]
 SENDER = "bench@example.com"
 RCPT = "to@example.org"
 DOMAIN = "bench.example.com"
@@ -1380,6 +1382,100 @@ class Bench:
             lines = kept[:1] + [""] + kept[1:]
         self.report.set("machine", "\n".join(lines))
 
+    # -- case graph --------------------------------------------------------------------
+    def graph_drain(self, transport, n):
+        """relay365's daemon drains n messages to the emulator (Exchange Online SMTP on
+        STARTTLS with XOAUTH2, or Microsoft Graph over HTTPS), DELAY_MS per round trip
+        on both, the same limits; returns (seconds or None, requests or replies)."""
+        d = WORK / f"graph-{transport}"
+        shutil.rmtree(d, ignore_errors=True)
+        (d / "emu").mkdir(parents=True)
+        tenant, client, secret = "contoso.onmicrosoft.com", "bench-app", "bench-secret"
+        log = open(WORK / f"graph-{transport}-emulator.log", "w")
+        emu = subprocess.Popen([
+            str(BIN / "relay365-emulator"), "--dir", str(d / "emu"), "--mailbox", SENDER,
+            "--app", f"{tenant}:{client}:{secret}:{SENDER}", "--no-send-as-check",
+            "--reply-delay-ms", str(DELAY_MS), "--graph-delay-ms", str(DELAY_MS),
+            "--message-rate", "off", "--recipient-rate", "off",
+            "--max-connections", str(CONNECTIONS), "--discard-bodies"], stdout=log, stderr=log)
+        try:
+            if not wait_for(lambda: (d / "emu" / "token.port").exists()
+                            and (d / "emu" / "smtp.port").exists(), 10):
+                raise RuntimeError("the emulator did not start")
+            smtp = (d / "emu" / "smtp.port").read_text().strip()
+            https = (d / "emu" / "token.port").read_text().strip()
+            secrets = d / "secrets.toml"
+            secrets.write_text(f'[bench]\nclient_secret = "{secret}"\n')
+            os.chmod(secrets, 0o600)
+            (d / "aliases").write_text("")
+            cfg = d / "relay365.toml"
+            cfg.write_text(
+                f'spool_dir = "{d / "spool"}"\ndomain = "{DOMAIN}"\n'
+                f'aliases = "{d / "aliases"}"\nsecrets_file = "{secrets}"\n\n'
+                f'[[account]]\nname = "bench"\nmailbox = "{SENDER}"\n'
+                f'transport = "{transport}"\nhost = "localhost"\nport = {smtp}\n'
+                f'ca_file = "{d / "emu" / "ca.pem"}"\nfrom = "preserve"\n'
+                f'message_rate = "10000/10m"\nrecipient_rate = "off"\n'
+                f"connections = {CONNECTIONS}\n"
+                f'[account.graph]\nurl = "https://localhost:{https}"\n'
+                f'[account.oauth]\ntenant = "{tenant}"\nclient_id = "{client}"\n'
+                f'token_url = "https://localhost:{https}/{tenant}/oauth2/v2.0/token"\n')
+            r365 = [str(BIN / "relay365"), "--config", str(cfg)]
+            run(r365 + ["init", "--private"], env=base_env(), capture_output=True)
+            body = self.msg.read_bytes()
+            for _ in range(n):
+                run([str(BIN / "sendmail"), "-C", str(cfg), "-i", "-f", SENDER, RCPT],
+                    env=base_env(), input=body, capture_output=True)
+            os.sync()
+            msgs = d / "emu" / "messages"
+            t0 = time.perf_counter()
+            daemon = subprocess.Popen(r365 + ["daemon"], env=base_env(),
+                                      stdout=subprocess.DEVNULL,
+                                      stderr=open(WORK / f"graph-{transport}-daemon.log", "w"))
+            ok = wait_for(lambda: count_files(msgs, suffix=".json") >= n, 600, 0.02)
+            t = time.perf_counter() - t0
+            stop_process(daemon)
+            return (t if ok else None), count_files(msgs, suffix=".json")
+        finally:
+            stop_process(emu, signal.SIGKILL)
+            log.close()
+
+    def case_graph(self):
+        say(f"case graph: {GRAPH_N} messages through SMTP and through Graph, {DELAY_MS} ms a round trip")
+        rows = []
+        for transport in ("smtp", "graph"):
+            t, got = self.graph_drain(transport, GRAPH_N)
+            say(f"  {transport}: {got} in {'stalled' if t is None else f'{t:.2f} s'}")
+            rows.append((transport, t, got))
+        lines = [
+            f"### Graph: {GRAPH_N} messages drained through SMTP and through Microsoft Graph",
+            "",
+            f"The emulator waits {DELAY_MS} ms per SMTP reply group and per Graph request; "
+            f"the same limits for both ({CONNECTIONS} connections or concurrent requests, "
+            "message_rate 10000/10m, no recipient quota); the daemon drains a filled queue.",
+            "",
+            "| transport | delivered | seconds | messages/s |",
+            "|---|---|---|---|",
+        ]
+        for transport, t, got in rows:
+            rate = f"{got / t:.1f}" if t else "-"
+            lines.append(f"| {transport} | {got} | {'stalled' if t is None else f'{t:.2f}'} | {rate} |")
+        ts = {tr: t for tr, t, _ in rows}
+        if ts.get("smtp") and ts.get("graph"):
+            faster, slower = ("graph", "smtp") if ts["graph"] < ts["smtp"] else ("smtp", "graph")
+            lines += ["", (
+                f"{faster} is {ts[slower] / ts[faster]:.2f}x faster here. Per message, SMTP on a "
+                "kept connection with PIPELINING costs two round trips (MAIL, RCPT and DATA "
+                "together, then the message and its dot); Graph costs one HTTPS request on a "
+                "kept-alive connection, but its body is the message in base64 (a third larger) "
+                "and each request is authorised and parsed as JSON-or-MIME on the server. At "
+                "Exchange-like latency the round trips dominate. The emulator charges a Graph "
+                "request the same latency as an SMTP reply group; Microsoft's own sendMail "
+                "usually takes longer than that, so against the real service the gap narrows "
+                "or turns, and Graph's 4 concurrent requests (against 3 SMTP connections) is "
+                "then its main advantage.")]
+        self.report.set("graph", "\n".join(lines))
+
     def main(self):
         self.header()
         empty_trash()
@@ -1399,6 +1495,9 @@ class Bench:
                 self.report.write()
             if "pacing" in self.cases:
                 self.case_pacing()
+                self.report.write()
+            if "graph" in self.cases:
+                self.case_graph()
                 self.report.write()
         finally:
             self.sink.remove()

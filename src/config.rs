@@ -4,6 +4,7 @@
 //! Trusts the file as far as its owner (root) goes, but refuses any unknown key or bad
 //! value with the file, line and key named, so a typo never silently changes behaviour.
 
+pub mod graph;
 pub mod limits;
 pub mod oauth;
 
@@ -18,6 +19,7 @@ use serde::de::{self, Deserializer, Visitor};
 use self::limits::{Limits, Rate};
 use crate::message::rewrite::FromPolicy;
 use crate::spool::paths;
+use graph::{GraphSettings, ProxySettings, RawGraph};
 use oauth::OAuthSettings;
 
 impl crate::sysexits::ExitStatus for ConfigError {
@@ -185,6 +187,30 @@ pub enum Transport {
     Smtp,
     /// A local Maildir: capture instead of sending (staging servers, the demo).
     Maildir(PathBuf),
+    /// Microsoft Graph `sendMail` over HTTPS (`[account.graph]`).
+    Graph,
+}
+
+/// Which HTTP proxy an account's connections go through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Proxy {
+    /// The one `proxy` names (on the account, else at the top level).
+    Configured(ProxySettings),
+    /// `proxy = "none"`: straight to Microsoft, whatever the environment says.
+    Direct,
+    /// No `proxy` key: `HTTPS_PROXY`/`NO_PROXY` from the service's environment, if set.
+    FromEnvironment,
+}
+
+impl Proxy {
+    /// The proxy for a connection to `host`, if any.
+    pub fn for_host(&self, host: &str) -> Option<ProxySettings> {
+        match self {
+            Proxy::Configured(p) => Some(p.clone()),
+            Proxy::Direct => None,
+            Proxy::FromEnvironment => graph::proxy_from_env(host),
+        }
+    }
 }
 
 /// One `[[account]]` table as written.
@@ -212,6 +238,9 @@ struct RawAccount {
     max_recipients: Option<u32>,
     connections: Option<u32>,
     reserve: Option<u32>,
+    graph: Option<RawGraph>,
+    proxy: Option<String>,
+    harvest_bounces: Option<bool>,
 }
 
 /// A validated account: one Microsoft 365 mailbox and how to reach it.
@@ -237,6 +266,11 @@ pub struct Account {
     pub helo_name: Option<String>,
     pub oauth: Option<OAuthSettings>,
     pub limits: Limits,
+    /// `[account.graph]`: used by `transport = "graph"` and by bounce harvesting.
+    pub graph: GraphSettings,
+    pub proxy: Proxy,
+    /// Read late NDRs from the mailbox through Graph (`Mail.ReadWrite`).
+    pub harvest_bounces: bool,
 }
 
 /// The file as written.
@@ -252,6 +286,7 @@ struct RawConfig {
     #[serde(default)]
     local_domains: Vec<String>,
     max_queue_lifetime: Option<Span>,
+    proxy: Option<String>,
     #[serde(default, rename = "account")]
     accounts: Vec<RawAccount>,
 }
@@ -363,10 +398,14 @@ impl Config {
                 local_domains.push(d);
             }
         }
+        let proxy = match raw.proxy.as_deref() {
+            None => Proxy::FromEnvironment,
+            Some(p) => parse_proxy(p).map_err(|m| invalid("proxy", m))?,
+        };
         let mut accounts: Vec<Account> = Vec::new();
         for raw_account in raw.accounts {
-            let account =
-                Account::validate(raw_account).map_err(|(key, message)| invalid(key, message))?;
+            let account = Account::validate(raw_account, &proxy)
+                .map_err(|(key, message)| invalid(key, message))?;
             if accounts.iter().any(|a| a.name == account.name) {
                 return Err(invalid(
                     "account.name",
@@ -407,7 +446,16 @@ fn is_loopback(host: &str) -> bool {
 }
 
 impl Account {
-    fn validate(r: RawAccount) -> Result<Account, (&'static str, String)> {
+    /// Whether the daemon must read the secrets file for this account: a password or an
+    /// app credential (SMTP AUTH, Graph, bounce harvesting) or a proxy password.
+    pub fn needs_secrets(&self) -> bool {
+        (self.auth != AuthMode::None && self.transport == Transport::Smtp)
+            || self.transport == Transport::Graph
+            || self.harvest_bounces
+            || matches!(&self.proxy, Proxy::Configured(p) if p.user.is_some() && p.password.is_none())
+    }
+
+    fn validate(r: RawAccount, proxy: &Proxy) -> Result<Account, (&'static str, String)> {
         let name_ok = !r.name.is_empty()
             && r.name.len() <= 64
             && r.name
@@ -442,6 +490,34 @@ impl Account {
             ));
         }
         let auth = r.auth.unwrap_or(AuthMode::Xoauth2);
+        let transport = match r.transport.as_deref() {
+            None | Some("smtp") => Transport::Smtp,
+            Some("graph") => Transport::Graph,
+            Some(t) => match t.strip_prefix("maildir:") {
+                Some(p) if Path::new(p).is_absolute() => Transport::Maildir(PathBuf::from(p)),
+                _ => {
+                    return Err((
+                        "account.transport",
+                        format!("{t:?}: use smtp, graph or maildir:/absolute/path"),
+                    ));
+                }
+            },
+        };
+        let harvest_bounces = r.harvest_bounces.unwrap_or(false);
+        if (transport == Transport::Graph || harvest_bounces) && r.oauth.is_none() {
+            let what = if transport == Transport::Graph {
+                "transport = \"graph\""
+            } else {
+                "harvest_bounces = true"
+            };
+            return Err((
+                "account.oauth",
+                format!(
+                    "account {:?} uses {what}, which signs in to Microsoft Graph as an app: add an [account.oauth] table with tenant and client_id",
+                    r.name
+                ),
+            ));
+        }
         if auth == AuthMode::Xoauth2 && r.oauth.is_none() {
             return Err((
                 "account.oauth",
@@ -451,17 +527,16 @@ impl Account {
                 ),
             ));
         }
-        let transport = match r.transport.as_deref() {
-            None | Some("smtp") => Transport::Smtp,
-            Some(t) => match t.strip_prefix("maildir:") {
-                Some(p) if Path::new(p).is_absolute() => Transport::Maildir(PathBuf::from(p)),
-                _ => {
-                    return Err((
-                        "account.transport",
-                        format!("{t:?}: use smtp or maildir:/absolute/path"),
-                    ));
-                }
-            },
+        if transport == Transport::Graph && !matches!(auth, AuthMode::Xoauth2) {
+            return Err((
+                "account.auth",
+                "transport = \"graph\" authenticates with an OAuth2 app token: remove auth or set auth = \"xoauth2\"".to_owned(),
+            ));
+        }
+        let graph = GraphSettings::from_raw(r.graph.unwrap_or_default())?;
+        let proxy = match r.proxy.as_deref() {
+            None => proxy.clone(),
+            Some(p) => parse_proxy(p).map_err(|m| ("account.proxy", m))?,
         };
         let defaults = Limits::default();
         let limits = Limits {
@@ -474,6 +549,11 @@ impl Account {
         limits
             .validate()
             .map_err(|e| ("account limits", e.to_string()))?;
+        if transport == Transport::Graph {
+            if let Some(m) = limits.graph_problem() {
+                return Err(("account limits", m));
+            }
+        }
         Ok(Account {
             name: r.name,
             mailbox: mailbox.to_string(),
@@ -492,8 +572,19 @@ impl Account {
             helo_name: r.helo_name,
             oauth: r.oauth,
             limits,
+            graph,
+            proxy,
+            harvest_bounces,
         })
     }
+}
+
+/// A `proxy` value: a URL, or `"none"` to ignore the environment's proxy.
+fn parse_proxy(p: &str) -> Result<Proxy, String> {
+    if p.eq_ignore_ascii_case("none") {
+        return Ok(Proxy::Direct);
+    }
+    ProxySettings::parse(p).map(Proxy::Configured)
 }
 
 fn validate_domain(d: &str) -> Result<String, String> {
@@ -610,6 +701,52 @@ mod tests {
         assert_eq!(a.limits.recipient_rate.count, 10_000);
         assert_eq!(c.max_queue_lifetime, DEFAULT_QUEUE_LIFETIME);
         assert!(c.local_domains.contains(&"localhost".to_string()));
+    }
+
+    #[test]
+    fn graph_proxy_and_harvest_keys() {
+        let oauth = "[account.oauth]\ntenant = \"contoso.onmicrosoft.com\"\nclient_id = \"abc\"\n";
+        let base = "domain = \"a.b\"\nproxy = \"http://u@proxy.corp:3128\"\n[[account]]\nname = \"app\"\nmailbox = \"app@contoso.com\"\n";
+        let c = load(&format!(
+            "{base}transport = \"graph\"\nharvest_bounces = true\n[account.graph]\nurl = \"https://graph.microsoft.us\"\n{oauth}"
+        ))
+        .unwrap();
+        let a = &c.accounts[0];
+        assert_eq!(a.transport, Transport::Graph);
+        assert!(a.harvest_bounces && a.needs_secrets());
+        assert_eq!(a.graph.scope(), "https://graph.microsoft.us/.default");
+        assert!(
+            matches!(&a.proxy, Proxy::Configured(p) if p.host == "proxy.corp" && p.port == 3128)
+        );
+        let c = load(&format!("{base}proxy = \"none\"\n{oauth}")).unwrap();
+        assert_eq!(c.accounts[0].proxy, Proxy::Direct);
+        let e = load(&format!("{base}transport = \"graph\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("account.oauth") && e.contains("transport = \"graph\""),
+            "{e}"
+        );
+        let e = load(&format!("{base}harvest_bounces = true\nauth = \"login\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("harvest_bounces = true"), "{e}");
+        let e = load(&format!(
+            "{base}transport = \"graph\"\nauth = \"login\"\n{oauth}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("account.auth"), "{e}");
+        let e = load(&format!("{base}proxy = \"socks5://x:1\"\n{oauth}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("account.proxy") && e.contains("CONNECT"), "{e}");
+        let e = load(&format!(
+            "{base}transport = \"graph\"\nmessage_rate = \"20000/10m\"\n{oauth}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("10,000 requests per 10 minutes"), "{e}");
     }
 
     #[test]

@@ -21,6 +21,7 @@
 //! # password = "..."                          # AUTH LOGIN (legacy basic auth), or
 //! # certificate_key = "/etc/relay365/app.key" # PEM key for the JWT client assertion
 //! # certificate = "/etc/relay365/app.crt"     # with the certificate uploaded to Entra ID
+//! # proxy_password = "..."                    # the HTTP proxy's, for the user in `proxy`
 //! ```
 //! systemd credentials named `<account>.password`, `<account>.client_secret`,
 //! `<account>.certificate_key` (the PEM key itself) and `<account>.certificate` (the
@@ -103,9 +104,21 @@ pub struct AccountSecrets {
     certificate_key: Option<Secret>,
     certificate_key_path: Option<PathBuf>,
     certificate: Option<PathBuf>,
+    proxy_password: Option<Secret>,
 }
 
 impl AccountSecrets {
+    /// The password for the HTTP proxy's user (`proxy = "http://user@host:port"`).
+    pub fn proxy_password(&self) -> Option<&Secret> {
+        self.proxy_password.as_ref()
+    }
+
+    /// These secrets with a proxy password.
+    pub fn with_proxy_password(mut self, password: Secret) -> Self {
+        self.proxy_password = Some(password);
+        self
+    }
+
     /// The password for AUTH LOGIN (legacy basic authentication).
     pub fn password(&self) -> Option<&Secret> {
         self.password.as_ref()
@@ -156,6 +169,7 @@ impl AccountSecrets {
             || self.client_secret.is_some()
             || self.certificate_key.is_some()
             || self.certificate_key_path.is_some()
+            || self.proxy_password.is_some()
     }
 }
 
@@ -253,7 +267,7 @@ pub enum SecretsError {
     )]
     NotATable { at: Location, key: String },
     #[error(
-        "{at}: unknown key {key} in [{account}]: the keys are password, client_secret, certificate_key and certificate"
+        "{at}: unknown key {key} in [{account}]: the keys are password, client_secret, certificate_key, certificate and proxy_password"
     )]
     UnknownKey {
         at: Location,
@@ -518,6 +532,9 @@ fn parse_file(
                 "client_secret" => secrets.client_secret = Some(Secret::new(string(value)?)),
                 "certificate_key" => secrets.certificate_key_path = Some(absolute(value)?),
                 "certificate" => secrets.certificate = Some(absolute(value)?),
+                "proxy_password" => {
+                    secrets.proxy_password = Some(Secret::new(string(value)?));
+                }
                 _ => {
                     return Err(SecretsError::UnknownKey {
                         at: key_at,

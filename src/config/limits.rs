@@ -260,6 +260,9 @@ pub struct Limits {
     pub reserve: u32,
 }
 
+/// Microsoft Graph's concurrent requests per app and mailbox.
+pub const GRAPH_CONCURRENT: u32 = 4;
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -349,6 +352,29 @@ impl Limits {
             return Err(LimitsError::ReserveWithoutRate(self.reserve));
         }
         Ok(())
+    }
+
+    /// Graph's own limits per app and mailbox (Microsoft Graph throttling limits,
+    /// Outlook service): 4 concurrent requests and 10,000 requests per 10 minutes. The
+    /// scheduler opens at most `connections` requests at once and the ledger stamps one
+    /// request per message, so limits within these never meet Graph's 429.
+    pub fn graph_problem(&self) -> Option<String> {
+        if self.connections > GRAPH_CONCURRENT {
+            return Some(format!(
+                "connections = {}: Microsoft Graph allows {GRAPH_CONCURRENT} concurrent requests per mailbox",
+                self.connections
+            ));
+        }
+        let r = self.message_rate;
+        // count / window <= 10,000 / 600 s, in integers.
+        if !r.is_limited()
+            || u128::from(r.count) * 600 > 10_000 * u128::from(r.window.as_secs().max(1))
+        {
+            return Some(
+                "message_rate must stay within Microsoft Graph's 10,000 requests per 10 minutes per mailbox (e.g. 30/1m, the default)".to_owned(),
+            );
+        }
+        None
     }
 
     /// Recipients per recipient window this account may use.

@@ -5,12 +5,13 @@
 
 use std::time::SystemTime;
 
-use crate::config::{AuthMode, Config, Transport};
-use crate::daemon::connect::{auth_rejected, endpoint, helo_name, login};
+use crate::config::{Account, AuthMode, Config, Transport};
+use crate::daemon::connect::{auth_rejected, endpoint, helo_name, login, token_source};
 use crate::secrets::Secrets;
 use crate::spool::paths::Spool;
 use crate::transport::classify::{self, Action};
-use crate::transport::oauth::{ClientCredential, TokenSource};
+use crate::transport::graph::{GraphClient, Method};
+use crate::transport::oauth::ClientCredential;
 use crate::transport::smtp::Session;
 
 /// One line of the report.
@@ -46,10 +47,24 @@ pub fn check(config: &Config) -> Vec<Finding> {
         ));
         return out;
     }
-    let needs = config
+    if config
         .accounts
         .iter()
-        .any(|a| a.auth != AuthMode::None && a.transport == Transport::Smtp);
+        .any(|a| a.proxy == crate::config::Proxy::FromEnvironment)
+    {
+        for n in ["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"] {
+            let Ok(v) = std::env::var(n) else { continue };
+            if v.trim().is_empty() {
+                continue;
+            }
+            if let Err(why) = crate::config::graph::ProxySettings::parse(v.trim()) {
+                out.push(bad(format!(
+                    "{n} in the environment is not a proxy relay365 can use ({why}); it is ignored: fix it, or set proxy in relay365.toml"
+                )));
+            }
+        }
+    }
+    let needs = config.accounts.iter().any(Account::needs_secrets);
     let creds_dir = std::env::var_os("CREDENTIALS_DIRECTORY").map(std::path::PathBuf::from);
     let secrets = if needs {
         match Secrets::load(&config.secrets_file, creds_dir.as_deref()) {
@@ -78,6 +93,12 @@ pub fn check(config: &Config) -> Vec<Finding> {
             continue;
         }
         let s = secrets.for_account(&a.name);
+        if a.transport == Transport::Graph || a.harvest_bounces {
+            out.extend(check_graph(a, s, config));
+        }
+        if a.transport == Transport::Graph {
+            continue;
+        }
         let secret = match a.auth {
             AuthMode::None => None,
             AuthMode::Login | AuthMode::Plain => match s.and_then(|s| s.password()) {
@@ -99,8 +120,8 @@ pub fn check(config: &Config) -> Vec<Finding> {
                     out.push(bad(format!("account {}: no client_secret or certificate in {}: add [{}] client_secret = \"...\"", a.name, config.secrets_file.display(), a.name)));
                     continue;
                 };
-                let fetched = TokenSource::new(settings, cred, a.ca_file.as_deref(), a.timeout)
-                    .and_then(|mut t| t.token(SystemTime::now()));
+                let fetched = token_source(a, s, settings, cred)
+                    .and_then(|mut t| t.token(SystemTime::now()).map_err(|e| e.to_string()));
                 match fetched {
                     Ok(t) => {
                         out.push(ok(format!("account {}: OAuth2 token fetched", a.name)));
@@ -114,7 +135,8 @@ pub fn check(config: &Config) -> Vec<Finding> {
             }
         };
         let helo = helo_name(a);
-        let mut session = match Session::open(&endpoint(a, &helo)) {
+        let proxy = crate::transport::proxy::HttpProxy::for_account(a, s, &a.host);
+        let mut session = match Session::open(&endpoint(a, &helo, proxy.as_ref())) {
             Ok(s) => s,
             Err(f) => {
                 out.push(bad(format!(
@@ -144,6 +166,65 @@ pub fn check(config: &Config) -> Vec<Finding> {
             }
         }
         session.quit();
+    }
+    out
+}
+
+/// A Graph account (or one that harvests bounces): the token and its roles, then a
+/// read of the mailbox, each with what to fix in plain words.
+fn check_graph(
+    a: &Account,
+    s: Option<&crate::secrets::AccountSecrets>,
+    config: &Config,
+) -> Vec<Finding> {
+    let name = &a.name;
+    let mut out = Vec::new();
+    let mut client = match GraphClient::for_account(a, s, &config.secrets_file) {
+        Ok(c) => c,
+        Err(v) => return vec![bad(format!("account {name}: {}", v.reason))],
+    };
+    let now = SystemTime::now();
+    let roles = match client.roles(now) {
+        Ok(r) => r,
+        Err(v) => return vec![bad(format!("account {name}: {}", v.reason))],
+    };
+    out.push(ok(format!(
+        "account {name}: Microsoft Graph token fetched; the app's application permissions: {}",
+        if roles.is_empty() {
+            "none".to_owned()
+        } else {
+            roles.join(", ")
+        }
+    )));
+    let has = |r: &str| roles.iter().any(|x| x.eq_ignore_ascii_case(r));
+    if a.transport == Transport::Graph && !has("Mail.Send") {
+        out.push(bad(format!(
+            "account {name}: the app lacks the Mail.Send application permission: add it under Entra ID > App registrations > API permissions > Microsoft Graph > Application permissions and grant admin consent"
+        )));
+    }
+    let reads = has("Mail.Read") || has("Mail.ReadWrite");
+    if a.harvest_bounces && !has("Mail.ReadWrite") {
+        out.push(bad(format!(
+            "account {name}: harvest_bounces needs the Mail.ReadWrite application permission (to read NDRs and mark or move them): add it with admin consent"
+        )));
+    }
+    if !reads {
+        out.push(ok(format!(
+            "account {name}: without Mail.Read the mailbox cannot be read to check the application access policy; a refusal shows at the first message (403 ErrorAccessDenied)"
+        )));
+        return out;
+    }
+    let url = client.url("/mailFolders/inbox");
+    match client.call(Method::Get, &url, None, b"", now) {
+        Ok(answer) if answer.ok() => out.push(ok(format!(
+            "account {name}: read the inbox of {} through Microsoft Graph",
+            a.mailbox
+        ))),
+        Ok(answer) => out.push(bad(format!(
+            "account {name}: reading the mailbox failed: {}",
+            answer.verdict().reason
+        ))),
+        Err(v) => out.push(bad(format!("account {name}: {}", v.reason))),
     }
     out
 }

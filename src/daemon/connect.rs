@@ -14,7 +14,9 @@ use crate::secrets::{AccountSecrets, Secret};
 use crate::transport::Transport;
 use crate::transport::capture::Capture;
 use crate::transport::classify::{Action, HoldUntil, Verdict};
+use crate::transport::graph::{Graph, GraphClient};
 use crate::transport::oauth::{ClientCredential, TokenSource};
+use crate::transport::proxy::HttpProxy;
 use crate::transport::smtp::{Dial, Endpoint, Failure, Login, Session, Submission};
 
 /// The transport an account's config names, for one account worker.
@@ -25,12 +27,46 @@ pub fn transport_for(
 ) -> Box<dyn Transport> {
     match &account.transport {
         Kind::Maildir(dir) => Box::new(Capture::new(dir.clone())),
+        Kind::Graph => Box::new(Graph::new(
+            GraphClient::for_account(account, secrets.as_ref(), &config.secrets_file),
+            account.graph.host().to_owned(),
+        )),
         Kind::Smtp => Box::new(Submission::new(Box::new(AccountLogin::new(
             account.clone(),
             config.secrets_file.clone(),
             secrets,
         )))),
     }
+}
+
+/// The OAuth2 token client of an account for `settings`, through the account's proxy
+/// for the token endpoint's host, if it has one. `Err` says what is wrong.
+pub fn token_source(
+    account: &Account,
+    secrets: Option<&AccountSecrets>,
+    settings: crate::config::oauth::OAuthSettings,
+    cred: ClientCredential,
+) -> Result<TokenSource, String> {
+    let url = settings.resolved_token_url();
+    let host = url
+        .split_once("://")
+        .map_or("", |(_, r)| r)
+        .split(['/', ':'])
+        .next()
+        .unwrap_or("")
+        .to_owned();
+    let proxy = match HttpProxy::for_account(account, secrets, &host) {
+        Some(p) => Some(p.for_ureq().map_err(|e| e.to_string())?),
+        None => None,
+    };
+    TokenSource::new_via(
+        settings,
+        cred,
+        account.ca_file.as_deref(),
+        account.timeout,
+        proxy,
+    )
+    .map_err(|e| e.to_string())
 }
 
 /// The short host name, for display names and the DSN's reporting MTA.
@@ -51,9 +87,14 @@ pub fn helo_name(account: &Account) -> String {
         .unwrap_or_else(host_name)
 }
 
-/// Where and how the account connects, greeting with `helo`.
-pub fn endpoint<'a>(account: &'a Account, helo: &'a str) -> Endpoint<'a> {
+/// Where and how the account connects, greeting with `helo`, through `proxy` if any.
+pub fn endpoint<'a>(
+    account: &'a Account,
+    helo: &'a str,
+    proxy: Option<&'a HttpProxy>,
+) -> Endpoint<'a> {
     Endpoint {
+        proxy,
         host: &account.host,
         port: account.port,
         tls: account.tls,
@@ -108,8 +149,8 @@ impl Credentials {
                     let Some(cred) = self.secrets.as_ref().and_then(ClientCredential::from_account) else {
                         return Err(hold(format!("no client_secret or certificate for account {} in the secrets file: add [{}] client_secret = \"...\" to {}", account.name, account.name, self.secrets_file.display())));
                     };
-                    let ts = TokenSource::new(settings, cred, account.ca_file.as_deref(), account.timeout)
-                        .map_err(|e| hold(e.to_string()))?;
+                    let ts = token_source(account, self.secrets.as_ref(), settings, cred)
+                        .map_err(hold)?;
                     self.tokens = Some(ts);
                 }
                 let Some(ts) = self.tokens.as_mut() else {
@@ -132,6 +173,7 @@ impl Credentials {
 pub struct AccountLogin {
     account: Account,
     credentials: Credentials,
+    proxy: Option<HttpProxy>,
 }
 
 impl AccountLogin {
@@ -140,7 +182,9 @@ impl AccountLogin {
         secrets_file: PathBuf,
         secrets: Option<AccountSecrets>,
     ) -> AccountLogin {
+        let proxy = HttpProxy::for_account(&account, secrets.as_ref(), &account.host);
         AccountLogin {
+            proxy,
             account,
             credentials: Credentials {
                 secrets,
@@ -153,7 +197,7 @@ impl AccountLogin {
     /// Opens and authenticates a session, refreshing an OAuth2 token once on 535.
     pub fn open_session(&mut self, now: SystemTime) -> Result<Session, Verdict> {
         let helo = helo_name(&self.account);
-        let ep = endpoint(&self.account, &helo);
+        let ep = endpoint(&self.account, &helo, self.proxy.as_ref());
         let mut refreshed = false;
         loop {
             let secret = self.credentials.secret(&self.account, now)?;
@@ -239,6 +283,7 @@ mod tests {
             reply: Reply::parse("535 5.7.8 Error: authentication failed: authentication failure")
                 .ok(),
             detail: String::new(),
+            decided: None,
         }
     }
 

@@ -96,9 +96,10 @@ fn load(config_path: &Path) -> Result<Loaded, EngineError> {
     let config = Config::load(config_path)?;
     let aliases = Aliases::load_if_present(&config.aliases)
         .map_err(|e| EngineError::Aliases(e.to_string()))?;
-    let needs_secrets = config.accounts.iter().any(|a| {
-        a.auth != crate::config::AuthMode::None && a.transport == crate::config::Transport::Smtp
-    });
+    let needs_secrets = config
+        .accounts
+        .iter()
+        .any(crate::config::Account::needs_secrets);
     let secrets = if needs_secrets {
         let creds = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
         Secrets::load(&config.secrets_file, creds.as_deref())?
@@ -120,6 +121,8 @@ pub struct Engine {
     log: SharedLog,
     stop: Arc<Stop>,
     pools: HashMap<String, Pool>,
+    /// The bounce harvesters (`harvest_bounces`), stopped with the workers.
+    harvesters: Vec<JoinHandle<()>>,
     /// (due µs, id) for messages not in flight.
     schedule: BTreeSet<(u64, QueueId)>,
     due_of: HashMap<QueueId, u64>,
@@ -163,6 +166,7 @@ impl Engine {
             log: SharedLog::new(log),
             stop: Arc::new(Stop::default()),
             pools: HashMap::new(),
+            harvesters: Vec::new(),
             schedule: BTreeSet::new(),
             due_of: HashMap::new(),
             in_flight: HashSet::new(),
@@ -217,6 +221,28 @@ impl Engine {
             self.pools
                 .insert(account.name.clone(), Pool { jobs, handles });
         }
+        let secrets = &self.loaded.secrets;
+        let tx = std::sync::Mutex::new(self.results_tx.clone());
+        let wake = self.wake_write.clone();
+        // A late NDR's DSN joins the schedule as a message that gave way would.
+        let schedule: crate::daemon::harvest::Schedule = Arc::new(move |bid| {
+            let report = Report {
+                outcome: Outcome::Yielded(SystemTime::now()),
+                spawned: Vec::new(),
+            };
+            if let Ok(tx) = tx.lock() {
+                let _ = tx.send((bid, report));
+            }
+            let _ = nix::unistd::write(&*wake, b"r");
+        });
+        self.harvesters = crate::daemon::harvest::spawn_all(
+            &config,
+            &self.loaded.aliases,
+            |name| secrets.for_account(name).cloned(),
+            &self.log,
+            &self.stop,
+            &schedule,
+        );
         Ok(())
     }
 
@@ -233,6 +259,9 @@ impl Engine {
             for h in pool.handles {
                 let _ = h.join();
             }
+        }
+        for h in self.harvesters.drain(..) {
+            let _ = h.join();
         }
     }
 

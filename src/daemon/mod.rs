@@ -6,6 +6,7 @@ pub mod bounce;
 pub mod check;
 pub mod connect;
 pub mod engine;
+pub mod harvest;
 pub mod hold;
 pub mod pickup;
 pub mod route;

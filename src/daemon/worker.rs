@@ -90,6 +90,8 @@ pub struct AccountWorker {
     checked: bool,
     /// How long recent transactions took from reservation to the reply after the dot.
     took: VecDeque<Duration>,
+    /// The Message-ID of the message in hand, for the sent log (`harvest_bounces`).
+    message_id: Option<String>,
     pub stop: Arc<Stop>,
 }
 
@@ -146,6 +148,7 @@ impl AccountWorker {
             gave_way: false,
             checked: false,
             took: VecDeque::new(),
+            message_id: None,
             stop,
             account,
             config,
@@ -304,6 +307,13 @@ impl AccountWorker {
         );
         locked.entry.account = Some(self.account.name.clone());
         locked.entry.reason = None;
+        self.message_id = crate::message::header::parse(&outgoing).ok().and_then(|m| {
+            m.get("Message-ID").map(|h| {
+                String::from_utf8_lossy(&h.raw()[h.value_offset()..])
+                    .trim()
+                    .to_owned()
+            })
+        });
         let mut tried: HashSet<usize> = HashSet::new();
         let mut batch_cap = self.account.limits.max_recipients.max(1) as usize;
         loop {
@@ -553,7 +563,10 @@ impl AccountWorker {
                 queue: &self.queue,
                 log: &self.log,
                 reporting_mta: &self.host,
-                remote_mta: &self.account.host,
+                remote_mta: match self.account.transport {
+                    Kind::Graph => self.account.graph.host(),
+                    _ => &self.account.host,
+                },
             };
             match bouncer.bounce(locked, now) {
                 Ok(Some(b)) => spawned.push(b),

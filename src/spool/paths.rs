@@ -161,6 +161,14 @@ impl Spool {
     pub fn hold(&self, account: &str) -> PathBuf {
         self.state().join(format!("{account}{HOLD_SUFFIX}"))
     }
+    /// `state/<account>.sent`: what went out, for matching late NDRs (daemon only, 0600).
+    pub fn sent_log(&self, account: &str) -> PathBuf {
+        self.state().join(format!("{account}{SENT_SUFFIX}"))
+    }
+    /// `state/<account>.harvest`: how far the bounce harvester read the inbox (0600).
+    pub fn harvest(&self, account: &str) -> PathBuf {
+        self.state().join(format!("{account}{HARVEST_SUFFIX}"))
+    }
 }
 
 /// The file names inside `queue/` and `state/`, by suffix: `queue/<id>.msg` (the
@@ -171,6 +179,8 @@ pub const QUEUE_ENTRY_SUFFIX: &str = ".env";
 pub const LEDGER_SUFFIX: &str = ".ledger";
 pub const FREEZE_SUFFIX: &str = ".freeze";
 pub const HOLD_SUFFIX: &str = ".hold";
+pub const SENT_SUFFIX: &str = ".sent";
+pub const HARVEST_SUFFIX: &str = ".harvest";
 
 /// The whole table as TSV lines (absolute path, kind, owner, group, octal mode), the
 /// spool rooted at `spool`: what `relay365 paths` prints for the package tests.

@@ -121,6 +121,10 @@ pub enum Action {
     BounceRecipient,
     /// Temporary: retry with [`backoff`]. `hint` is the alert to raise if it repeats.
     Defer { hint: Option<String> },
+    /// The server asked for exactly this long without requests from the account (HTTP
+    /// `429`/`503` with `Retry-After`): every message of the account waits, nothing is
+    /// bounced, no backoff is added.
+    WaitAccount(Duration),
 }
 
 impl Action {
@@ -199,12 +203,182 @@ release it; otherwise sending resumes the next UTC day at the earliest";
 const MAILBOX_FULL_FIX: &str = "the sending mailbox is full (the copies in its Sent Items count \
 against its quota): empty Sent Items or Deleted Items or raise the mailbox quota, then release the \
 hold";
+/// The fix for a tenant-level block (5.7.705, 5.7.708, 5.7.750): nothing relay365 can
+/// change; every account of the tenant is affected.
+pub const TENANT_BLOCK_FIX: &str = "Microsoft blocks outbound mail of the whole tenant \
+(5.7.705: the tenant exceeded its threshold or is suspected of spam; 5.7.708: traffic from this \
+tenant's IPs is not accepted; 5.7.750: mail from unregistered domains): an admin must open a \
+ticket with Microsoft 365 support or register the sending domain as an accepted domain, then \
+run relay365 account release <account>";
+
 const SENDAS_REASON: &str = "Exchange Online does not allow this mailbox to send as the message's \
 sender (SendAs denied): set from = \"rewrite\" in relay365.toml so relay365 rewrites the sender to \
 the mailbox, or have an admin grant Send As for this address (Add-RecipientPermission)";
 const LOGON_HINT: &str = "the mailbox refused the app's logon: if this repeats, give the app's \
 service principal access with Add-MailboxPermission -Identity <mailbox> -User <service principal> \
 -AccessRights FullAccess";
+
+/// Longest `Retry-After` honoured as given; a longer one (or a date) is cut to this,
+/// so a broken proxy cannot park an account for days.
+pub const RETRY_AFTER_CAP: Duration = Duration::from_secs(24 * 3600);
+/// The wait after a `429`/`503` without a usable `Retry-After`.
+pub const RETRY_AFTER_DEFAULT: Duration = Duration::from_secs(60);
+
+/// One HTTP answer from Microsoft Graph: the status, the `error.code` and
+/// `error.message` of its JSON body (empty when there was none) and `Retry-After`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpAnswer<'a> {
+    pub status: u16,
+    pub code: &'a str,
+    pub message: &'a str,
+    pub retry_after: Option<Duration>,
+}
+
+/// The fix for an app that Graph refuses (`403 ErrorAccessDenied`): the permission, its
+/// consent, and the Exchange policy that limits it to some mailboxes.
+pub const GRAPH_ACCESS_FIX: &str = "Microsoft Graph denied the app access to this mailbox: \
+give the app registration the Mail.Send application permission with admin consent (Entra ID > \
+App registrations > API permissions; Mail.ReadWrite too for harvest_bounces), and if access is \
+limited to some mailboxes, include this one: New-ApplicationAccessPolicy -AppId <client_id> \
+-PolicyScopeGroupId <group containing the mailbox> -AccessRight RestrictAccess (check with \
+Test-ApplicationAccessPolicy -Identity <mailbox> -AppId <client_id>), or with RBAC for \
+Applications New-ManagementRoleAssignment -App <service principal> -Role \"Application Mail.Send\" \
+-CustomResourceScope <scope>; then run relay365 account release <account>";
+const GRAPH_MAILBOX_FIX: &str = "Microsoft Graph does not know this mailbox (or it has no \
+Exchange Online license or is not in the cloud): check mailbox = in relay365.toml and the \
+mailbox's license";
+const GRAPH_TOKEN_FIX: &str = "Microsoft Graph refused a freshly fetched token: check that the \
+app registration has the Mail.Send application permission with admin consent, that the token is \
+for https://graph.microsoft.com (the national cloud's Graph for GCC High, DoD or China: set \
+[account.graph] url), then run relay365 account release <account>";
+
+/// Classifies an answer of Microsoft Graph (`sendMail`, a draft or upload request) in
+/// the same table as SMTP replies: Microsoft's error codes and texts first (the quota,
+/// spam and Send As ones carry the SMTP status codes in their message), the HTTP status
+/// last. Codes from "Microsoft Graph error responses" and the Outlook mail API.
+pub fn classify_http(a: &HttpAnswer) -> Verdict {
+    let code = a.code.to_ascii_lowercase();
+    let text = a.message.to_ascii_lowercase();
+    let has = |n: &str| text.contains(n) || code.contains(n);
+    let shown = format!(
+        "{} {}: {}",
+        a.status,
+        sanitize(a.code, 80),
+        sanitize(a.message, MAX_REPLY_TEXT)
+    );
+    let shown = shown.trim_end_matches([':', ' ']).to_owned();
+    if (200..300).contains(&a.status) {
+        return Verdict::new(Action::Accepted, format!("accepted: {shown}"));
+    }
+    if a.status == 429 || a.status == 503 {
+        let wait = a
+            .retry_after
+            .unwrap_or(RETRY_AFTER_DEFAULT)
+            .min(RETRY_AFTER_CAP);
+        return Verdict::new(
+            Action::WaitAccount(wait),
+            format!(
+                "Microsoft Graph asked to wait {} s before the next request of this mailbox ({shown})",
+                wait.as_secs()
+            ),
+        );
+    }
+    if has("submissionquotaexceeded") || has("submission quota") || has("5.1.90") {
+        return Verdict::new(
+            Action::FreezeAccount(Quota::Daily),
+            "the mailbox reached its daily recipient quota (10,000 per rolling 24 hours): every \
+             message of this mailbox waits until its 24-hour ledger frees room",
+        );
+    }
+    if has("5.7.233") || has("5.7.232") {
+        return Verdict::new(
+            Action::FreezeAccount(Quota::Tenant),
+            "the tenant reached its daily limit of external recipients: mail waits and is retried \
+             hourly; an admin should check the tenant's outbound volume",
+        );
+    }
+    if has("5.7.705") || has("5.7.708") || has("5.7.750") {
+        return graph_hold(HoldUntil::Release, TENANT_BLOCK_FIX, &shown);
+    }
+    if has("messagesubmissionblocked") || has("5.1.8") || has("outboundspam") {
+        return graph_hold(HoldUntil::NextUtcDay, SPAM_FIX, &shown);
+    }
+    if has("sendasdenied") || has("5.7.60") {
+        return Verdict::new(Action::BounceMessage, format!("{SENDAS_REASON} ({shown})"));
+    }
+    if a.status == 401 || code == "invalidauthenticationtoken" {
+        return Verdict::new(
+            Action::AuthFailed,
+            format!(
+                "Microsoft Graph refused the token ({shown}): refreshing it once; if that fails the \
+                 account is held: {GRAPH_TOKEN_FIX}"
+            ),
+        );
+    }
+    if code == "erroraccessdenied" || has("accesspolicy") || code == "authorization_requestdenied" {
+        return graph_hold(HoldUntil::Release, GRAPH_ACCESS_FIX, &shown);
+    }
+    if code == "errorquotaexceeded" {
+        return graph_hold(HoldUntil::Release, MAILBOX_FULL_FIX, &shown);
+    }
+    if code == "errorinvaliduser"
+        || code == "mailboxnotenabledforrestapi"
+        || code == "mailboxnothostedinexchangeonline"
+    {
+        return graph_hold(HoldUntil::Release, GRAPH_MAILBOX_FIX, &shown);
+    }
+    if code == "errormessagesizeexceeded" || has("maxsubmissionexceeded") || a.status == 413 {
+        return Verdict::new(
+            Action::BounceMessage,
+            format!(
+                "the message is larger than this mailbox may send (35 MB by default, at most 150 MB): \
+                 send it smaller or ask an admin to raise the mailbox's maximum send size ({shown})"
+            ),
+        );
+    }
+    if code == "errorinvalidrecipients" || has("5.1.1") || has("not resolved") {
+        return Verdict::new(
+            Action::BounceRecipient,
+            format!("Microsoft Graph rejected this recipient: {shown}"),
+        );
+    }
+    if has("reciplimit") || code == "errortoomanyrecipients" {
+        return Verdict::new(
+            Action::SplitRecipients,
+            "too many recipients in one message for this mailbox: sending in smaller batches",
+        );
+    }
+    if a.status >= 500 || a.status == 408 {
+        return Verdict::new(
+            Action::Defer { hint: None },
+            format!("temporary failure of Microsoft Graph, retrying later: {shown}"),
+        );
+    }
+    if matches!(a.status, 400 | 415 | 422) {
+        return Verdict::new(
+            Action::BounceMessage,
+            format!("Microsoft Graph refused the message: {shown}"),
+        );
+    }
+    // 404 on the endpoint, 405, 409...: nothing about one message; bouncing would
+    // bounce the queue.
+    graph_hold(
+        HoldUntil::Release,
+        "Microsoft Graph refused the request for a reason that is not about one message: check \
+         [account.graph] url, mailbox and the app's permissions in relay365.toml",
+        &shown,
+    )
+}
+
+fn graph_hold(until: HoldUntil, fix: &str, shown: &str) -> Verdict {
+    Verdict::new(
+        Action::HoldAccount {
+            until,
+            fix: fix.to_owned(),
+        },
+        format!("{fix} (Microsoft Graph said: {shown})"),
+    )
+}
 
 /// Classifies `reply`, received at `stage`. Specific texts and codes first, the reply
 /// class last, exactly in the order of the table in docs/exchange-online.md.
@@ -294,6 +468,10 @@ pub fn classify(reply: &Reply, stage: Stage) -> Verdict {
                  token once; if that fails the account is held"
             ),
         );
+    }
+
+    if reply.mentions((5, 7, 705)) || reply.mentions((5, 7, 708)) || reply.mentions((5, 7, 750)) {
+        return hold(HoldUntil::Release, TENANT_BLOCK_FIX, reply);
     }
 
     if reply.mentions((5, 1, 8)) || has("outboundspamexception") {
@@ -450,6 +628,201 @@ mod tests {
         match action(raw, stage) {
             Action::HoldAccount { until, fix } => (until, fix),
             other => panic!("expected hold for {raw:?}, got {other:?}"),
+        }
+    }
+
+    fn http(status: u16, code: &str, message: &str, retry: Option<u64>) -> Verdict {
+        classify_http(&HttpAnswer {
+            status,
+            code,
+            message,
+            retry_after: retry.map(Duration::from_secs),
+        })
+    }
+
+    #[test]
+    fn tenant_level_blocks_hold_the_account() {
+        for raw in [
+            "550 5.7.705 Access denied, tenant has exceeded threshold.",
+            "550 5.7.708 Service unavailable. Access denied, traffic not accepted from this IP.",
+            "550 5.7.750 Service unavailable. Client blocked from sending from unregistered domains.",
+        ] {
+            let (until, fix) = held(raw, Stage::AfterDot);
+            assert_eq!(until, HoldUntil::Release);
+            assert!(fix.contains("whole tenant"), "{fix}");
+        }
+    }
+
+    // --- the Graph rows, one test each ---
+
+    #[test]
+    fn graph_202_is_sent() {
+        assert_eq!(http(202, "", "", None).action, Action::Accepted);
+    }
+
+    #[test]
+    fn graph_429_and_503_wait_exactly_retry_after_for_the_account() {
+        for status in [429, 503] {
+            let v = http(
+                status,
+                "ApplicationThrottled",
+                "Application is over its MailboxConcurrency limit.",
+                Some(17),
+            );
+            assert_eq!(v.action, Action::WaitAccount(Duration::from_secs(17)));
+            assert!(!v.action.bounces() && !v.action.alerts());
+            assert!(v.action.ends_transaction());
+        }
+        assert_eq!(
+            http(429, "", "", None).action,
+            Action::WaitAccount(RETRY_AFTER_DEFAULT)
+        );
+        assert_eq!(
+            http(503, "", "", Some(10 * 86_400)).action,
+            Action::WaitAccount(RETRY_AFTER_CAP)
+        );
+    }
+
+    #[test]
+    fn graph_401_refreshes_the_token_then_holds() {
+        let v = http(
+            401,
+            "InvalidAuthenticationToken",
+            "Access token has expired or is not yet valid.",
+            None,
+        );
+        assert_eq!(v.action, Action::AuthFailed);
+        assert!(v.reason.contains("Mail.Send"), "{}", v.reason);
+    }
+
+    #[test]
+    fn graph_403_access_denied_holds_with_the_powershell() {
+        for (code, msg) in [
+            (
+                "ErrorAccessDenied",
+                "Access is denied. Check credentials and try again.",
+            ),
+            (
+                "ErrorAccessDenied",
+                "Access to OData is disabled: [RAOP] : Blocked by tenant configured AppOnly AccessPolicy settings.",
+            ),
+        ] {
+            let v = http(403, code, msg, None);
+            let Action::HoldAccount { until, fix } = v.action else {
+                panic!("{v:?}")
+            };
+            assert_eq!(until, HoldUntil::Release);
+            assert!(fix.contains("New-ApplicationAccessPolicy"), "{fix}");
+            assert!(fix.contains("Mail.Send"), "{fix}");
+        }
+    }
+
+    #[test]
+    fn graph_invalid_recipients_bounce_the_recipient_and_too_large_the_message() {
+        let v = http(
+            400,
+            "ErrorInvalidRecipients",
+            "At least one recipient isn't valid., Recipient 'x@y' isn't resolved.",
+            None,
+        );
+        assert_eq!(v.action, Action::BounceRecipient);
+        assert!(v.reason.contains("x@y"));
+        assert_eq!(
+            http(
+                400,
+                "ErrorMessageSizeExceeded",
+                "The message exceeds the maximum supported size.",
+                None
+            )
+            .action,
+            Action::BounceMessage
+        );
+        assert_eq!(
+            http(413, "RequestEntityTooLarge", "", None).action,
+            Action::BounceMessage
+        );
+        assert_eq!(
+            http(403, "ErrorSendAsDenied", "", None).action,
+            Action::BounceMessage
+        );
+        assert_eq!(
+            http(
+                400,
+                "ErrorMimeContentInvalidBase64String",
+                "Invalid base64 string for MIME content.",
+                None
+            )
+            .action,
+            Action::BounceMessage
+        );
+    }
+
+    #[test]
+    fn graph_quota_errors_freeze_like_smtp() {
+        assert_eq!(
+            http(403, "ErrorSubmissionQuotaExceeded", "Cannot submit message. 554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException", None).action,
+            Action::FreezeAccount(Quota::Daily)
+        );
+        assert_eq!(
+            http(
+                400,
+                "ErrorMessageSubmissionBlocked",
+                "5.7.233 tenant external recipient limit",
+                None
+            )
+            .action,
+            Action::FreezeAccount(Quota::Tenant)
+        );
+    }
+
+    #[test]
+    fn graph_account_level_refusals_hold_and_server_errors_defer() {
+        assert!(matches!(
+            http(
+                403,
+                "ErrorMessageSubmissionBlocked",
+                "Cannot send mail.",
+                None
+            )
+            .action,
+            Action::HoldAccount {
+                until: HoldUntil::NextUtcDay,
+                ..
+            }
+        ));
+        assert!(matches!(
+            http(
+                404,
+                "ErrorInvalidUser",
+                "The requested user 'x' is invalid.",
+                None
+            )
+            .action,
+            Action::HoldAccount { .. }
+        ));
+        assert!(matches!(
+            http(404, "MailboxNotEnabledForRESTAPI", "", None).action,
+            Action::HoldAccount { .. }
+        ));
+        assert!(matches!(
+            http(
+                403,
+                "ErrorQuotaExceeded",
+                "Mailbox has exceeded maximum mailbox size.",
+                None
+            )
+            .action,
+            Action::HoldAccount { .. }
+        ));
+        assert!(matches!(
+            http(405, "", "", None).action,
+            Action::HoldAccount { .. }
+        ));
+        for s in [500, 502, 504, 408] {
+            assert!(
+                matches!(http(s, "", "", None).action, Action::Defer { .. }),
+                "{s}"
+            );
         }
     }
 

@@ -9,7 +9,10 @@
 //! bounces, retries), so a new transport changes none of that.
 pub mod capture;
 pub mod classify;
+pub mod graph;
+pub mod http;
 pub mod oauth;
+pub mod proxy;
 pub mod reply;
 pub mod smtp;
 pub mod tls;

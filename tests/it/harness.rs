@@ -259,6 +259,46 @@ impl Tenant {
         Tenant { emu, spool }
     }
 
+    /// A spool whose one account sends through the emulator's Microsoft Graph
+    /// (`transport = "graph"`) with an app secret. `top` goes before the account
+    /// (`proxy = ...`), `account_extra` inside `[[account]]`, `graph_extra` inside
+    /// `[account.graph]`; `secrets_extra` inside the account's secrets table.
+    pub fn graph(
+        cfg: emu::Config,
+        top: &str,
+        account_extra: &str,
+        graph_extra: &str,
+        secrets_extra: &str,
+    ) -> Tenant {
+        let emu = emu::Emulator::start(cfg).expect("start emulator");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = dir.path().join("ca.pem");
+        emu.write_ca(&ca).expect("write ca");
+        let secrets = dir.path().join("secrets.toml");
+        std::fs::write(
+            &secrets,
+            format!("[app]\nclient_secret = \"{CLIENT_SECRET}\"\n{secrets_extra}\n"),
+        )
+        .expect("secrets");
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&secrets, std::fs::Permissions::from_mode(0o600))
+                .expect("chmod");
+        }
+        let aliases = dir.path().join("aliases");
+        std::fs::write(&aliases, "postmaster: root\nroot: ops@contoso.com\n").expect("aliases");
+        let toml = format!(
+            "secrets_file = \"{}\"\naliases = \"{}\"\nadmin = \"admin@contoso.com\"\n{top}\n\n[[account]]\nname = \"app\"\nmailbox = \"{MAILBOX}\"\ntransport = \"graph\"\nca_file = \"{}\"\ntimeout = \"10s\"\n{account_extra}\n[account.graph]\nurl = \"{}\"\n{graph_extra}\n[account.oauth]\ntenant = \"{TENANT}\"\nclient_id = \"{CLIENT_ID}\"\ntoken_url = \"{}\"\n",
+            secrets.display(),
+            aliases.display(),
+            ca.display(),
+            emu.graph_url().expect("graph"),
+            emu.token_url(TENANT).expect("token endpoint"),
+        );
+        let spool = Spool::new_in(dir, &toml);
+        Tenant { emu, spool }
+    }
+
     pub fn flush(&self) -> Output {
         self.spool.relay365(&["flush"])
     }

@@ -97,6 +97,19 @@ impl Bouncer<'_> {
             return_limit: super::DEFAULT_RETURN_LIMIT,
             now,
         });
+        self.queue_dsn(&e.id.to_string(), &e.sender.to_string(), to, &dsn, now)
+    }
+
+    /// Inserts a DSN for `to` (resolved recipients) into the queue, for message `id` of
+    /// `sender`; logs both ways.
+    fn queue_dsn(
+        &self,
+        id: &str,
+        sender: &str,
+        to: Vec<Recipient>,
+        dsn: &[u8],
+        now: SystemTime,
+    ) -> Result<Option<QueueId>, String> {
         let bid = QueueId::generate(SystemTime::now());
         let mut entry = QueueEntry::new(
             &bid,
@@ -110,18 +123,15 @@ impl Bouncer<'_> {
         if !entry.has_pending() {
             self.log(
                 Level::Warning,
-                &format!(
-                    "{}: the bounce to <{}> has nowhere to go; dropped",
-                    e.id, e.sender
-                ),
+                &format!("{id}: the bounce to <{sender}> has nowhere to go; dropped"),
             );
             return Ok(None);
         }
-        match self.queue.insert(&entry, &dsn) {
+        match self.queue.insert(&entry, dsn) {
             Ok(()) => {
                 self.log(
                     Level::Info,
-                    &format!("{}: sender non-delivery notification: {bid}", e.id),
+                    &format!("{id}: sender non-delivery notification: {bid}"),
                 );
                 Ok(Some(bid))
             }
@@ -131,12 +141,48 @@ impl Bouncer<'_> {
                 self.log(
                     Level::Error,
                     &format!(
-                        "{}: cannot queue the bounce, keeping the message to try again: {err}",
-                        e.id
+                        "{id}: cannot queue the bounce, keeping the message to try again: {err}"
                     ),
                 );
                 Err(err.to_string())
             }
         }
+    }
+
+    /// Queues the DSN for recipients an NDR reported after the message left the queue
+    /// (see [`crate::daemon::harvest`]): to the original sender from the sent log, with
+    /// the original headers the NDR returned. Nothing for a bounce, the null sender or
+    /// `NOTIFY` without `FAILURE`.
+    pub fn late(
+        &self,
+        sent: &crate::daemon::harvest::sentlog::SentRecord,
+        recipients: Vec<DsnRecipient>,
+        original_headers: &[u8],
+        now: SystemTime,
+    ) -> Result<Option<QueueId>, String> {
+        let Sender::Address(sender) = sent.sender.clone() else {
+            return Ok(None);
+        };
+        if sent.is_bounce || !Notify::on_failure(sent.notify) {
+            return Ok(None);
+        }
+        let mut original = original_headers.to_vec();
+        original.extend_from_slice(b"\r\n");
+        let locals = Locals::new(self.config, self.aliases);
+        let to: Vec<Recipient> = locals.resolve(&sender);
+        let dsn = super::build_dsn(&DsnInput {
+            reporting_mta: self.reporting_mta.to_string(),
+            from: format!("MAILER-DAEMON@{}", self.config.domain),
+            to: sender.to_string(),
+            envid: sent.envid.as_ref().map(EnvId::to_string),
+            arrival: std::time::UNIX_EPOCH + std::time::Duration::from_micros(sent.arrival_us),
+            queue_id: sent.queue_id.clone(),
+            recipients,
+            original: &original,
+            ret: Return::Headers,
+            return_limit: super::DEFAULT_RETURN_LIMIT,
+            now,
+        });
+        self.queue_dsn(&sent.queue_id, &sender.to_string(), to, &dsn, now)
     }
 }

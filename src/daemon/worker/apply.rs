@@ -10,6 +10,7 @@ use std::collections::HashSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::{AccountWorker, Flow};
+use crate::config::Transport as Kind;
 use crate::daemon::hold::write_hold;
 use crate::spool::queue::{Locked, QueueEntry, RcptStatus};
 use crate::transport::classify::{
@@ -82,6 +83,7 @@ impl AccountWorker {
                 for &i in &accepted {
                     self.mark_sent(locked, i, &relay, &text);
                 }
+                self.record_sent(locked, &accepted);
                 Flow::Continue
             }
             TxnEnd::Refused(v) if v.action == Action::SplitRecipients => {
@@ -98,6 +100,46 @@ impl AccountWorker {
                 }
                 Flow::Stop
             }
+        }
+    }
+
+    /// Appends the transaction to the sent log, for late NDRs (`harvest_bounces` only).
+    fn record_sent(&self, locked: &Locked, accepted: &[usize]) {
+        let (true, Some(mid)) = (self.account.harvest_bounces, self.message_id.clone()) else {
+            return;
+        };
+        let e = &locked.entry;
+        let record = crate::daemon::harvest::sentlog::SentRecord {
+            message_id: mid,
+            queue_id: e.id.to_string(),
+            sender: e.sender.clone(),
+            notify: e.notify,
+            ret: e.ret,
+            envid: e.envid.clone(),
+            arrival_us: e.arrival_us,
+            sent_us: crate::spool::queue::micros(SystemTime::now()),
+            is_bounce: e.is_bounce,
+            rcpts: accepted
+                .iter()
+                .map(|&i| {
+                    let r = &e.recipients[i];
+                    (
+                        r.address.to_string(),
+                        r.original.as_ref().map(ToString::to_string),
+                    )
+                })
+                .collect(),
+        };
+        let path = self.spool.sent_log(&self.account.name);
+        if let Err(err) = crate::daemon::harvest::sentlog::append(&path, &record) {
+            self.log(
+                crate::logging::Level::Error,
+                &format!(
+                    "{}: cannot record it in {} (a late NDR for it will not be matched): {err}",
+                    e.id,
+                    path.display()
+                ),
+            );
         }
     }
 
@@ -150,7 +192,10 @@ impl AccountWorker {
         now: SystemTime,
     ) -> Flow {
         let id = locked.entry.id.clone();
-        let relay = format!("{}:{}", self.account.host, self.account.port);
+        let relay = match self.account.transport {
+            Kind::Graph => self.account.graph.host().to_owned(),
+            _ => format!("{}:{}", self.account.host, self.account.port),
+        };
         let name = self.account.name.clone();
         let note = |e: &mut QueueEntry, text: &str| {
             for &i in indices {
@@ -221,6 +266,23 @@ impl AccountWorker {
                 note(&mut locked.entry, &v.reason);
                 locked.entry.set_next_attempt(until);
                 self.log(crate::logging::Level::Warning, &format!("account {name}: too many connections, closing this one and retrying later: {}", v.reason));
+                Flow::Stop
+            }
+            Action::WaitAccount(wait) => {
+                // The ledger's freeze stops every worker and `relay365 flush` alike.
+                let until = now + *wait;
+                let _ = self.ledger.freeze(until, &v.reason);
+                self.retry_after = Some((until, v.reason.clone()));
+                note(&mut locked.entry, &v.reason);
+                locked.entry.set_next_attempt(until);
+                self.log(
+                    crate::logging::Level::Warning,
+                    &format!(
+                        "account {name}: waiting until {} as the server asked: {}",
+                        crate::message::complete::rfc5322_date(until),
+                        v.reason
+                    ),
+                );
                 Flow::Stop
             }
             Action::PauseAccount => {

@@ -21,15 +21,13 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use ring::rand::SystemRandom;
 use ring::signature::RsaKeyPair;
 use serde::Deserialize;
-use ureq::tls::{Certificate, RootCerts, TlsConfig, TlsProvider};
 
-use super::tls::{self, TlsSetupError};
+use super::tls::TlsSetupError;
 use crate::config::oauth::{DEFAULT_SCOPE, InvalidSetting, OAuthSettings};
 use crate::secrets::{AccountSecrets, Secret};
 use assertion::{ASSERTION_TYPE, certificate_thumbprint, client_assertion, load_rsa_key};
@@ -170,6 +168,10 @@ pub enum OAuthError {
         fix: &'static str,
         temporary: bool,
     },
+    #[error(
+        "the HTTP proxy refused the tunnel to the token endpoint {url} ({detail}): check proxy and proxy_password, and that the proxy allows CONNECT to port 443"
+    )]
+    Proxy { url: String, detail: String },
     #[error("the token endpoint {url} sent an unusable answer: {problem}: check token_url")]
     BadResponse { url: String, problem: &'static str },
 }
@@ -192,6 +194,7 @@ impl OAuthError {
             | OAuthError::Certificate { .. }
             | OAuthError::Key { .. }
             | OAuthError::Signing { .. }
+            | OAuthError::Proxy { .. }
             | OAuthError::BadResponse { .. } => false,
         }
     }
@@ -261,6 +264,17 @@ impl TokenSource {
         ca_file: Option<&Path>,
         timeout: Duration,
     ) -> Result<TokenSource, OAuthError> {
+        Self::new_via(settings, credential, ca_file, timeout, None)
+    }
+
+    /// As [`TokenSource::new`], through an HTTP proxy (`CONNECT`) when one is given.
+    pub fn new_via(
+        settings: OAuthSettings,
+        credential: ClientCredential,
+        ca_file: Option<&Path>,
+        timeout: Duration,
+        proxy: Option<ureq::Proxy>,
+    ) -> Result<TokenSource, OAuthError> {
         settings.validate()?;
         let auth = match credential {
             ClientCredential::Secret(secret) if secret.is_empty() => {
@@ -285,26 +299,10 @@ impl TokenSource {
                 }
             }
         };
-        let roots = trusted_roots(ca_file)?;
-        let tls = TlsConfig::builder()
-            .provider(TlsProvider::Rustls)
-            // SECURITY: verification against exactly these roots; disable_verification is never set.
-            .root_certs(RootCerts::Specific(Arc::new(roots)))
-            .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .build();
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .tls_config(tls)
-            // SECURITY: the secret goes to token_url only: no plain HTTP, no redirects, no
-            // proxy taken from the environment.
-            .https_only(true)
-            .max_redirects(0)
-            .proxy(None)
-            // Microsoft's JSON error bodies carry the reason; read them instead of erroring.
-            .http_status_as_error(false)
-            .timeout_global(Some(timeout))
-            .user_agent(concat!("relay365/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .into();
+        let agent = super::http::agent(ca_file, timeout, proxy).map_err(|e| match e {
+            TlsSetupError::CaFile { path, problem } => OAuthError::CaFile { path, problem },
+            TlsSetupError::NoRoots | TlsSetupError::Config(_) => OAuthError::NoRoots,
+        })?;
         Ok(TokenSource {
             token_url: settings.resolved_token_url(),
             settings,
@@ -433,6 +431,12 @@ fn refresh_at(now: SystemTime, life: Option<Duration>) -> SystemTime {
 /// Classifies a ureq error: all of these are network trouble, hence temporary.
 fn transport_error(url: &str, timeout: Duration, e: ureq::Error) -> OAuthError {
     let url = url.to_owned();
+    if super::http::is_proxy_refusal(&e) {
+        return OAuthError::Proxy {
+            url,
+            detail: e.to_string(),
+        };
+    }
     match e {
         ureq::Error::Timeout(_) => OAuthError::Timeout { url, timeout },
         ureq::Error::Io(io)
@@ -520,18 +524,6 @@ fn push_encoded(out: &mut String, s: &str) {
             out.push(char::from(HEX[usize::from(b & 0xf)]));
         }
     }
-}
-
-/// The roots shared with SMTP submission (see [`super::tls::trusted_roots`]), in ureq's type.
-fn trusted_roots(ca_file: Option<&Path>) -> Result<Vec<Certificate<'static>>, OAuthError> {
-    let roots = tls::trusted_roots(ca_file).map_err(|e| match e {
-        TlsSetupError::CaFile { path, problem } => OAuthError::CaFile { path, problem },
-        TlsSetupError::NoRoots | TlsSetupError::Config(_) => OAuthError::NoRoots,
-    })?;
-    Ok(roots
-        .iter()
-        .map(|c| Certificate::from_der(c.as_ref()).to_owned())
-        .collect())
 }
 
 /// What a successful answer gave.
@@ -750,6 +742,7 @@ mod tests {
     use rustls::pki_types::PrivateKeyDer;
     use std::io::{Read, Write};
     use std::net::{SocketAddr, TcpListener};
+    use std::sync::Arc;
     use std::sync::Mutex;
     use std::time::UNIX_EPOCH;
 

@@ -32,6 +32,7 @@ use zeroize::Zeroizing;
 
 use super::classify::{self, Stage, Verdict};
 use super::oauth::xoauth2_sasl;
+use super::proxy::HttpProxy;
 use super::reply::Reply;
 use conn::{Conn, Stream, is_timeout};
 pub use submit::{Dial, Submission};
@@ -59,6 +60,8 @@ pub struct Endpoint<'a> {
     pub ca_file: Option<&'a Path>,
     pub timeout: Duration,
     pub helo_name: &'a str,
+    /// The HTTP proxy to tunnel through (`CONNECT host:port`), if any.
+    pub proxy: Option<&'a HttpProxy>,
 }
 
 /// How to authenticate; secrets stay wrapped until the AUTH line is built.
@@ -77,6 +80,8 @@ pub struct Failure {
     pub stage: Stage,
     pub reply: Option<Reply>,
     pub detail: String,
+    /// The verdict when it does not follow from a reply (a proxy that refused).
+    pub decided: Option<Box<Verdict>>,
 }
 
 impl Failure {
@@ -85,6 +90,7 @@ impl Failure {
             stage,
             reply: None,
             detail: detail.into(),
+            decided: None,
         }
     }
 
@@ -93,11 +99,15 @@ impl Failure {
             stage,
             detail: reply.to_string(),
             reply: Some(reply),
+            decided: None,
         }
     }
 
     /// What the failure means, from [`classify`]'s decision table.
     pub fn verdict(&self) -> Verdict {
+        if let Some(v) = &self.decided {
+            return (**v).clone();
+        }
         match &self.reply {
             Some(r) => classify::classify(r, self.stage),
             None if self.is_certificate_error() => classify::untrusted_certificate(&self.detail),
@@ -248,6 +258,20 @@ impl std::fmt::Debug for Session {
 
 /// Connects to the first address of `host` that answers.
 fn connect(ep: &Endpoint) -> Result<(TcpStream, SocketAddr), Failure> {
+    if let Some(proxy) = ep.proxy {
+        // SECURITY: the tunnel carries the same TLS as a direct connection; the
+        // certificate is checked against ep.host, never the proxy's name.
+        let tcp = proxy
+            .connect(ep.host, ep.port, ep.timeout)
+            .map_err(|e| Failure {
+                decided: Some(Box::new(e.verdict())),
+                ..Failure::new(Stage::Connect, e.to_string())
+            })?;
+        let peer = tcp
+            .peer_addr()
+            .map_err(|e| Failure::new(Stage::Connect, format!("the proxy's socket: {e}")))?;
+        return Ok((tcp, peer));
+    }
     let addrs: Vec<SocketAddr> = (ep.host, ep.port)
         .to_socket_addrs()
         .map(Iterator::collect)
@@ -712,6 +736,7 @@ mod tests {
             ca_file: None,
             timeout: Duration::from_secs(5),
             helo_name: "client.example",
+            proxy: None,
         }
     }
 

@@ -115,8 +115,12 @@ pub struct App {
     pub tenant: String,
     pub client_id: String,
     pub credential: Credential,
-    /// Mailboxes whose XOAUTH2 `user=` this app's tokens may name.
+    /// Mailboxes whose XOAUTH2 `user=` this app's tokens may name; for Graph, the
+    /// mailboxes its application access policy allows.
     pub mailboxes: Vec<String>,
+    /// Microsoft Graph application permissions granted with admin consent (the `roles`
+    /// claim of its Graph tokens).
+    pub graph_roles: Vec<String>,
 }
 
 impl App {
@@ -126,6 +130,7 @@ impl App {
             client_id: client_id.to_owned(),
             credential: Credential::Secret(secret.to_owned()),
             mailboxes: vec![mailbox.to_owned()],
+            graph_roles: default_graph_roles(),
         }
     }
 
@@ -135,11 +140,24 @@ impl App {
             client_id: client_id.to_owned(),
             credential: Credential::CertificatePem(cert_pem.to_owned()),
             mailboxes: vec![mailbox.to_owned()],
+            graph_roles: default_graph_roles(),
         }
     }
 }
 
 /// Called with every accepted message, after it is stored (the binary writes files from it).
+fn default_graph_roles() -> Vec<String> {
+    vec!["Mail.Send".to_owned(), "Mail.ReadWrite".to_owned()]
+}
+
+impl App {
+    /// The app with exactly these Graph permissions.
+    pub fn with_graph_roles(mut self, roles: &[&str]) -> App {
+        self.graph_roles = roles.iter().map(|r| (*r).to_owned()).collect();
+        self
+    }
+}
+
 pub type MessageHook = Arc<dyn Fn(&Received) + Send + Sync>;
 
 /// Everything the emulator is told. `Config::default()` is an Exchange Online tenant with no
@@ -186,6 +204,16 @@ pub struct Config {
     /// `expires_in` of issued tokens; the SMTP side refuses them after it.
     pub token_lifetime: Duration,
     pub on_message: Option<MessageHook>,
+    /// Graph: concurrent requests per app and mailbox (Microsoft: 4).
+    pub graph_max_concurrent: u32,
+    /// Graph: requests per app and mailbox in a window (Microsoft: 10,000 per 10 minutes).
+    pub graph_request_rate: Option<(u32, Duration)>,
+    /// Graph: largest request body (Microsoft: 4 MB).
+    pub graph_max_request: usize,
+    /// How long after accepting a message its NDRs land in the inbox.
+    pub ndr_delay: Duration,
+    /// Extra time each Graph request takes (the round trip of a real tenant).
+    pub graph_delay: Duration,
 }
 
 impl fmt::Debug for Config {
@@ -251,6 +279,11 @@ impl Default for Config {
             apps: Vec::new(),
             token_lifetime: Duration::from_secs(3599),
             on_message: None,
+            graph_max_concurrent: 4,
+            graph_request_rate: Some((10_000, Duration::from_secs(600))),
+            graph_max_request: 4 * 1024 * 1024,
+            ndr_delay: Duration::from_millis(200),
+            graph_delay: Duration::ZERO,
         }
     }
 }

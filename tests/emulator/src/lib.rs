@@ -17,7 +17,9 @@
 mod clock;
 pub mod config;
 pub mod faults;
+pub mod graph;
 mod headers;
+mod https;
 mod io;
 pub mod jwt;
 mod limits;
@@ -41,10 +43,12 @@ pub use config::{
     App, CertKind, Config, Credential, EXCHANGE_MAX_SIZE, Mailbox, MessageHook, OverRate, TlsMode,
 };
 pub use faults::{Action, Fault, Stage};
+pub use graph::{GraphFault, MailItem};
 pub use jwt::{sign_client_assertion, test_certificate_pem};
 pub use store::Received;
+pub use store::Via;
 pub use testkey::TEST_RSA_KEY_PEM;
-pub use token::{SCOPE, TokenEndpoint, TokenFault};
+pub use token::{GRAPH_SCOPE, SCOPE, TokenEndpoint, TokenFault};
 
 use server::Shared;
 
@@ -54,6 +58,7 @@ pub struct Emulator {
     addr: SocketAddr,
     ca_pem: String,
     token: Option<TokenEndpoint>,
+    graph: Option<Arc<graph::Graph>>,
     accept: Option<JoinHandle<()>>,
 }
 
@@ -78,7 +83,16 @@ impl Emulator {
         };
         let listener = TcpListener::bind(("127.0.0.1", cfg.port))?;
         let addr = listener.local_addr()?;
-        let shared = Arc::new(Shared::new(cfg, smtp_tls, registry));
+        let shared = Arc::new(Shared::new(cfg, smtp_tls, registry.clone()));
+        let graph = match (&token, registry) {
+            (Some(t), Some(r)) => {
+                let g = Arc::new(graph::Graph::new(Arc::clone(&shared), r, t.authority()));
+                t.set_graph(Arc::clone(&g));
+                let _ = shared.graph.set(Arc::downgrade(&g));
+                Some(g)
+            }
+            _ => None,
+        };
         let s = Arc::clone(&shared);
         let accept = std::thread::Builder::new()
             .name("smtp-accept".into())
@@ -88,8 +102,65 @@ impl Emulator {
             addr,
             ca_pem: pki.ca_pem(),
             token,
+            graph,
             accept: Some(accept),
         })
+    }
+
+    /// Microsoft Graph's root on the token endpoint's listener (`https://localhost:PORT`),
+    /// unless `Config::token_endpoint` was off: configure it as `[account.graph] url`.
+    pub fn graph_url(&self) -> Option<String> {
+        self.graph.as_ref().map(|g| g.base.clone())
+    }
+
+    /// Answers the next `sendMail` (or draft send) requests with this error.
+    pub fn inject_graph(&self, fault: GraphFault) {
+        if let Some(g) = &self.graph {
+            g.inject(fault);
+        }
+    }
+
+    /// After accepting a message for `rcpt` through Graph, drop an NDR with this status
+    /// (`5.1.1`) and diagnostic (`550 5.1.1 RESOLVER.ADR.RecipNotFound; not found`) into
+    /// the sending mailbox's inbox, `Config::ndr_delay` later.
+    pub fn ndr_for(&self, rcpt: &str, status: &str, diagnostic: &str) {
+        if let Some(g) = &self.graph {
+            g.ndr_for(rcpt, status, diagnostic);
+        }
+    }
+
+    /// The messages in `mailbox` (every folder), as Graph keeps them.
+    pub fn mailbox_items(&self, mailbox: &str) -> Vec<MailItem> {
+        self.graph
+            .as_ref()
+            .map(|g| g.items(mailbox))
+            .unwrap_or_default()
+    }
+
+    /// Puts a message into `mailbox`'s inbox; returns its id.
+    pub fn deliver_to_inbox(&self, mailbox: &str, mime: &[u8]) -> Option<String> {
+        self.graph
+            .as_ref()
+            .map(|g| g.deliver(mailbox, mime.to_vec()))
+    }
+
+    /// `sendMail` requests received.
+    pub fn graph_send_requests(&self) -> u64 {
+        self.graph
+            .as_ref()
+            .map_or(0, |g| g.send_requests.load(Ordering::Relaxed))
+    }
+
+    /// Graph requests received (any path).
+    pub fn graph_requests(&self) -> u64 {
+        self.graph
+            .as_ref()
+            .map_or(0, |g| g.requests.load(Ordering::Relaxed))
+    }
+
+    /// The most Graph requests of one app for `mailbox` ever in flight at once.
+    pub fn graph_max_concurrent_for(&self, mailbox: &str) -> u32 {
+        self.graph.as_ref().map_or(0, |g| g.max_concurrent(mailbox))
     }
 
     /// The SMTP listener address (127.0.0.1:port).

@@ -80,6 +80,9 @@ struct Args {
     /// a pipelined group of commands share one delay, as one round trip.
     #[arg(long, default_value_t = 0)]
     reply_delay_ms: u64,
+    /// Extra time each Microsoft Graph request takes, in milliseconds (one round trip).
+    #[arg(long, default_value_t = 0)]
+    graph_delay_ms: u64,
     /// COUNT/WINDOW like 30/60s, 30/1m, or "off".
     #[arg(long)]
     message_rate: Option<String>,
@@ -259,6 +262,7 @@ fn config(args: &Args) -> Result<Config, CliError> {
         cfg.check_send_as = false;
     }
     cfg.reply_delay = Duration::from_millis(args.reply_delay_ms);
+    cfg.graph_delay = Duration::from_millis(args.graph_delay_ms);
     if let Some(r) = &args.message_rate {
         cfg.message_rate = parse_rate("--message-rate", r)?;
     }

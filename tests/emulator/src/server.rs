@@ -25,6 +25,8 @@ pub(crate) struct Shared {
     pub(crate) limits: Limits,
     pub(crate) faults: Faults,
     pub(crate) tokens: Option<Arc<TokenRegistry>>,
+    /// Graph, for the NDRs of messages accepted over SMTP (weak: Graph holds this).
+    pub(crate) graph: std::sync::OnceLock<std::sync::Weak<crate::graph::Graph>>,
     pub(crate) shutdown: Arc<AtomicBool>,
     live: Mutex<HashMap<u64, TcpStream>>,
     next_conn: AtomicU64,
@@ -44,6 +46,7 @@ impl Shared {
             limits,
             faults: Faults::default(),
             tokens,
+            graph: std::sync::OnceLock::new(),
             shutdown: Arc::new(AtomicBool::new(false)),
             live: Mutex::default(),
             next_conn: AtomicU64::new(1),

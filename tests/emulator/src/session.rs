@@ -823,9 +823,16 @@ impl Session<'_> {
             accepted_at: SystemTime::now(),
             connection_id: self.id,
             message_id: message_id.clone(),
+            via: crate::store::Via::Smtp,
         };
         if let Some(hook) = &self.sh.cfg.on_message {
             hook(&received);
+        }
+        if let (Some(g), Some(mb)) = (
+            self.sh.graph.get().and_then(std::sync::Weak::upgrade),
+            received.mailbox.as_deref(),
+        ) {
+            g.schedule_ndrs(mb, &received.data, &received.rcpts);
         }
         if !self.sh.cfg.keep_bodies {
             received.data = Vec::new();

@@ -27,6 +27,19 @@ pub struct Received {
     pub connection_id: u64,
     /// The id in the `250 2.0.0 OK <id>` reply.
     pub message_id: String,
+    /// How it came: SMTP submission or Microsoft Graph.
+    pub via: Via,
+}
+
+/// The way a message reached the emulator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Via {
+    #[default]
+    Smtp,
+    /// `sendMail` with a MIME body.
+    GraphMime,
+    /// `sendMail` with a JSON message, or a draft sent with `/send`.
+    GraphJson,
 }
 
 impl Received {

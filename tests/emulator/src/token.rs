@@ -20,15 +20,20 @@ use rustls::ServerConfig;
 
 use crate::clock::Civil;
 use crate::config::{App, Credential};
+use crate::https::{parse_form, read_chunked, respond, respond_full};
 use crate::io::{Io, sleep_unless};
 use crate::jwt::{AssertionError, RegisteredKey, verify_assertion};
 use crate::replies::random_u64;
 
 pub const SCOPE: &str = "https://outlook.office365.com/.default";
+/// The app-only scope for Microsoft Graph.
+pub const GRAPH_SCOPE: &str = "https://graph.microsoft.com/.default";
 const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 const MAX_HEADER_LINE: usize = 16 * 1024;
 const MAX_HEADERS: usize = 100;
 const MAX_BODY: u64 = 1024 * 1024;
+/// Graph requests are read up to this (Graph itself refuses more than 4 MB).
+const MAX_GRAPH_BODY: u64 = 8 * 1024 * 1024;
 
 /// A scripted misbehaviour of the token endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +49,18 @@ pub enum TokenFault {
 struct Issued {
     mailboxes: Vec<String>,
     expires: Instant,
+    /// Issued for Graph (`aud` graph.microsoft.com) rather than Exchange Online.
+    graph: bool,
+    roles: Vec<String>,
+    app: String,
+}
+
+/// What a valid Graph token lets its app do.
+#[derive(Debug, Clone)]
+pub(crate) struct GraphGrant {
+    pub(crate) app: String,
+    pub(crate) roles: Vec<String>,
+    pub(crate) mailboxes: Vec<String>,
 }
 
 /// Apps, issued tokens and counters; shared by the HTTPS listener and the SMTP sessions.
@@ -66,7 +83,7 @@ fn random_bytes(rng: &ring::rand::SystemRandom, n: usize) -> Vec<u8> {
     v
 }
 
-fn uuid() -> String {
+pub(crate) fn uuid() -> String {
     let a = random_u64();
     let b = random_u64();
     format!(
@@ -115,6 +132,10 @@ impl TokenRegistry {
 
     /// A fresh access token for `app`, shaped like an Entra ID v1 access token (about 2 KB).
     fn issue(&self, app: &App) -> (String, u64) {
+        self.issue_for(app, false)
+    }
+
+    fn issue_for(&self, app: &App, graph: bool) -> (String, u64) {
         let lifetime = self.lifetime();
         let now = unix_now();
         let header = serde_json::json!({
@@ -125,7 +146,7 @@ impl TokenRegistry {
             "kid": "JYhAcTPMZ_LX6DBlOWQ7Hn0NeXE",
         });
         let claims = serde_json::json!({
-            "aud": "https://outlook.office365.com",
+            "aud": if graph { "https://graph.microsoft.com" } else { "https://outlook.office365.com" },
             "iss": format!("https://sts.windows.net/{}/", app.tenant),
             "iat": now, "nbf": now, "exp": now + lifetime.as_secs() as i64,
             "aio": URL_SAFE_NO_PAD.encode(random_bytes(&self.rng, 96)),
@@ -135,7 +156,7 @@ impl TokenRegistry {
             "idp": format!("https://sts.windows.net/{}/", app.tenant),
             "oid": uuid(),
             "rh": URL_SAFE_NO_PAD.encode(random_bytes(&self.rng, 48)),
-            "roles": ["SMTP.SendAsApp"],
+            "roles": if graph { app.graph_roles.clone() } else { vec!["SMTP.SendAsApp".to_owned()] },
             "sid": uuid(),
             "sub": uuid(),
             "tid": app.tenant,
@@ -155,6 +176,9 @@ impl TokenRegistry {
         let issued = Issued {
             mailboxes: app.mailboxes.clone(),
             expires: Instant::now() + lifetime,
+            graph,
+            roles: app.graph_roles.clone(),
+            app: app.client_id.clone(),
         };
         self.tokens
             .lock()
@@ -170,8 +194,37 @@ impl TokenRegistry {
         // SECURITY: only tokens this endpoint issued, before expiry, for a permitted mailbox.
         tokens.get(token).is_some_and(|t| {
             Instant::now() < t.expires
+                && !t.graph
                 && t.mailboxes.iter().any(|m| m.eq_ignore_ascii_case(mailbox))
         })
+    }
+
+    /// The grant of a Graph bearer token, or Graph's 401 error (code, message).
+    pub(crate) fn check_graph(
+        &self,
+        token: &str,
+    ) -> Result<GraphGrant, (&'static str, &'static str)> {
+        let tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+        // SECURITY: only tokens this endpoint issued, before expiry, for Graph's audience.
+        match tokens.get(token) {
+            None => Err((
+                "InvalidAuthenticationToken",
+                "IDX14100: JWT is not well formed, there are no dots (.).",
+            )),
+            Some(t) if Instant::now() >= t.expires => Err((
+                "InvalidAuthenticationToken",
+                "Lifetime validation failed, the token is expired.",
+            )),
+            Some(t) if !t.graph => Err((
+                "InvalidAuthenticationToken",
+                "Access token validation failure. Invalid audience.",
+            )),
+            Some(t) => Ok(GraphGrant {
+                app: t.app.clone(),
+                roles: t.roles.clone(),
+                mailboxes: t.mailboxes.clone(),
+            }),
+        }
     }
 
     fn take_fault(&self) -> Option<TokenFault> {
@@ -263,7 +316,7 @@ impl TokenRegistry {
         let Some(scope) = get("scope") else {
             return missing("scope");
         };
-        if scope != SCOPE {
+        if scope != SCOPE && scope != GRAPH_SCOPE {
             let (code, text) = if scope.ends_with("/.default") {
                 (
                     70011,
@@ -336,7 +389,7 @@ impl TokenRegistry {
                 );
             }
         }
-        let (token, expires_in) = self.issue(app);
+        let (token, expires_in) = self.issue_for(app, scope == GRAPH_SCOPE);
         let body = serde_json::json!({
             "token_type": "Bearer",
             "expires_in": expires_in,
@@ -399,43 +452,6 @@ fn entra_error(status: u16, error: &str, code: u32, text: &str) -> (u16, String)
     (status, body.to_string())
 }
 
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = b
-            .get(i + 1..i + 3)
-            .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (b[i], hex) {
-            (b'+', _) => out.push(b' '),
-            (b'%', Some(v)) => {
-                out.push(v);
-                i += 2;
-            }
-            (c, _) => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// `application/x-www-form-urlencoded`; a repeated key keeps its first value.
-fn parse_form(body: &[u8]) -> HashMap<String, String> {
-    let mut form = HashMap::new();
-    for pair in String::from_utf8_lossy(body).split('&') {
-        if pair.is_empty() {
-            continue;
-        }
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        form.entry(percent_decode(k))
-            .or_insert_with(|| percent_decode(v));
-    }
-    form
-}
-
 struct ListenState {
     down: bool,
     listening: bool,
@@ -443,6 +459,8 @@ struct ListenState {
 
 struct Shared {
     registry: Arc<TokenRegistry>,
+    /// Microsoft Graph, served on the same HTTPS listener once the emulator set it.
+    graph: std::sync::OnceLock<Arc<crate::graph::Graph>>,
     tls: Arc<ServerConfig>,
     addr: SocketAddr,
     shutdown: Arc<AtomicBool>,
@@ -465,6 +483,7 @@ impl TokenEndpoint {
         let listener = TcpListener::bind(("127.0.0.1", port))?;
         let shared = Arc::new(Shared {
             registry,
+            graph: std::sync::OnceLock::new(),
             tls,
             addr: listener.local_addr()?,
             shutdown: Arc::new(AtomicBool::new(false)),
@@ -500,6 +519,11 @@ impl TokenEndpoint {
     /// `https://localhost:PORT/{tenant}/oauth2/v2.0/token`.
     pub fn url(&self, tenant: &str) -> String {
         format!("{}/{tenant}/oauth2/v2.0/token", self.authority())
+    }
+
+    /// Serves Microsoft Graph's paths (`/v1.0/...`, upload URLs) on this listener.
+    pub(crate) fn set_graph(&self, graph: Arc<crate::graph::Graph>) {
+        let _ = self.shared.graph.set(graph);
     }
 
     /// Requests received (each HTTP request, whatever its outcome).
@@ -653,19 +677,6 @@ fn accept_loop(sh: &Arc<Shared>, first: TcpListener) {
     }
 }
 
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        404 => "Not Found",
-        429 => "Too Many Requests",
-        500 => "Internal Server Error",
-        503 => "Service Unavailable",
-        _ => "Unknown",
-    }
-}
-
 /// One HTTP/1.1 connection, keep-alive until the client closes or says `Connection: close`.
 fn serve(sh: &Shared, sock: TcpStream) {
     let Ok(mut io) = Io::new(sock, Arc::clone(&sh.shutdown), Duration::from_secs(30)) else {
@@ -685,6 +696,7 @@ fn serve(sh: &Shared, sock: TcpStream) {
         let mut content_length = 0u64;
         let mut close = false;
         let mut chunked = false;
+        let mut headers: Vec<(String, String)> = Vec::new();
         let mut headers_ok = false;
         for _ in 0..MAX_HEADERS {
             let line = match io.read_line(MAX_HEADER_LINE) {
@@ -700,6 +712,9 @@ fn serve(sh: &Shared, sock: TcpStream) {
             }
             if let Some((k, v)) = line.split_once(':') {
                 let v = v.trim();
+                if headers.len() < MAX_HEADERS {
+                    headers.push((k.trim().to_ascii_lowercase(), v.to_owned()));
+                }
                 if k.eq_ignore_ascii_case("content-length") {
                     content_length = v.parse().unwrap_or(u64::MAX);
                 } else if k.eq_ignore_ascii_case("connection") && v.eq_ignore_ascii_case("close") {
@@ -712,12 +727,21 @@ fn serve(sh: &Shared, sock: TcpStream) {
             }
         }
         // SECURITY: bounded header count and body size.
-        if !headers_ok || content_length > MAX_BODY {
+        let graph = sh
+            .graph
+            .get()
+            .filter(|_| path.starts_with("/v1.0/") || path.starts_with("/upload/"));
+        let limit = if graph.is_some() {
+            MAX_GRAPH_BODY
+        } else {
+            MAX_BODY
+        };
+        if !headers_ok || content_length > limit {
             respond(&mut io, 400, "", true);
             break;
         }
         let body = if chunked {
-            read_chunked(&mut io)
+            read_chunked(&mut io, limit)
         } else {
             let mut body = Vec::with_capacity(content_length as usize);
             io.read_exact_to(content_length, |b| body.extend_from_slice(b))
@@ -725,6 +749,14 @@ fn serve(sh: &Shared, sock: TcpStream) {
                 .ok()
         };
         let Some(body) = body else { break };
+        if let Some(g) = graph {
+            let a = g.answer(&method, &path, &headers, &body);
+            respond_full(&mut io, &a, close);
+            if close || io.flush().is_err() {
+                break;
+            }
+            continue;
+        }
         sh.registry.requests.fetch_add(1, Ordering::Relaxed);
         let (status, json) = match sh.registry.take_fault() {
             Some(TokenFault::Drop) => {
@@ -746,42 +778,6 @@ fn serve(sh: &Shared, sock: TcpStream) {
         }
     }
     io.close();
-}
-
-/// A `Transfer-Encoding: chunked` body, bounded by `MAX_BODY`; `None` on any malformation.
-fn read_chunked(io: &mut Io) -> Option<Vec<u8>> {
-    let mut body = Vec::new();
-    loop {
-        let line = io.read_line(MAX_HEADER_LINE).ok()?;
-        let size_text = String::from_utf8_lossy(line);
-        let size_text = size_text.trim().split(';').next().unwrap_or("");
-        let size = u64::from_str_radix(size_text, 16).ok()?;
-        // SECURITY: the body stays bounded even when sent in chunks.
-        if body.len() as u64 + size > MAX_BODY {
-            return None;
-        }
-        if size == 0 {
-            // Trailers up to the empty line.
-            while !io.read_line(MAX_HEADER_LINE).ok()?.trim_ascii().is_empty() {}
-            return Some(body);
-        }
-        io.read_exact_to(size, |b| body.extend_from_slice(b)).ok()?;
-        io.read_line(MAX_HEADER_LINE).ok()?;
-    }
-}
-
-fn respond(io: &mut Io, status: u16, json: &str, close: bool) {
-    let head = format!(
-        "HTTP/1.1 {status} {}\r\nCache-Control: no-store, no-cache\r\nPragma: no-cache\r\nContent-Type: application/json; charset=utf-8\r\nExpires: -1\r\nStrict-Transport-Security: max-age=31536000; includeSubDomains\r\nX-Content-Type-Options: nosniff\r\nx-ms-request-id: {}\r\nDate: {}\r\nContent-Length: {}\r\n{}\r\n",
-        reason(status),
-        uuid(),
-        Civil::now().rfc2822().replace("+0000", "GMT"),
-        json.len(),
-        if close { "Connection: close\r\n" } else { "" },
-    );
-    io.write(head.as_bytes());
-    io.write(json.as_bytes());
-    let _ = io.flush();
 }
 
 #[cfg(test)]
@@ -892,9 +888,9 @@ mod tests {
         assert_eq!(f["a"], "1+2 3");
         assert_eq!(f["b"], "%zz");
         assert_eq!(f["c"], "");
-        assert_eq!(percent_decode("%"), "%");
-        assert_eq!(percent_decode("%4"), "%4");
-        assert_eq!(percent_decode("%41"), "A");
-        assert_eq!(percent_decode("%+1"), "% 1");
+        assert_eq!(crate::https::percent_decode("%"), "%");
+        assert_eq!(crate::https::percent_decode("%4"), "%4");
+        assert_eq!(crate::https::percent_decode("%41"), "A");
+        assert_eq!(crate::https::percent_decode("%+1"), "% 1");
     }
 }

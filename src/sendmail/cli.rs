@@ -199,6 +199,7 @@ fn enqueue(opts: &Options, config: &Config, spool: &Spool, group: &DropGroup, ui
     let now = SystemTime::now();
     let id = QueueId::generate(now);
     let settings = IntakeSettings {
+        received: None,
         domain: &config.domain,
         max_message_size: max,
     };
@@ -279,7 +280,7 @@ fn smtp_session(
         bs::Ending::Io(e) => say(format_args!(
             "SMTP session on standard input/output failed: {e}"
         )),
-        bs::Ending::Quit | bs::Ending::EndOfInput => {}
+        bs::Ending::Quit | bs::Ending::EndOfInput | bs::Ending::Closed(_) => {}
     }
     if opts.verbose {
         say(format_args!(

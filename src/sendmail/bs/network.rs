@@ -1,0 +1,248 @@
+//! What the SMTP dialogue needs only on the network: the channel that can switch to
+//! TLS ([`Channel`]), the policy the listener applies ([`Gate`]: relay access, AUTH,
+//! rates, `require_tls`), what is known of the client ([`Client`]), the SASL
+//! decoding of AUTH PLAIN and LOGIN, and the per-command counters Postfix logs at
+//! disconnect. `sendmail -bs` on stdio has no gate: it offers neither STARTTLS nor
+//! AUTH, and its caller is a local uid.
+//!
+//! Trusts nothing: every byte comes from the client; decoded credentials are handed to
+//! the gate and never logged or echoed.
+
+use std::fmt::Write as _;
+use std::io::{self, BufRead, Read, Write};
+use std::net::IpAddr;
+
+use base64::Engine as _;
+
+use crate::message::address::{Address, Sender};
+
+/// An input and output that may be switched to TLS mid-session.
+pub trait Channel: BufRead + Write {
+    /// Runs the server side of a TLS handshake. SECURITY: the implementation must drop
+    /// any plaintext already read past the STARTTLS command (CVE-2011-0411, command
+    /// injection), so that nothing sent before the handshake counts after it.
+    fn start_tls(&mut self) -> io::Result<()>;
+    /// `TLSv1.3 with cipher TLS13_AES_256_GCM_SHA384` once TLS is up.
+    fn tls(&self) -> Option<String>;
+}
+
+/// Standard input and output as a [`Channel`] that cannot do TLS (`sendmail -bs`).
+pub struct Stdio<R, W> {
+    pub input: R,
+    pub output: W,
+}
+
+impl<R: BufRead, W> Read for Stdio<R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.input.read(buf)
+    }
+}
+
+impl<R: BufRead, W> BufRead for Stdio<R, W> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        self.input.fill_buf()
+    }
+    fn consume(&mut self, amt: usize) {
+        self.input.consume(amt);
+    }
+}
+
+impl<R, W: Write> Write for Stdio<R, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.output.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.output.flush()
+    }
+}
+
+impl<R: BufRead, W: Write> Channel for Stdio<R, W> {
+    fn start_tls(&mut self) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "no TLS on standard input",
+        ))
+    }
+    fn tls(&self) -> Option<String> {
+        None
+    }
+}
+
+/// What the session knows about a network client.
+#[derive(Debug, Clone)]
+pub struct Client {
+    pub address: IpAddr,
+    /// The EHLO/HELO name, made printable and bounded.
+    pub helo: Option<String>,
+    /// The TLS protocol and cipher once STARTTLS succeeded.
+    pub tls: Option<String>,
+    /// The authenticated user, after a successful AUTH.
+    pub user: Option<String>,
+    /// The SASL mechanism of that AUTH.
+    pub method: Option<&'static str>,
+}
+
+impl Client {
+    pub fn new(address: IpAddr) -> Client {
+        Client {
+            address,
+            helo: None,
+            tls: None,
+            user: None,
+            method: None,
+        }
+    }
+}
+
+/// The answer to an AUTH attempt.
+pub enum AuthVerdict {
+    /// The credentials are good: `235`.
+    Accept,
+    /// Wrong user or password: this reply (`535 5.7.8`), the session goes on.
+    Reject(String),
+    /// Too many failures: this reply (`421 4.7.0`), then the connection is closed.
+    Close(String),
+}
+
+/// The listener's policy, asked at each step of a network session. A refusal is the
+/// reply to send (one line, `NNN X.Y.Z text`).
+pub trait Gate {
+    /// Whether EHLO offers STARTTLS (a certificate is configured).
+    fn offers_tls(&self) -> bool;
+    /// Whether EHLO offers AUTH once TLS is up (a users file is configured).
+    fn offers_auth(&self) -> bool;
+    /// Checks credentials; may sleep to slow down guessing.
+    fn authenticate(&mut self, client: &Client, mechanism: &str, user: &str, password: &str)
+    -> AuthVerdict;
+    /// Before MAIL FROM is accepted: `require_tls`, the client's rate, the sender an
+    /// AUTH user may use.
+    fn mail(&mut self, client: &Client, sender: &Sender) -> Result<(), String>;
+    /// Before a recipient is accepted: never an open relay.
+    fn rcpt(&mut self, client: &Client, sender: &Sender, rcpt: &Address) -> Result<(), String>;
+    /// A message from this client was queued.
+    fn queued(&mut self, client: &Client);
+}
+
+/// SASL mechanisms offered (after STARTTLS only).
+pub const MECHANISMS: &str = "PLAIN LOGIN";
+/// The longest SASL response line kept (a PLAIN response for 255-byte names fits).
+pub const MAX_SASL_LINE: usize = 12 * 1024;
+
+/// Decodes one base64 SASL response; `None` if it is not base64 or not UTF-8.
+pub fn decode(line: &str) -> Option<String> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(line.trim())
+        .ok()?;
+    String::from_utf8(bytes).ok()
+}
+
+pub fn encode(text: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(text)
+}
+
+/// Splits an RFC 4616 PLAIN response (`authzid NUL authcid NUL passwd`) into the user
+/// and password. An authorization identity other than the user is refused: a user may
+/// not act for another.
+pub fn plain(response: &str) -> Option<(String, String)> {
+    let mut parts = response.split('\0');
+    let (authz, user, pass) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || user.is_empty() || (!authz.is_empty() && authz != user) {
+        return None;
+    }
+    Some((user.to_string(), pass.to_string()))
+}
+
+/// Postfix's per-command counters: `ehlo=1 starttls=1 auth=0/1 ... commands=5/6`.
+#[derive(Debug, Default, Clone)]
+pub struct Counters {
+    /// (verb, accepted, tried) in first-use order.
+    verbs: Vec<(&'static str, u32, u32)>,
+    /// Replies of class 4 or 5 to commands, for the hard error limit.
+    pub errors: u32,
+}
+
+impl Counters {
+    pub fn count(&mut self, verb: &'static str, ok: bool) {
+        if !ok {
+            self.errors += 1;
+        }
+        match self.verbs.iter_mut().find(|v| v.0 == verb) {
+            Some(v) => {
+                v.1 += u32::from(ok);
+                v.2 += 1;
+            }
+            None => self.verbs.push((verb, u32::from(ok), 1)),
+        }
+    }
+
+    /// `ehlo=1 mail=1 rcpt=0/1 quit=1 commands=3/4`.
+    pub fn summary(&self) -> String {
+        let mut out = String::new();
+        let (mut ok, mut all) = (0, 0);
+        for (verb, good, tried) in &self.verbs {
+            ok += good;
+            all += tried;
+            let _ = write!(out, "{verb}={}", ratio(*good, *tried));
+            out.push(' ');
+        }
+        let _ = write!(out, "commands={}", ratio(ok, all));
+        out
+    }
+}
+
+fn ratio(ok: u32, all: u32) -> String {
+    if ok == all {
+        ok.to_string()
+    } else {
+        format!("{ok}/{all}")
+    }
+}
+
+/// The counter name of a command verb (unknown verbs count as `unknown`).
+pub fn counter_name(verb: &str) -> &'static str {
+    const KNOWN: [&str; 14] = [
+        "ehlo", "helo", "starttls", "auth", "mail", "rcpt", "data", "rset", "noop", "vrfy",
+        "help", "quit", "expn", "bdat",
+    ];
+    let lower = verb.to_ascii_lowercase();
+    KNOWN
+        .iter()
+        .find(|k| **k == lower)
+        .copied()
+        .unwrap_or("unknown")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_responses() {
+        assert_eq!(
+            plain("\0bob\0pw"),
+            Some(("bob".to_string(), "pw".to_string()))
+        );
+        assert_eq!(
+            plain("bob\0bob\0pw"),
+            Some(("bob".to_string(), "pw".to_string()))
+        );
+        assert_eq!(plain("alice\0bob\0pw"), None, "acting for another user");
+        assert_eq!(plain("\0\0pw"), None);
+        assert_eq!(plain("\0bob"), None);
+        assert_eq!(plain("\0bob\0pw\0x"), None);
+        assert_eq!(decode(&encode("\0bob\0pw")).as_deref(), Some("\0bob\0pw"));
+        assert_eq!(decode("!!"), None);
+    }
+
+    #[test]
+    fn counters_read_like_postfix() {
+        let mut c = Counters::default();
+        for (v, ok) in [("ehlo", true), ("auth", false), ("auth", true), ("quit", true)] {
+            c.count(v, ok);
+        }
+        assert_eq!(c.summary(), "ehlo=1 auth=1/2 quit=1 commands=3/4");
+        assert_eq!(c.errors, 1);
+        assert_eq!(counter_name("StartTLS"), "starttls");
+        assert_eq!(counter_name("XYZZY"), "unknown");
+    }
+}

@@ -5,6 +5,7 @@
 //! value with the file, line and key named, so a typo never silently changes behaviour.
 
 pub mod limits;
+pub mod listener;
 
 use std::fmt;
 use std::fs;
@@ -253,6 +254,7 @@ struct RawConfig {
     max_queue_lifetime: Option<Span>,
     #[serde(default, rename = "account")]
     accounts: Vec<RawAccount>,
+    listener: Option<listener::RawListener>,
 }
 
 /// The validated configuration.
@@ -273,6 +275,8 @@ pub struct Config {
     /// Undeliverable mail older than this bounces.
     pub max_queue_lifetime: Duration,
     pub accounts: Vec<Account>,
+    /// `[listener]`: the network SMTP listener, when configured.
+    pub listener: Option<listener::Listener>,
 }
 
 /// Microsoft's default mailbox limit for a message (35 MB).
@@ -374,6 +378,12 @@ impl Config {
             }
             accounts.push(account);
         }
+        let names: Vec<String> = accounts.iter().map(|a| a.name.clone()).collect();
+        let listener = raw
+            .listener
+            .map(|l| listener::Listener::validate(l, &names))
+            .transpose()
+            .map_err(|(key, message)| invalid(key, message))?;
         Ok(Config {
             path: path.to_path_buf(),
             spool_dir,
@@ -391,6 +401,7 @@ impl Config {
                 .max_queue_lifetime
                 .map_or(DEFAULT_QUEUE_LIFETIME, |s| s.0),
             accounts,
+            listener,
         })
     }
 }

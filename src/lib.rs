@@ -35,6 +35,7 @@ pub mod admin;
 pub mod aliases;
 pub mod config;
 pub mod daemon;
+pub mod listen;
 pub mod logging;
 pub mod message;
 pub mod quota;

@@ -124,8 +124,15 @@ pub fn pickup(
                         .collect();
                     let mut entry = QueueEntry::from_envelope(&env, uid, recipients);
                     let from = route::from_address(&message);
-                    entry.account = route::route(config, env.sender.as_str(), from.as_deref(), uid)
-                        .map(|a| a.name.clone());
+                    // The listener's mail goes out through `[listener] account` when set.
+                    let listener_account = env
+                        .client
+                        .and(config.listener.as_ref())
+                        .and_then(|l| l.account.clone());
+                    entry.account = listener_account.or_else(|| {
+                        route::route(config, env.sender.as_str(), from.as_deref(), uid)
+                            .map(|a| a.name.clone())
+                    });
                     if let Err(e) = queue.insert_unsynced(&entry, &message) {
                         // Leave it in incoming/ for the next pass: nothing is lost.
                         log.error(&format!("{id}: cannot queue: {e}"));

@@ -144,7 +144,10 @@ impl Origin {
                 let mut s = format!("client=unknown[{client}]");
                 if let Some(h) = helo {
                     // SECURITY: client text in a log line: one line, bounded.
-                    s.push_str(&format!(", helo=<{}>", crate::message::text::one_line_max(h, 255)));
+                    s.push_str(&format!(
+                        ", helo=<{}>",
+                        crate::message::text::one_line_max(h, 255)
+                    ));
                 }
                 if let (Some(u), Some(m)) = (user, method) {
                     let u = crate::message::text::one_line_max(u, 64);

@@ -169,7 +169,13 @@ pub struct Received<'a> {
 impl Received<'_> {
     /// The header value, folded like Postfix's:
     /// `from printer ([192.168.10.5])\r\n\t(using TLSv1.3 ...)\r\n\t(Authenticated sender: bob)\r\n\tby example.com (relay365) with ESMTPSA id ...\r\n\tfor <a@b>; date`.
-    pub fn header_value(&self, domain: &str, id: &QueueId, rcpt: Option<&Address>, now: SystemTime) -> String {
+    pub fn header_value(
+        &self,
+        domain: &str,
+        id: &QueueId,
+        rcpt: Option<&Address>,
+        now: SystemTime,
+    ) -> String {
         let addr = match self.address {
             std::net::IpAddr::V4(a) => a.to_string(),
             std::net::IpAddr::V6(a) => format!("IPv6:{a}"),
@@ -190,7 +196,9 @@ impl Received<'_> {
             (false, true) => "ESMTPA",
             (true, true) => "ESMTPSA",
         };
-        v.push_str(&format!("\r\n\tby {domain} (relay365) with {proto} id {id}"));
+        v.push_str(&format!(
+            "\r\n\tby {domain} (relay365) with {proto} id {id}"
+        ));
         if let (1, Some(r)) = (self.recipients, rcpt) {
             v.push_str(&format!("\r\n\tfor <{r}>"));
         }
@@ -307,10 +315,7 @@ pub fn build(
         dsn: opts.dsn.clone(),
         queue_only: opts.queue_only,
         client: settings.received.map(|r| r.address),
-        sasl_username: settings
-            .received
-            .and_then(|r| r.user)
-            .map(str::to_string),
+        sasl_username: settings.received.and_then(|r| r.user).map(str::to_string),
     };
     Ok(Submission { envelope, message })
 }

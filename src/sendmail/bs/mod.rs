@@ -402,7 +402,10 @@ impl<'a, S: Spooler> Session<'a, S> {
         };
         let mut line = Vec::new();
         // One client response: the initial one, or the next line (`*` cancels).
-        let mut ask = |io: &mut Tracked<'_, C>, prompt: &str, initial: Option<&str>| -> io::Result<Option<Option<String>>> {
+        let mut ask = |io: &mut Tracked<'_, C>,
+                       prompt: &str,
+                       initial: Option<&str>|
+         -> io::Result<Option<Option<String>>> {
             let text = match initial {
                 Some(i) => i.to_string(),
                 None => {
@@ -411,7 +414,9 @@ impl<'a, S: Spooler> Session<'a, S> {
                     match read_line(io, &mut line, network::MAX_SASL_LINE)? {
                         Line::Eof => return Ok(None),
                         Line::TooLong => return Ok(Some(None)),
-                        Line::Complete => String::from_utf8_lossy(strip_line_end(&line)).into_owned(),
+                        Line::Complete => {
+                            String::from_utf8_lossy(strip_line_end(&line)).into_owned()
+                        }
                     }
                 }
             };
@@ -458,7 +463,11 @@ impl<'a, S: Spooler> Session<'a, S> {
             reply(io, "501 5.5.2 Cannot decode response")?;
             return Ok(Flow::Continue);
         };
-        let method = if mechanism == "PLAIN" { "PLAIN" } else { "LOGIN" };
+        let method = if mechanism == "PLAIN" {
+            "PLAIN"
+        } else {
+            "LOGIN"
+        };
         match net.gate.authenticate(&net.client, method, &user, &password) {
             AuthVerdict::Accept => {
                 net.client.user = Some(user);

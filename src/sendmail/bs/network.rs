@@ -112,8 +112,13 @@ pub trait Gate {
     /// Whether EHLO offers AUTH once TLS is up (a users file is configured).
     fn offers_auth(&self) -> bool;
     /// Checks credentials; may sleep to slow down guessing.
-    fn authenticate(&mut self, client: &Client, mechanism: &str, user: &str, password: &str)
-    -> AuthVerdict;
+    fn authenticate(
+        &mut self,
+        client: &Client,
+        mechanism: &str,
+        user: &str,
+        password: &str,
+    ) -> AuthVerdict;
     /// Before MAIL FROM is accepted: `require_tls`, the client's rate, the sender an
     /// AUTH user may use.
     fn mail(&mut self, client: &Client, sender: &Sender) -> Result<(), String>;
@@ -201,8 +206,8 @@ fn ratio(ok: u32, all: u32) -> String {
 /// The counter name of a command verb (unknown verbs count as `unknown`).
 pub fn counter_name(verb: &str) -> &'static str {
     const KNOWN: [&str; 14] = [
-        "ehlo", "helo", "starttls", "auth", "mail", "rcpt", "data", "rset", "noop", "vrfy",
-        "help", "quit", "expn", "bdat",
+        "ehlo", "helo", "starttls", "auth", "mail", "rcpt", "data", "rset", "noop", "vrfy", "help",
+        "quit", "expn", "bdat",
     ];
     let lower = verb.to_ascii_lowercase();
     KNOWN
@@ -237,7 +242,12 @@ mod tests {
     #[test]
     fn counters_read_like_postfix() {
         let mut c = Counters::default();
-        for (v, ok) in [("ehlo", true), ("auth", false), ("auth", true), ("quit", true)] {
+        for (v, ok) in [
+            ("ehlo", true),
+            ("auth", false),
+            ("auth", true),
+            ("quit", true),
+        ] {
             c.count(v, ok);
         }
         assert_eq!(c.summary(), "ehlo=1 auth=1/2 quit=1 commands=3/4");

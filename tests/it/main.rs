@@ -8,6 +8,7 @@ mod harness;
 mod hostile;
 mod intake;
 mod layers;
+mod listen;
 mod load;
 mod postfix;
 mod privilege;

@@ -246,8 +246,9 @@ impl<'a, S: Spooler> Session<'a, S> {
             .next()
             .and_then(|v| std::str::from_utf8(v).ok())
             .unwrap_or("");
-        self.counters
-            .count(network::counter_name(verb), matches!(io.last, b'2' | b'3'));
+        // A DATA whose input ended before the dot did not succeed, whatever its 354 said.
+        let ok = matches!(io.last, b'2' | b'3') && !matches!(flow, Flow::Abandoned);
+        self.counters.count(network::counter_name(verb), ok);
         Ok(flow)
     }
 

@@ -331,11 +331,11 @@ mod tests {
             r.check(&rate, "a", t + Duration::from_secs(20)),
             Some(Duration::from_secs(40))
         );
-        assert_eq!(r.check(&rate, "a", t + Duration::from_secs(60)), None);
         assert_eq!(
             r.usage(t + Duration::from_secs(30), &rate),
             [("a".to_string(), 2)]
         );
+        assert_eq!(r.check(&rate, "a", t + Duration::from_secs(60)), None);
         assert_eq!(r.check(&Rate::UNLIMITED, "a", t), None);
     }
 }

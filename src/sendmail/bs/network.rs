@@ -16,6 +16,9 @@ use base64::Engine as _;
 
 use crate::message::address::{Address, Sender};
 
+use super::read::{Line, read_line};
+use super::{Flow, Session, Spooler, reply, strip_line_end};
+
 /// An input and output that may be switched to TLS mid-session.
 pub trait Channel: BufRead + Write {
     /// Runs the server side of a TLS handshake. SECURITY: the implementation must drop
@@ -215,6 +218,192 @@ pub fn counter_name(verb: &str) -> &'static str {
         .find(|k| **k == lower)
         .copied()
         .unwrap_or("unknown")
+}
+
+/// STARTTLS and AUTH: the commands only a network session has.
+impl<S: Spooler> Session<'_, S> {
+    /// STARTTLS (RFC 3207): on success the session starts over, as if just connected.
+    pub(super) fn starttls<C: Channel>(
+        &mut self,
+        io: &mut Tracked<'_, C>,
+        arg: &str,
+    ) -> io::Result<Flow> {
+        let Some(net) = self.net.as_mut() else {
+            reply(io, "502 5.5.1 Error: command not implemented")?;
+            return Ok(Flow::Continue);
+        };
+        if net.client.tls.is_some() {
+            reply(io, "554 5.5.1 Error: TLS already active")?;
+        } else if !net.gate.offers_tls() {
+            reply(io, "502 5.5.1 Error: command not implemented")?;
+        } else if !arg.is_empty() {
+            reply(io, "501 5.5.4 Syntax: STARTTLS")?;
+        } else {
+            reply(io, "220 2.0.0 Ready to start TLS")?;
+            // SECURITY: start_tls drops any pipelined plaintext (command injection).
+            io.inner.start_tls()?;
+            // RFC 3207 4.2: forget everything learnt before TLS.
+            self.tx = None;
+            net.client.helo = None;
+            net.client.user = None;
+            net.client.method = None;
+            net.client.tls = io.inner.tls();
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// AUTH PLAIN and LOGIN (RFC 4954, 4616), inside TLS only.
+    pub(super) fn auth<C: Channel>(
+        &mut self,
+        io: &mut Tracked<'_, C>,
+        arg: &str,
+    ) -> io::Result<Flow> {
+        let in_tx = self.tx.is_some();
+        let Some(net) = self.net.as_mut() else {
+            reply(io, "502 5.5.1 Error: command not implemented")?;
+            return Ok(Flow::Continue);
+        };
+        // SECURITY: no credentials in clear text: AUTH is refused before STARTTLS.
+        if net.client.tls.is_none() || !net.gate.offers_auth() {
+            reply(io, "503 5.5.1 Error: authentication not enabled")?;
+            return Ok(Flow::Continue);
+        }
+        if net.client.user.is_some() {
+            reply(io, "503 5.5.1 Error: already authenticated")?;
+            return Ok(Flow::Continue);
+        }
+        if in_tx {
+            reply(io, "503 5.5.1 Error: MAIL transaction in progress")?;
+            return Ok(Flow::Continue);
+        }
+        let (mechanism, initial) = match arg.split_once(' ') {
+            Some((m, i)) => (m.to_ascii_uppercase(), Some(i.trim())),
+            None => (arg.to_ascii_uppercase(), None),
+        };
+        let mut line = Vec::new();
+        // One client response: the initial one, or the next line (`*` cancels).
+        let mut ask = |io: &mut Tracked<'_, C>,
+                       prompt: &str,
+                       initial: Option<&str>|
+         -> io::Result<Option<Option<String>>> {
+            let text = match initial {
+                Some(i) => i.to_string(),
+                None => {
+                    reply(io, &format!("334 {prompt}"))?;
+                    // SECURITY: responses are bounded like commands.
+                    match read_line(io, &mut line, MAX_SASL_LINE)? {
+                        Line::Eof => return Ok(None),
+                        Line::TooLong => return Ok(Some(None)),
+                        Line::Complete => {
+                            String::from_utf8_lossy(strip_line_end(&line)).into_owned()
+                        }
+                    }
+                }
+            };
+            if text == "*" {
+                return Ok(Some(Some("*".to_string())));
+            }
+            // `=` is the empty initial response (RFC 4954).
+            if text == "=" {
+                return Ok(Some(Some(String::new())));
+            }
+            Ok(Some(decode(&text)))
+        };
+        let credentials = match mechanism.as_str() {
+            "PLAIN" => match ask(io, "", initial)? {
+                None => return Ok(Flow::Abandoned),
+                Some(Some(r)) if r == "*" => None,
+                Some(r) => Some(r.as_deref().and_then(plain)),
+            },
+            "LOGIN" => {
+                let user = match ask(io, &encode("Username:"), initial)? {
+                    None => return Ok(Flow::Abandoned),
+                    Some(u) => u,
+                };
+                match user {
+                    Some(u) if u == "*" => None,
+                    Some(u) => match ask(io, &encode("Password:"), None)? {
+                        None => return Ok(Flow::Abandoned),
+                        Some(Some(p)) if p == "*" => None,
+                        Some(p) => Some(p.filter(|_| !u.is_empty()).map(|p| (u, p))),
+                    },
+                    None => Some(None),
+                }
+            }
+            _ => {
+                reply(io, "504 5.5.4 Unsupported authentication mechanism")?;
+                return Ok(Flow::Continue);
+            }
+        };
+        let Some(credentials) = credentials else {
+            reply(io, "501 5.7.0 Authentication aborted")?;
+            return Ok(Flow::Continue);
+        };
+        let Some((user, password)) = credentials else {
+            reply(io, "501 5.5.2 Cannot decode response")?;
+            return Ok(Flow::Continue);
+        };
+        let method = if mechanism == "PLAIN" {
+            "PLAIN"
+        } else {
+            "LOGIN"
+        };
+        match net.gate.authenticate(&net.client, method, &user, &password) {
+            AuthVerdict::Accept => {
+                net.client.user = Some(user);
+                net.client.method = Some(method);
+                reply(io, "235 2.7.0 Authentication successful")?;
+                Ok(Flow::Continue)
+            }
+            AuthVerdict::Reject(r) => {
+                reply(io, &r)?;
+                Ok(Flow::Continue)
+            }
+            AuthVerdict::Close(r) => {
+                reply(io, &r)?;
+                Ok(Flow::Closed("too many authentication failures"))
+            }
+        }
+    }
+}
+
+/// The channel, remembering the code of the last reply line written (for the
+/// per-command counters and the hard error limit).
+pub(super) struct Tracked<'c, C> {
+    pub(super) inner: &'c mut C,
+    pub(super) last: u8,
+    pub(super) at_line_start: bool,
+}
+
+impl<C: Channel> Read for Tracked<'_, C> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.read(buf)
+    }
+}
+
+impl<C: Channel> BufRead for Tracked<'_, C> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        self.inner.fill_buf()
+    }
+    fn consume(&mut self, amt: usize) {
+        self.inner.consume(amt);
+    }
+}
+
+impl<C: Channel> Write for Tracked<'_, C> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        for &b in buf.get(..n).unwrap_or(&[]) {
+            if self.at_line_start {
+                self.last = b;
+            }
+            self.at_line_start = b == b'\n';
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 #[cfg(test)]

@@ -124,11 +124,14 @@ pub fn pickup(
                         .collect();
                     let mut entry = QueueEntry::from_envelope(&env, uid, recipients);
                     let from = route::from_address(&message);
-                    // The listener's mail goes out through `[listener] account` when set.
-                    let listener_account = env
-                        .client
-                        .and(config.listener.as_ref())
-                        .and_then(|l| l.account.clone());
+                    // The listener's mail goes out through its AUTH user's account, else
+                    // `[listener] account` when set; only accounts of the config count.
+                    let listener_account =
+                        env.client
+                            .and(env.account.clone().or_else(|| {
+                                config.listener.as_ref().and_then(|l| l.account.clone())
+                            }))
+                            .filter(|name| config.accounts.iter().any(|a| &a.name == name));
                     entry.account = listener_account.or_else(|| {
                         route::route(config, env.sender.as_str(), from.as_deref(), uid)
                             .map(|a| a.name.clone())

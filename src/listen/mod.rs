@@ -499,6 +499,12 @@ impl Gate for ListenGate<'_> {
         Err(r)
     }
 
+    fn account(&mut self, client: &Client) -> Option<String> {
+        let user = client.user.as_ref()?;
+        let (users, _) = access::read_users(&self.shared.listener.users_file).ok()?;
+        users.into_iter().find(|u| &u.name == user)?.account
+    }
+
     fn queued(&mut self, client: &Client) {
         let rate = self.shared.listener.client_rate;
         lock(&self.shared.rate).record(&rate, &Self::rate_key(client), Instant::now());

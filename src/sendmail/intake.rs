@@ -164,6 +164,8 @@ pub struct Received<'a> {
     pub user: Option<&'a str>,
     /// Recipients of the message: one is named in the header (`for <...>`), as Postfix does.
     pub recipients: usize,
+    /// The account the AUTH user is mapped to (recorded in the envelope, not the header).
+    pub account: Option<&'a str>,
 }
 
 impl Received<'_> {
@@ -316,6 +318,10 @@ pub fn build(
         queue_only: opts.queue_only,
         client: settings.received.map(|r| r.address),
         sasl_username: settings.received.and_then(|r| r.user).map(str::to_string),
+        account: settings
+            .received
+            .and_then(|r| r.account)
+            .map(str::to_string),
     };
     Ok(Submission { envelope, message })
 }

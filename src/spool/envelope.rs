@@ -193,6 +193,9 @@ pub struct Envelope {
     pub client: Option<std::net::IpAddr>,
     /// The user that client authenticated as, if any.
     pub sasl_username: Option<String>,
+    /// The account that user is mapped to (`relay365 listener-user add --account`);
+    /// the daemon honours it only for a listener submission.
+    pub account: Option<String>,
 }
 
 /// The JSON line as written: plain strings, read and then validated into an [`Envelope`].
@@ -220,6 +223,8 @@ struct Line {
     client: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     sasl_username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    account: Option<String>,
 }
 
 /// Why bytes are not an incoming file.
@@ -256,6 +261,7 @@ impl Envelope {
             queue_only: self.queue_only,
             client: self.client.map(|c| c.to_string()),
             sasl_username: self.sasl_username.clone(),
+            account: self.account.clone(),
         };
         // Serialising plain strings and integers cannot fail.
         let json = serde_json::to_vec(&line).unwrap_or_default();
@@ -336,6 +342,20 @@ impl Envelope {
                 ));
             }
         }
+        if let Some(a) = &l.account {
+            // SECURITY: an account name becomes a file name under state/.
+            let ok = !a.is_empty()
+                && a.len() <= 64
+                && a.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !ok || l.client.is_none() {
+                return Err(field(
+                    "account",
+                    "an account name (letters, digits, - and _) for a listener submission only"
+                        .into(),
+                ));
+            }
+        }
         Ok(Envelope {
             id,
             sender,
@@ -352,6 +372,7 @@ impl Envelope {
             queue_only: l.queue_only,
             client,
             sasl_username: l.sasl_username,
+            account: l.account,
         })
     }
 }
@@ -377,6 +398,7 @@ mod tests {
             queue_only: false,
             client: None,
             sasl_username: None,
+            account: None,
         }
     }
 
@@ -385,6 +407,7 @@ mod tests {
         let mut e = sample(2);
         e.client = Some("192.0.2.7".parse().unwrap());
         e.sasl_username = Some("scanner".into());
+        e.account = Some("app".into());
         let bytes = e.to_file_bytes(b"x\n");
         assert_eq!(Envelope::from_file_bytes(&bytes).unwrap().0, e);
         let text = String::from_utf8(bytes).unwrap();

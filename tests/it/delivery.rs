@@ -1085,6 +1085,7 @@ fn delivery_starts_while_a_backlog_is_still_being_picked_up() {
             queue_only: false,
             client: None,
             sasl_username: None,
+            account: None,
         };
         std::fs::write(s.new_dir().join(id.as_str()), env.to_file_bytes(&msg))
             .expect("write an incoming file");

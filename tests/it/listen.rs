@@ -66,7 +66,10 @@ impl Site {
     }
 
     fn with_config(extra: &str, top: &str) -> Site {
-        let t = Tenant::new(Auth::Login);
+        Site::with_tenant(Tenant::new(Auth::Login), extra, top)
+    }
+
+    fn with_tenant(t: Tenant, extra: &str, top: &str) -> Site {
         let dir = t.spool.dir.path().to_path_buf();
         let pki = pki(&dir);
         let users = dir.join("listener-users");
@@ -1034,4 +1037,53 @@ fn listen_config_errors_name_the_key() {
         std::fs::write(&s.config, format!("{base}\n[listener]\n{table}\n")).unwrap();
         assert_fails(&s.relay365(&["listen"]), 78, key);
     }
+}
+
+#[test]
+fn listen_an_auth_user_mapped_to_an_account_sends_through_it_and_others_through_listener_account() {
+    if !tool("python3", "listen_account_mapping") {
+        return;
+    }
+    let t = Tenant::with_accounts(
+        tenant_config(),
+        Auth::Login,
+        "",
+        &[ExtraAccount {
+            name: "billing",
+            mailbox: "billing@contoso.com",
+            extra: String::new(),
+        }],
+    );
+    let site = Site::with_tenant(t, "allow = [\"127.0.0.1/32\"]\naccount = \"app\"", "");
+    site.add_user("erp", "erp pass", &["--account", "billing"]);
+    let l = site.start();
+    let out = smtplib(&site, &l, "127.0.0.2", "erp", "erp pass", "PLAIN");
+    assert_ok(&out);
+    let mut c = l.client();
+    assert!(c.cmd("HELO printer").starts_with("250"));
+    assert!(
+        c.message(
+            "scanner@contoso.com",
+            "x@example.org",
+            "Subject: scan\r\n\r\nx"
+        )
+        .starts_with("250")
+    );
+    let queued = site.t.spool.incoming();
+    assert_eq!(
+        queued
+            .iter()
+            .filter(|(e, _)| e.account.as_deref() == Some("billing"))
+            .count(),
+        3
+    );
+    let got = site.flush();
+    assert_eq!(got.len(), 4);
+    let by = |m: &str| {
+        got.iter()
+            .filter(|r| r.mailbox.as_deref() == Some(m))
+            .count()
+    };
+    assert_eq!(by("billing@contoso.com"), 3);
+    assert_eq!(by("app@contoso.com"), 1);
 }

@@ -568,12 +568,14 @@ impl<'a, S: Spooler> Session<'a, S> {
     /// Builds and queues one message; returns the reply that says how it went.
     fn queue(&mut self, tx: &Transaction, raw: &[u8]) -> String {
         let opts = self.message_options(tx);
+        let account = self.net.as_mut().and_then(|n| n.gate.account(&n.client));
         let received = self.net.as_ref().map(|n| Received {
             address: n.client.address,
             helo: n.client.helo.as_deref(),
             tls: n.client.tls.as_deref(),
             user: n.client.user.as_deref(),
             recipients: tx.recipients.len(),
+            account: account.as_deref(),
         });
         let settings = IntakeSettings {
             domain: self.settings.domain,

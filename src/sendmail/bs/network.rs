@@ -129,6 +129,10 @@ pub trait Gate {
     fn rcpt(&mut self, client: &Client, sender: &Sender, rcpt: &Address) -> Result<(), String>;
     /// A message from this client was queued.
     fn queued(&mut self, client: &Client);
+    /// The account that sends this client's mail (its AUTH user's), if it has one.
+    fn account(&mut self, _client: &Client) -> Option<String> {
+        None
+    }
 }
 
 /// SASL mechanisms offered (after STARTTLS only).

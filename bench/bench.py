@@ -49,8 +49,9 @@ DEFAULTS = {
     "BENCH_SYNC_N": 2000, "BENCH_LATENCY_N": 200, "BENCH_DELAY_MS": 50,
     "BENCH_SCALE_N": 100000, "BENCH_PICKUP_N": 20, "BENCH_IDLE_S": 10,
     "BENCH_ROUNDS": 2, "BENCH_LATENCY_ROUNDS": 1, "BENCH_CONNECTIONS": 3,
+    "BENCH_LISTEN_N": 5000, "BENCH_IDLE_SESSIONS": 200,
 }
-CASES = ["enqueue", "parallel", "drain", "latency", "scale", "pacing"]
+CASES = ["enqueue", "parallel", "drain", "latency", "scale", "pacing", "listen"]
 SENDER = "bench@example.com"
 RCPT = "to@example.org"
 DOMAIN = "bench.example.com"
@@ -1399,6 +1400,11 @@ class Bench:
                 self.report.write()
             if "pacing" in self.cases:
                 self.case_pacing()
+                self.report.write()
+            if "listen" in self.cases:
+                # bench/listen.py: relay365 listen against Postfix's smtpd.
+                import listen
+                listen.case_listen(self)
                 self.report.write()
         finally:
             self.sink.remove()

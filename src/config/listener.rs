@@ -291,6 +291,26 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_parses_when_uncommented() {
+        let example = include_str!("../../etc/relay365.toml");
+        let at = example.find("#[listener]").unwrap();
+        let mut text = String::from(
+            "domain = \"example.com\"\n[[account]]\nname = \"app\"\nmailbox = \"app@example.com\"\n[listener]\n",
+        );
+        for line in example[at..].lines().skip(1) {
+            if let Some(kv) = line.strip_prefix('#').filter(|l| l.contains(" = ")) {
+                text.push_str(kv);
+                text.push('\n');
+            }
+        }
+        let c = crate::config::Config::from_toml(std::path::Path::new("example"), &text).unwrap();
+        let l = c.listener.unwrap();
+        assert!(l.allows("192.168.10.7".parse().unwrap()));
+        assert_eq!(l.client_rate.count, 200);
+        assert_eq!(l.account.as_deref(), Some("app"));
+    }
+
+    #[test]
     fn defaults_are_loopback_only() {
         let l = Listener::loopback();
         assert!(l.allows("127.0.0.1".parse().unwrap()));

@@ -132,6 +132,7 @@ fn run(config_path: &Path) -> Result<(), ListenError> {
         None => None,
     };
     let mut log = Log::open(LOG_TAG, true);
+    raise_file_limit(&mut log);
     let (socks, activated, warnings) = sockets::sockets(&listener.listen)?;
     for w in warnings {
         log.warning(&w);
@@ -169,6 +170,20 @@ fn run(config_path: &Path) -> Result<(), ListenError> {
         let _ = t.join();
     }
     Ok(())
+}
+
+/// Each connection holds a socket (and, while it queues, a file): the soft limit of
+/// open files is raised to the hard one, so `max_connections` and not a default of
+/// 1024 bounds the listener.
+fn raise_file_limit(log: &mut Log) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {
+            log.warning(&format!(
+                "cannot raise the open files limit from {soft} to {hard}"
+            ));
+        }
+    }
 }
 
 fn accept_loop(shared: &Arc<Shared>, sock: &TcpListener) {

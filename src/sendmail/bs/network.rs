@@ -414,6 +414,191 @@ impl<C: Channel> Write for Tracked<'_, C> {
 mod tests {
     use super::*;
 
+    use crate::sendmail::bs::Settings;
+    use crate::sendmail::deposit::SpoolError;
+    use crate::sendmail::intake::{Caller, Submission};
+    use crate::sendmail::options;
+
+    /// Input in packets (as TCP segments); STARTTLS drops the rest of the packet.
+    struct Packets {
+        packets: Vec<Vec<u8>>,
+        current: Vec<u8>,
+        pos: usize,
+        out: Vec<u8>,
+        tls: bool,
+    }
+
+    impl Read for Packets {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let avail = self.fill_buf()?;
+            let n = avail.len().min(buf.len());
+            buf[..n].copy_from_slice(&avail[..n]);
+            self.consume(n);
+            Ok(n)
+        }
+    }
+    impl BufRead for Packets {
+        fn fill_buf(&mut self) -> io::Result<&[u8]> {
+            if self.pos >= self.current.len() && !self.packets.is_empty() {
+                self.current = self.packets.remove(0);
+                self.pos = 0;
+            }
+            Ok(&self.current[self.pos..])
+        }
+        fn consume(&mut self, amt: usize) {
+            self.pos += amt;
+        }
+    }
+    impl Write for Packets {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.out.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    impl Channel for Packets {
+        fn start_tls(&mut self) -> io::Result<()> {
+            self.pos = self.current.len();
+            self.tls = true;
+            Ok(())
+        }
+        fn tls(&self) -> Option<String> {
+            self.tls.then(|| "TLSv1.3 with cipher X".to_string())
+        }
+    }
+
+    struct TestGate {
+        allowed: bool,
+        checked: Vec<String>,
+    }
+    impl Gate for TestGate {
+        fn offers_tls(&self) -> bool {
+            true
+        }
+        fn offers_auth(&self) -> bool {
+            true
+        }
+        fn authenticate(&mut self, c: &Client, _m: &str, user: &str, pw: &str) -> AuthVerdict {
+            assert!(c.tls.is_some());
+            self.checked.push(format!("{user}:{pw}"));
+            if pw == "right" {
+                AuthVerdict::Accept
+            } else {
+                AuthVerdict::Reject("535 5.7.8 Error: authentication failed".into())
+            }
+        }
+        fn mail(&mut self, _c: &Client, _s: &Sender) -> Result<(), String> {
+            Ok(())
+        }
+        fn rcpt(&mut self, c: &Client, _s: &Sender, r: &Address) -> Result<(), String> {
+            if self.allowed || c.user.is_some() {
+                Ok(())
+            } else {
+                Err(format!("554 5.7.1 <{r}>: Relay access denied"))
+            }
+        }
+        fn queued(&mut self, _c: &Client) {}
+    }
+
+    #[derive(Default)]
+    struct Kept(Vec<String>);
+    impl Spooler for &mut Kept {
+        fn deposit(&mut self, s: &Submission) -> Result<(), SpoolError> {
+            self.0
+                .push(String::from_utf8_lossy(&s.message).into_owned());
+            Ok(())
+        }
+    }
+
+    fn net(packets: &[&str], allowed: bool) -> (Vec<String>, Vec<String>, Vec<String>) {
+        let o = options::parse("sendmail", &[std::ffi::OsString::from("-bs")]).unwrap();
+        let c = Caller {
+            uid: 0,
+            login: "MAILER-DAEMON".into(),
+            full_name: None,
+        };
+        let mut gate = TestGate {
+            allowed,
+            checked: Vec::new(),
+        };
+        let mut kept = Kept::default();
+        let mut ch = Packets {
+            packets: packets.iter().map(|p| p.as_bytes().to_vec()).collect(),
+            current: Vec::new(),
+            pos: 0,
+            out: Vec::new(),
+            tls: false,
+        };
+        let settings = Settings {
+            domain: "example.com",
+            max_message_size: 10_000,
+            max_recipients: 5,
+        };
+        Session::new(settings, &o, &c, &mut kept)
+            .network(&mut gate, Client::new("192.0.2.9".parse().unwrap()))
+            .run_on(&mut ch);
+        let lines = String::from_utf8(ch.out)
+            .unwrap()
+            .split("\r\n")
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect();
+        (lines, gate.checked, kept.0)
+    }
+
+    #[test]
+    fn auth_only_inside_tls_and_pipelined_plaintext_is_dropped() {
+        let plain = encode("\0bob\0right");
+        let (lines, checked, _) = net(
+            &[
+                &format!("EHLO a\r\nAUTH PLAIN {plain}\r\nSTARTTLS\r\nAUTH PLAIN {plain}\r\n"),
+                "EHLO a\r\nAUTH LOGIN\r\nYm9i\r\nd3Jvbmc=\r\nQUIT\r\n",
+            ],
+            false,
+        );
+        assert!(
+            !lines.iter().take(9).any(|l| l.contains("AUTH")),
+            "{lines:?}"
+        );
+        assert!(lines.contains(&"250-STARTTLS".to_string()));
+        assert!(lines.contains(&"503 5.5.1 Error: authentication not enabled".to_string()));
+        assert!(lines.contains(&"220 2.0.0 Ready to start TLS".to_string()));
+        // The AUTH pipelined behind STARTTLS in clear was never read.
+        assert_eq!(checked, ["bob:wrong"]);
+        assert!(lines.contains(&"250-AUTH PLAIN LOGIN".to_string()));
+        assert!(lines.contains(&"334 VXNlcm5hbWU6".to_string()));
+        assert!(lines.contains(&"535 5.7.8 Error: authentication failed".to_string()));
+    }
+
+    #[test]
+    fn relay_is_refused_unless_allowed_or_authenticated_and_received_names_the_client() {
+        let msg = "MAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\nS: x\r\n\r\nb\r\n.\r\n";
+        let (lines, _, kept) = net(&[&format!("EHLO c\r\n{msg}QUIT\r\n")], false);
+        assert!(lines.contains(&"554 5.7.1 <d@e.f>: Relay access denied".to_string()));
+        assert!(kept.is_empty());
+        let (_, _, kept) = net(&[&format!("HELO printer\r\n{msg}QUIT\r\n")], true);
+        assert_eq!(kept.len(), 1);
+        assert!(
+            kept[0].starts_with(
+                "Received: from printer ([192.0.2.9])\r\n\tby example.com (relay365) with ESMTP id "
+            ),
+            "{}",
+            kept[0]
+        );
+        let auth = encode("\0bob\0right");
+        let (_, _, kept) = net(
+            &[
+                "EHLO c\r\nSTARTTLS\r\n",
+                &format!("EHLO c\r\nAUTH PLAIN {auth}\r\n{msg}QUIT\r\n"),
+            ],
+            false,
+        );
+        assert_eq!(kept.len(), 1);
+        assert!(kept[0].contains("\r\n\t(using TLSv1.3 with cipher X)\r\n\t(Authenticated sender: bob)\r\n\tby example.com (relay365) with ESMTPSA id "), "{}", kept[0]);
+    }
+
     #[test]
     fn plain_responses() {
         assert_eq!(

@@ -18,6 +18,8 @@
 //! - [`config`]: the world-readable config file, written by root; validated strictly.
 //!   [`config::limits`] holds the rates and limits the quota enforces.
 //! - [`daemon`]: pickup, queue runs, bounces and aliases; distrusts incoming files.
+//! - [`listen`]: the network SMTP listener (`relay365 listen`), above `sendmail`, whose
+//!   dialogue, intake and deposit it drives; trusts no client, never reads the secrets.
 //! - [`quota`]: the per-account send ledger and freezes (run in the `relay365` binary
 //!   by the daemon user `relay365`, and by root's admin commands); trusts only its own
 //!   state files, and parses even those strictly.

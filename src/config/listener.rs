@@ -295,7 +295,7 @@ mod tests {
         let example = include_str!("../../etc/relay365.toml");
         let at = example.find("#[listener]").unwrap();
         let mut text = String::from(
-            "domain = \"example.com\"\n[[account]]\nname = \"app\"\nmailbox = \"app@example.com\"\n[listener]\n",
+            "domain = \"example.com\"\n[[account]]\nname = \"app\"\nmailbox = \"app@example.com\"\nauth = \"login\"\n[listener]\n",
         );
         for line in example[at..].lines().skip(1) {
             if let Some(kv) = line.strip_prefix('#').filter(|l| l.contains(" = ")) {

@@ -51,8 +51,9 @@ DEFAULTS = {
     "BENCH_SCALE_N": 100000, "BENCH_PICKUP_N": 20, "BENCH_IDLE_S": 10,
     "BENCH_ROUNDS": 2, "BENCH_LATENCY_ROUNDS": 1, "BENCH_CONNECTIONS": 3,
     "BENCH_GRAPH_N": 1000,
+    "BENCH_LISTEN_N": 5000, "BENCH_IDLE_SESSIONS": 200,
 }
-CASES = ["enqueue", "parallel", "drain", "latency", "scale", "pacing", "graph"]
+CASES = ["enqueue", "parallel", "drain", "latency", "scale", "pacing", "graph", "listen"]
 SENDER = "bench@example.com"
 RCPT = "to@example.org"
 DOMAIN = "bench.example.com"
@@ -1498,6 +1499,10 @@ class Bench:
                 self.report.write()
             if "graph" in self.cases:
                 self.case_graph()
+            if "listen" in self.cases:
+                # bench/listen.py: relay365 listen against Postfix's smtpd.
+                import listen
+                listen.case_listen(self)
                 self.report.write()
         finally:
             self.sink.remove()

@@ -40,6 +40,14 @@ struct Cli {
 enum Command {
     /// Run the delivery daemon in the foreground (systemd runs it as user relay365).
     Daemon,
+    /// Run the network SMTP listener in the foreground (systemd runs it as user
+    /// relay365-listen from relay365-listen.socket); see relay365-listen(8).
+    Listen,
+    /// Manage the listener's AUTH users (passwords hashed; `add` reads it from stdin).
+    ListenerUser {
+        #[command(subcommand)]
+        action: ListenerUserAction,
+    },
     /// Deliver everything due once, in the foreground, and exit.
     Flush {
         /// Instead, ask the running daemon to retry the whole queue now.
@@ -88,6 +96,24 @@ enum AccountAction {
 }
 
 #[derive(Debug, Subcommand)]
+enum ListenerUserAction {
+    /// Add a user, or replace its password; the password is read from standard input.
+    Add {
+        name: String,
+        /// An envelope sender (pattern) this user may use; repeat for more. Default: any.
+        #[arg(long = "allowed-sender", value_name = "PATTERN")]
+        allowed_senders: Vec<String>,
+        /// The [[account]] that sends this user's mail.
+        #[arg(long)]
+        account: Option<String>,
+    },
+    /// Remove a user.
+    Remove { name: String },
+    /// List the users (names and restrictions, never the hashes).
+    List,
+}
+
+#[derive(Debug, Subcommand)]
 enum QueueAction {
     /// List queued messages as mailq does.
     List,
@@ -124,6 +150,9 @@ pub fn main(argv: Vec<OsString>) -> Exit {
     if let Command::Daemon = cli.command {
         return daemon(&cli.config);
     }
+    if let Command::Listen = cli.command {
+        return crate::listen::main(&cli.config);
+    }
     let config = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
@@ -133,7 +162,8 @@ pub fn main(argv: Vec<OsString>) -> Exit {
     };
     let spool = Spool::new(&config.spool_dir);
     match cli.command {
-        Command::Daemon => Exit::Software,
+        Command::Daemon | Command::Listen => Exit::Software,
+        Command::ListenerUser { action } => listener_user(&config, action),
         Command::Init { private } => match init::init(&spool, !private) {
             Ok(()) => Exit::Ok,
             Err(e) => {
@@ -184,6 +214,38 @@ pub fn main(argv: Vec<OsString>) -> Exit {
             }
         }
         Command::Queue { action } => queue(&spool, action),
+    }
+}
+
+fn listener_user(config: &Config, action: ListenerUserAction) -> Exit {
+    use crate::listen::users;
+    let done = match action {
+        ListenerUserAction::Add {
+            name,
+            allowed_senders,
+            account,
+        } => users::add(
+            config,
+            &name,
+            allowed_senders,
+            account,
+            std::io::stdin().lock(),
+        ),
+        ListenerUserAction::Remove { name } => users::remove(config, &name),
+        ListenerUserAction::List => {
+            users::list(config, &mut std::io::stdout().lock()).map(|()| String::new())
+        }
+    };
+    match done {
+        Ok(m) if m.is_empty() => Exit::Ok,
+        Ok(m) => {
+            println!("{m}");
+            Exit::Ok
+        }
+        Err(e) => {
+            say(&e);
+            e.exit()
+        }
     }
 }
 

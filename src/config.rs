@@ -6,6 +6,7 @@
 
 pub mod graph;
 pub mod limits;
+pub mod listener;
 pub mod oauth;
 
 use std::fmt;
@@ -289,6 +290,7 @@ struct RawConfig {
     proxy: Option<String>,
     #[serde(default, rename = "account")]
     accounts: Vec<RawAccount>,
+    listener: Option<listener::RawListener>,
 }
 
 /// The validated configuration.
@@ -309,6 +311,8 @@ pub struct Config {
     /// Undeliverable mail older than this bounces.
     pub max_queue_lifetime: Duration,
     pub accounts: Vec<Account>,
+    /// `[listener]`: the network SMTP listener, when configured.
+    pub listener: Option<listener::Listener>,
 }
 
 /// Microsoft's default mailbox limit for a message (35 MB).
@@ -414,6 +418,12 @@ impl Config {
             }
             accounts.push(account);
         }
+        let names: Vec<String> = accounts.iter().map(|a| a.name.clone()).collect();
+        let listener = raw
+            .listener
+            .map(|l| listener::Listener::validate(l, &names))
+            .transpose()
+            .map_err(|(key, message)| invalid(key, message))?;
         Ok(Config {
             path: path.to_path_buf(),
             spool_dir,
@@ -431,6 +441,7 @@ impl Config {
                 .max_queue_lifetime
                 .map_or(DEFAULT_QUEUE_LIFETIME, |s| s.0),
             accounts,
+            listener,
         })
     }
 }

@@ -12,12 +12,13 @@
 //! # Who runs what
 //! Two binaries link this library; the module graph keeps the setgid one small
 //! (`tests/it/layers.rs` fails if anything `sendmail` reaches names `daemon`,
-//! `transport`, `quota`, `secrets` or `admin`).
+//! `transport`, `quota`, `secrets`, `listen` or `admin`).
 //!
 //! | module | binary | user / group | trusts |
 //! |---|---|---|---|
 //! | [`sendmail`] ([`sendmail::cli`], [`sendmail::options`], [`sendmail::intake`], [`sendmail::bs`], [`sendmail::deposit`], [`sendmail::privilege`]) | `sendmail`, `mailq`, `newaliases` | any caller's uid; setgid `relay365-drop`, held only around the deposit | nothing: argv, stdin, environment, fds |
 //! | [`daemon`] (pickup, engine, worker, connect, hold, stop, bounce, route, check) | `relay365 daemon`, `relay365 flush` | `relay365` (group `relay365`, member of `relay365-drop` to read `incoming/`) | incoming files: nothing; the network: only after TLS |
+//! | [`listen`] (sockets, access, users, tls) | `relay365 listen` | `relay365-listen`, group `relay365-drop` (writes only `incoming/`, never the secrets) | no client: allow list, AUTH after STARTTLS, per-client bounds; drives `sendmail`'s dialogue, intake and deposit |
 //! | [`admin`] | `relay365` | root (or `relay365` for `daemon`) | the command line |
 //! | [`transport`] (smtp, capture, oauth, tls, reply, classify) | `relay365` | `relay365` | servers only after TLS verification; every reply byte is untrusted |
 //! | [`quota`] | `relay365` | `relay365`, root for `relay365 quota` | its own state files, parsed strictly |
@@ -30,7 +31,7 @@
 //!
 //! # Layers
 //! Imports run one way, top to bottom (`tests/it/layers.rs` checks it from the source):
-//! `admin` → `sendmail`, `daemon` (and the listener) → `aliases`, `quota`, `transport`
+//! `admin` → `listen` → `sendmail`, `daemon` → `aliases`, `quota`, `transport`
 //! → `secrets` → `config` → `spool` → `message`, `logging`, `sysexits`.
 #![deny(unsafe_code)]
 #![cfg_attr(
@@ -42,6 +43,7 @@ pub mod admin;
 pub mod aliases;
 pub mod config;
 pub mod daemon;
+pub mod listen;
 pub mod logging;
 pub mod message;
 pub mod quota;

@@ -189,8 +189,18 @@ pub fn pickup(
                         .collect();
                     let mut entry = QueueEntry::from_envelope(&env, uid, recipients);
                     let from = route::from_address(&message);
-                    entry.account = route::route(config, env.sender.as_str(), from.as_deref(), uid)
-                        .map(|a| a.name.clone());
+                    // The listener's mail goes out through its AUTH user's account, else
+                    // `[listener] account` when set; only accounts of the config count.
+                    let listener_account =
+                        env.client
+                            .and(env.account.clone().or_else(|| {
+                                config.listener.as_ref().and_then(|l| l.account.clone())
+                            }))
+                            .filter(|name| config.accounts.iter().any(|a| &a.name == name));
+                    entry.account = listener_account.or_else(|| {
+                        route::route(config, env.sender.as_str(), from.as_deref(), uid)
+                            .map(|a| a.name.clone())
+                    });
                     if let Err(e) = queue.insert_unsynced(&entry, &message) {
                         // Leave it and the rest in incoming/ for a later pass (new
                         // mail, a trigger, the safety scan): nothing is lost.

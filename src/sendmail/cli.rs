@@ -211,6 +211,7 @@ fn enqueue(
     let now = SystemTime::now();
     let id = QueueId::generate(now);
     let settings = IntakeSettings {
+        received: None,
         domain: &config.domain,
         max_message_size: max,
     };
@@ -317,7 +318,7 @@ fn smtp_session(
         bs::Ending::Io(e) => say(format_args!(
             "SMTP session on standard input/output failed: {e}"
         )),
-        bs::Ending::Quit | bs::Ending::EndOfInput => {}
+        bs::Ending::Quit | bs::Ending::EndOfInput | bs::Ending::Closed(_) => {}
     }
     if opts.verbose {
         say(format_args!(

@@ -120,6 +120,43 @@ impl Drop for TmpGuard<'_> {
 pub enum Origin {
     /// A local program: `sendmail` or `sendmail -bs`, run by this uid.
     Local { uid: u32 },
+    /// A client of the network listener: its address, HELO name and AUTH user.
+    Network {
+        client: std::net::IpAddr,
+        helo: Option<String>,
+        user: Option<String>,
+        method: Option<&'static str>,
+    },
+}
+
+impl Origin {
+    /// How the log names the origin: `uid=33`, or Postfix's
+    /// `client=unknown[192.0.2.7], helo=<scanner>, sasl_method=PLAIN, sasl_username=bob`.
+    pub fn describe(&self) -> String {
+        match self {
+            Origin::Local { uid } => format!("uid={uid}"),
+            Origin::Network {
+                client,
+                helo,
+                user,
+                method,
+            } => {
+                let mut s = format!("client=unknown[{client}]");
+                if let Some(h) = helo {
+                    // SECURITY: client text in a log line: one line, bounded.
+                    s.push_str(&format!(
+                        ", helo=<{}>",
+                        crate::message::text::one_line_max(h, 255)
+                    ));
+                }
+                if let (Some(u), Some(m)) = (user, method) {
+                    let u = crate::message::text::one_line_max(u, 64);
+                    s.push_str(&format!(", sasl_method={m}, sasl_username={u}"));
+                }
+                s
+            }
+        }
+    }
 }
 
 /// How the message came: on the command line or in an SMTP dialogue.
@@ -159,17 +196,23 @@ impl<'a> Depositor<'a> {
     pub fn deposit(&mut self, s: &Submission) -> Result<(), SpoolError> {
         let env = &s.envelope;
         let bytes = env.to_file_bytes(&s.message);
-        let who = match &self.origin {
-            Origin::Local { uid } => format!("uid={uid}"),
-        };
+        let who = self.origin.describe();
         match write(self.spool, self.group, &env.id, &bytes) {
             Ok(_) => {
                 let proto = match self.protocol {
                     Protocol::Sendmail => "",
                     Protocol::Esmtp => " proto=ESMTP",
                 };
+                // Postfix's smtpd logs the client on a line of its own.
+                let who = match &self.origin {
+                    Origin::Local { .. } => format!("{who} "),
+                    Origin::Network { .. } => {
+                        self.log.info(&format!("{}: {who}", env.id));
+                        String::new()
+                    }
+                };
                 self.log.info(&format!(
-                    "{}: {who} from=<{}> size={} nrcpt={}{proto}",
+                    "{}: {who}from=<{}> size={} nrcpt={}{proto}",
                     env.id,
                     env.sender,
                     env.size,
@@ -188,6 +231,10 @@ impl<'a> Depositor<'a> {
 impl super::bs::Spooler for Depositor<'_> {
     fn deposit(&mut self, submission: &Submission) -> Result<(), SpoolError> {
         Depositor::deposit(self, submission)
+    }
+
+    fn set_origin(&mut self, origin: Origin) {
+        self.origin = origin;
     }
 }
 

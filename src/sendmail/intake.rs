@@ -156,6 +156,64 @@ pub fn gecos_name(gecos: &str, login: &str) -> Option<String> {
 pub struct IntakeSettings<'a> {
     pub domain: &'a str,
     pub max_message_size: u64,
+    /// For a message from the network listener: what its `Received:` header names.
+    pub received: Option<Received<'a>>,
+}
+
+/// What the listener knows of a network client, for the `Received:` header (Postfix's
+/// format) and the envelope. The HELO name is client text already made one-line.
+#[derive(Debug, Clone, Copy)]
+pub struct Received<'a> {
+    pub address: std::net::IpAddr,
+    pub helo: Option<&'a str>,
+    /// `TLSv1.3 with cipher ...`.
+    pub tls: Option<&'a str>,
+    pub user: Option<&'a str>,
+    /// Recipients of the message: one is named in the header (`for <...>`), as Postfix does.
+    pub recipients: usize,
+    /// The account the AUTH user is mapped to (recorded in the envelope, not the header).
+    pub account: Option<&'a str>,
+}
+
+impl Received<'_> {
+    /// The header value, folded like Postfix's:
+    /// `from printer ([192.168.10.5])\r\n\t(using TLSv1.3 ...)\r\n\t(Authenticated sender: bob)\r\n\tby example.com (relay365) with ESMTPSA id ...\r\n\tfor <a@b>; date`.
+    pub fn header_value(
+        &self,
+        domain: &str,
+        id: &QueueId,
+        rcpt: Option<&Address>,
+        now: SystemTime,
+    ) -> String {
+        let addr = match self.address {
+            std::net::IpAddr::V4(a) => a.to_string(),
+            std::net::IpAddr::V6(a) => format!("IPv6:{a}"),
+        };
+        // SECURITY: client text (HELO, user) reaches a header: controls become spaces.
+        let helo = crate::message::text::one_line_max(self.helo.unwrap_or("unknown"), 255);
+        let mut v = format!("from {helo} ([{addr}])");
+        if let Some(tls) = self.tls {
+            v.push_str(&format!("\r\n\t(using {tls})"));
+        }
+        if let Some(user) = self.user {
+            let user = crate::message::text::one_line_max(user, 64);
+            v.push_str(&format!("\r\n\t(Authenticated sender: {user})"));
+        }
+        let proto = match (self.tls.is_some(), self.user.is_some()) {
+            (false, false) => "ESMTP",
+            (true, false) => "ESMTPS",
+            (false, true) => "ESMTPA",
+            (true, true) => "ESMTPSA",
+        };
+        v.push_str(&format!(
+            "\r\n\tby {domain} (relay365) with {proto} id {id}"
+        ));
+        if let (1, Some(r)) = (self.recipients, rcpt) {
+            v.push_str(&format!("\r\n\tfor <{r}>"));
+        }
+        v.push_str(&format!(";\r\n\t{}", complete::rfc5322_date(now)));
+        v
+    }
 }
 
 /// A message ready for the spool.
@@ -243,6 +301,11 @@ pub fn build(
             full_name: full_name.as_deref(),
         },
     );
+    if let Some(r) = &settings.received {
+        let value = r.header_value(settings.domain, id, recipients.first(), now);
+        msg.headers
+            .insert(0, crate::message::header::Header::new("Received", &value));
+    }
     let message = msg.to_bytes();
     if message.len() as u64 > settings.max_message_size {
         return Err(IntakeError::TooBig {
@@ -260,6 +323,12 @@ pub fn build(
         size: message.len() as u64,
         dsn: opts.dsn.clone(),
         queue_only: opts.queue_only,
+        client: settings.received.map(|r| r.address),
+        sasl_username: settings.received.and_then(|r| r.user).map(str::to_string),
+        account: settings
+            .received
+            .and_then(|r| r.account)
+            .map(str::to_string),
     };
     // SECURITY: the pickup quarantines an envelope line over its bound without a
     // bounce; whatever is accepted here must be deliverable or bounced.
@@ -353,6 +422,7 @@ mod tests {
             full_name: Some("www-data".into()),
         };
         let settings = IntakeSettings {
+            received: None,
             domain: "example.com",
             max_message_size: 1_000_000,
         };
@@ -425,6 +495,7 @@ mod tests {
             let settings = IntakeSettings {
                 domain: "example.com",
                 max_message_size: max,
+                received: None,
             };
             let now = UNIX_EPOCH + std::time::Duration::from_secs(1_795_734_105);
             let id = QueueId::generate(now);
@@ -460,6 +531,9 @@ mod tests {
                         size: 0,
                         dsn: Default::default(),
                         queue_only: false,
+                        client: None,
+                        sasl_username: None,
+                        account: None,
                     };
                     for r in &opts.recipients {
                         env.recipients

@@ -228,6 +228,13 @@ pub struct Envelope {
     pub dsn: Dsn,
     /// `-odq`: wait for the next queue run instead of going out at once.
     pub queue_only: bool,
+    /// The network client that submitted it to the listener (`None` for local callers).
+    pub client: Option<std::net::IpAddr>,
+    /// The user that client authenticated as, if any.
+    pub sasl_username: Option<String>,
+    /// The account that user is mapped to (`relay365 listener-user add --account`);
+    /// the daemon honours it only for a listener submission.
+    pub account: Option<String>,
 }
 
 /// The JSON line as written: plain strings, read and then validated into an [`Envelope`].
@@ -251,6 +258,12 @@ struct Line {
     body: Option<BodyType>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     queue_only: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    client: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sasl_username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    account: Option<String>,
 }
 
 /// Why bytes are not an incoming file.
@@ -313,6 +326,9 @@ impl Envelope {
             envid: self.dsn.envid.as_ref().map(EnvId::to_string),
             body: self.dsn.body,
             queue_only: self.queue_only,
+            client: self.client.map(|c| c.to_string()),
+            sasl_username: self.sasl_username.clone(),
+            account: self.account.clone(),
         };
         // Serialising plain strings and integers cannot fail.
         serde_json::to_vec(&line).unwrap_or_default()
@@ -371,6 +387,36 @@ impl Envelope {
             ),
             None => None,
         };
+        let client = match &l.client {
+            Some(c) => Some(
+                c.parse::<std::net::IpAddr>()
+                    .map_err(|_| field("client", format!("{c:?} is not an IP address")))?,
+            ),
+            None => None,
+        };
+        if let Some(u) = &l.sasl_username {
+            // SECURITY: the name is logged and written into headers: printable, bounded.
+            if u.is_empty() || u.len() > 64 || u.chars().any(|c| c.is_control() || c == ' ') {
+                return Err(field(
+                    "sasl_username",
+                    "not 1-64 printable characters without spaces".into(),
+                ));
+            }
+        }
+        if let Some(a) = &l.account {
+            // SECURITY: an account name becomes a file name under state/.
+            let ok = !a.is_empty()
+                && a.len() <= 64
+                && a.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !ok || l.client.is_none() {
+                return Err(field(
+                    "account",
+                    "an account name (letters, digits, - and _) for a listener submission only"
+                        .into(),
+                ));
+            }
+        }
         Ok(Envelope {
             id,
             sender,
@@ -385,6 +431,9 @@ impl Envelope {
                 body: l.body,
             },
             queue_only: l.queue_only,
+            client,
+            sasl_username: l.sasl_username,
+            account: l.account,
         })
     }
 }
@@ -408,6 +457,34 @@ mod tests {
                 body: Some(BodyType::EightBitMime),
             },
             queue_only: false,
+            client: None,
+            sasl_username: None,
+            account: None,
+        }
+    }
+
+    #[test]
+    fn a_network_client_round_trips_and_bad_values_are_refused() {
+        let mut e = sample(2);
+        e.client = Some("192.0.2.7".parse().unwrap());
+        e.sasl_username = Some("scanner".into());
+        e.account = Some("app".into());
+        let bytes = e.to_file_bytes(b"x\n");
+        assert_eq!(Envelope::from_file_bytes(&bytes).unwrap().0, e);
+        let text = String::from_utf8(bytes).unwrap();
+        for (from, to) in [
+            ("\"192.0.2.7\"", "\"printer\""),
+            ("\"scanner\"", "\"a b\""),
+            ("\"scanner\"", "\"\""),
+        ] {
+            let bad = text.replacen(from, to, 1);
+            assert!(
+                matches!(
+                    Envelope::from_file_bytes(bad.as_bytes()),
+                    Err(EnvelopeError::Field { .. })
+                ),
+                "{bad}"
+            );
         }
     }
 

@@ -7,6 +7,14 @@ use std::path::{Path, PathBuf};
 
 /// The user the daemon runs as; it owns the queue and the secrets.
 pub const DAEMON_USER: &str = "relay365";
+/// The user `relay365 listen` runs as (in the drop group, so it can write only
+/// `incoming/`); it never reads the secrets.
+pub const LISTEN_USER: &str = "relay365-listen";
+/// The listener's AUTH users, hashed passwords only: root-owned, readable by the
+/// listener's user (its group), written by `relay365 listener-user`.
+pub const LISTENER_USERS_FILE: &str = "/etc/relay365/listener-users";
+/// Mode of the users file (owner root, group [`LISTEN_USER`]).
+pub const LISTENER_USERS_MODE: u32 = 0o640;
 /// The group `sendmail` is setgid to. It owns nothing but `incoming/` and the trigger.
 pub const DROP_GROUP: &str = "relay365-drop";
 

@@ -1083,6 +1083,9 @@ fn delivery_starts_while_a_backlog_is_still_being_picked_up() {
             size: msg.len() as u64,
             dsn: Default::default(),
             queue_only: false,
+            client: None,
+            sasl_username: None,
+            account: None,
         };
         std::fs::write(s.new_dir().join(id.as_str()), env.to_file_bytes(&msg))
             .expect("write an incoming file");

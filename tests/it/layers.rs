@@ -25,8 +25,9 @@ const LAYERS: &[(&str, u8)] = &[
     ("transport", 4),
     ("sendmail", 5),
     ("daemon", 5),
-    ("listen", 5),
-    ("admin", 6),
+    // The listener drives sendmail's dialogue, deposit and intake: one way, above it.
+    ("listen", 6),
+    ("admin", 7),
 ];
 
 /// What the setgid program must never reach.

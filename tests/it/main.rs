@@ -10,6 +10,7 @@ mod harvest;
 mod hostile;
 mod intake;
 mod layers;
+mod listen;
 mod load;
 mod postfix;
 mod privilege;

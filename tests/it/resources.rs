@@ -377,6 +377,9 @@ fn plant_incoming(s: &Spool, n: usize) {
             size: msg.len() as u64,
             dsn: Default::default(),
             queue_only: false,
+            client: None,
+            sasl_username: None,
+            account: None,
         };
         std::fs::write(s.new_dir().join(id.as_str()), env.to_file_bytes(&msg))
             .expect("write an incoming file");

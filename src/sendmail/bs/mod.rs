@@ -15,6 +15,12 @@
 //!
 //! Replies carry RFC 3463 enhanced status codes, except where RFC 2034 rules them
 //! out: the greeting, the EHLO/HELO replies and the 354 (there is no class 3).
+//!
+//! The network listener (`relay365 listen`) drives the same machine over TCP through
+//! [`Session::network`]: a [`network::Gate`] decides relay access, AUTH and rates, the
+//! [`network::Channel`] can switch to TLS, and only then are STARTTLS and AUTH (after
+//! STARTTLS) offered; a hard error limit closes a client that keeps failing. On stdio
+//! none of that exists and the dialogue is the one `sendmail -bs` always had.
 
 use std::io::{self, BufRead, Write};
 use std::time::SystemTime;
@@ -25,12 +31,14 @@ use crate::spool::QueueId;
 use crate::spool::envelope::{BodyType, Dsn, EnvId, Notify, Ret};
 use crate::sysexits::{Exit, ExitStatus};
 
+pub mod network;
 mod read;
 
+use network::{Channel, Client, Counters, Gate, Stdio, Tracked};
 use read::{Data, Line, read_data, read_line};
 
-use super::deposit::SpoolError;
-use super::intake::{self, Caller, IntakeError, IntakeSettings, Submission};
+use super::deposit::{Origin, SpoolError};
+use super::intake::{self, Caller, IntakeError, IntakeSettings, Received, Submission};
 use super::options::{Mode, Options};
 
 /// The longest command line kept, line ending included (Postfix's `line_length_limit`);
@@ -38,6 +46,11 @@ use super::options::{Mode, Options};
 pub const MAX_COMMAND_LINE: usize = 2048;
 /// Recipients per message (Exchange Online allows at most 1000 per message).
 pub const DEFAULT_MAX_RECIPIENTS: usize = 1000;
+/// Replies of class 4 or 5 after which a network client is disconnected (Postfix's
+/// `smtpd_hard_error_limit`).
+pub const HARD_ERROR_LIMIT: u32 = 20;
+/// The longest EHLO/HELO name kept (for the Received header and the logs).
+const MAX_HELO: usize = 255;
 /// The longest ENVID (RFC 3461) and ORCPT value accepted.
 const MAX_ENVID: usize = 100;
 const MAX_ORCPT: usize = 500;
@@ -47,6 +60,9 @@ const MAX_ORCPT: usize = 500;
 pub trait Spooler {
     /// Queues the submission durably; returns only once it is safe to say `250`.
     fn deposit(&mut self, submission: &Submission) -> Result<(), SpoolError>;
+    /// Who hands the next submissions in, when the dialogue learns more of it (HELO,
+    /// AUTH); the local caller never changes.
+    fn set_origin(&mut self, _origin: Origin) {}
 }
 
 /// What a session needs from the configuration.
@@ -72,6 +88,9 @@ pub enum Ending {
     Abandoned { in_data: bool },
     /// Reading the input or writing a reply failed (the client went away).
     Io(io::Error),
+    /// The server closed a network session (too many errors or failed AUTHs); the
+    /// `421` reply was sent.
+    Closed(&'static str),
 }
 
 impl ExitStatus for Ending {
@@ -84,7 +103,7 @@ impl ExitStatus for Ending {
     fn exit(&self) -> Exit {
         match self {
             Ending::Quit | Ending::EndOfInput => Exit::Ok,
-            Ending::Abandoned { .. } => Exit::TempFail,
+            Ending::Abandoned { .. } | Ending::Closed(_) => Exit::TempFail,
             Ending::Io(_) => Exit::IoErr,
         }
     }
@@ -95,6 +114,8 @@ impl ExitStatus for Ending {
 pub struct Report {
     pub ending: Ending,
     pub queued: Vec<QueueId>,
+    /// Commands accepted and tried, for the listener's `disconnect` line.
+    pub counters: Counters,
 }
 
 /// One mail transaction, from MAIL FROM to the end of DATA.
@@ -116,6 +137,13 @@ enum Flow {
     Continue,
     Quit,
     Abandoned,
+    Closed(&'static str),
+}
+
+/// The network side of a session: the listener's policy and what is known of the client.
+struct Net<'a> {
+    gate: &'a mut dyn Gate,
+    client: Client,
 }
 
 /// An SMTP session on one input and one output.
@@ -128,6 +156,8 @@ pub struct Session<'a, S: Spooler> {
     spooler: S,
     tx: Option<Transaction>,
     queued: Vec<QueueId>,
+    net: Option<Net<'a>>,
+    counters: Counters,
 }
 
 impl<'a, S: Spooler> Session<'a, S> {
@@ -139,28 +169,48 @@ impl<'a, S: Spooler> Session<'a, S> {
             spooler,
             tx: None,
             queued: Vec::new(),
+            net: None,
+            counters: Counters::default(),
         }
     }
 
-    /// Runs the dialogue until QUIT, end of input or an I/O error.
-    pub fn run(mut self, mut input: impl BufRead, mut out: impl Write) -> Report {
-        let ending = match self.dialogue(&mut input, &mut out) {
+    /// Makes this a network session for `client`, under the listener's `gate`.
+    pub fn network(mut self, gate: &'a mut dyn Gate, client: Client) -> Self {
+        self.net = Some(Net { gate, client });
+        self
+    }
+
+    /// Runs the dialogue on standard input and output until QUIT, end of input or an
+    /// I/O error.
+    pub fn run(self, input: impl BufRead, output: impl Write) -> Report {
+        self.run_on(&mut Stdio { input, output })
+    }
+
+    /// Runs the dialogue on a channel (a TCP connection that may turn to TLS).
+    pub fn run_on(mut self, channel: &mut impl Channel) -> Report {
+        let mut io = Tracked {
+            inner: channel,
+            last: 0,
+            at_line_start: true,
+        };
+        let ending = match self.dialogue(&mut io) {
             Ok(e) => e,
             Err(e) => Ending::Io(e),
         };
         Report {
             ending,
             queued: self.queued,
+            counters: self.counters,
         }
     }
 
-    fn dialogue(&mut self, input: &mut impl BufRead, out: &mut impl Write) -> io::Result<Ending> {
+    fn dialogue<C: Channel>(&mut self, io: &mut Tracked<'_, C>) -> io::Result<Ending> {
         let greeting = format!("220 {} ESMTP relay365", self.settings.domain);
-        send(out, &[greeting])?;
+        send(io, &[greeting])?;
         let mut line = Vec::with_capacity(512);
         loop {
             // SECURITY: at most MAX_COMMAND_LINE bytes of a command are ever held.
-            match read_line(input, &mut line, MAX_COMMAND_LINE)? {
+            match read_line(io, &mut line, MAX_COMMAND_LINE)? {
                 Line::Eof => {
                     return Ok(if self.tx.is_some() {
                         Ending::Abandoned { in_data: false }
@@ -169,25 +219,41 @@ impl<'a, S: Spooler> Session<'a, S> {
                     });
                 }
                 Line::TooLong => {
-                    reply(out, "500 5.5.6 Error: line too long")?;
-                    continue;
+                    reply(io, "500 5.5.6 Error: line too long")?;
+                    self.counters.count("unknown", false);
                 }
-                Line::Complete => {}
+                Line::Complete => match self.command(&line, io)? {
+                    Flow::Continue => {}
+                    Flow::Quit => return Ok(Ending::Quit),
+                    Flow::Abandoned => return Ok(Ending::Abandoned { in_data: true }),
+                    Flow::Closed(why) => return Ok(Ending::Closed(why)),
+                },
             }
-            match self.command(&line, input, out)? {
-                Flow::Continue => {}
-                Flow::Quit => return Ok(Ending::Quit),
-                Flow::Abandoned => return Ok(Ending::Abandoned { in_data: true }),
+            // SECURITY: a network client that keeps failing is cut off (Postfix's
+            // hard error limit), so it cannot probe forever on one connection.
+            if self.net.is_some() && self.counters.errors >= HARD_ERROR_LIMIT {
+                let domain = self.settings.domain;
+                reply(io, &format!("421 4.7.0 {domain} Error: too many errors"))?;
+                return Ok(Ending::Closed("too many errors"));
             }
         }
     }
 
-    fn command(
-        &mut self,
-        raw: &[u8],
-        input: &mut impl BufRead,
-        out: &mut impl Write,
-    ) -> io::Result<Flow> {
+    fn command<C: Channel>(&mut self, raw: &[u8], io: &mut Tracked<'_, C>) -> io::Result<Flow> {
+        let flow = self.dispatch(raw, io)?;
+        let verb = strip_line_end(raw)
+            .split(|b| *b == b' ' || *b == b'\t')
+            .next()
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .unwrap_or("");
+        // A DATA whose input ended before the dot did not succeed, whatever its 354 said.
+        let ok = matches!(io.last, b'2' | b'3') && !matches!(flow, Flow::Abandoned);
+        self.counters.count(network::counter_name(verb), ok);
+        Ok(flow)
+    }
+
+    fn dispatch<C: Channel>(&mut self, raw: &[u8], io: &mut Tracked<'_, C>) -> io::Result<Flow> {
+        let out = &mut *io;
         let raw = strip_line_end(raw);
         let Ok(text) = std::str::from_utf8(raw) else {
             reply(out, "500 5.5.2 Error: bad UTF-8 syntax")?;
@@ -207,7 +273,9 @@ impl<'a, S: Spooler> Session<'a, S> {
             "HELO" => self.hello(out, arg, false)?,
             "MAIL" => self.mail(out, arg)?,
             "RCPT" => self.rcpt(out, arg)?,
-            "DATA" => return self.data(out, arg, input),
+            "DATA" => return self.data(io, arg),
+            "STARTTLS" if self.net.is_some() => return self.starttls(io, arg),
+            "AUTH" if self.net.is_some() => return self.auth(io, arg),
             "RSET" => {
                 if arg.is_empty() {
                     self.tx = None;
@@ -251,22 +319,36 @@ impl<'a, S: Spooler> Session<'a, S> {
         // RFC 5321 4.1.4: a greeting in the middle of a transaction resets it.
         self.tx = None;
         let domain = self.settings.domain;
+        if let Some(net) = self.net.as_mut() {
+            // SECURITY: the name goes into a header and the logs: one line, bounded.
+            net.client.helo = Some(text::one_line_max(arg, MAX_HELO));
+        }
         if !extended {
             return reply(out, &format!("250 {domain}"));
         }
-        send(
-            out,
-            &[
-                domain.to_string(),
-                "PIPELINING".into(),
-                format!("SIZE {}", self.settings.max_message_size),
-                "8BITMIME".into(),
-                "DSN".into(),
-                "SMTPUTF8".into(),
-                "ENHANCEDSTATUSCODES".into(),
-            ]
-            .map(|l| format!("250 {l}")),
-        )
+        let mut lines = vec![
+            domain.to_string(),
+            "PIPELINING".into(),
+            format!("SIZE {}", self.settings.max_message_size),
+        ];
+        if let Some(net) = &self.net {
+            let tls = net.client.tls.is_some();
+            if !tls && net.gate.offers_tls() {
+                lines.push("STARTTLS".into());
+            }
+            // SECURITY: AUTH only inside TLS, so no password ever crosses in clear.
+            if tls && net.gate.offers_auth() && net.client.user.is_none() {
+                lines.push(format!("AUTH {}", network::MECHANISMS));
+            }
+        }
+        lines.extend([
+            "8BITMIME".into(),
+            "DSN".into(),
+            "SMTPUTF8".into(),
+            "ENHANCEDSTATUSCODES".into(),
+        ]);
+        let lines: Vec<String> = lines.into_iter().map(|l| format!("250 {l}")).collect();
+        send(out, &lines)
     }
 
     fn mail(&mut self, out: &mut impl Write, arg: &str) -> io::Result<()> {
@@ -352,6 +434,11 @@ impl<'a, S: Spooler> Session<'a, S> {
                 );
             }
         };
+        if let Some(net) = self.net.as_mut() {
+            if let Err(refusal) = net.gate.mail(&net.client, &tx.sender) {
+                return reply(out, &refusal);
+            }
+        }
         self.tx = Some(tx);
         reply(out, "250 2.1.0 Ok")
     }
@@ -410,6 +497,13 @@ impl<'a, S: Spooler> Session<'a, S> {
                 );
             }
         };
+        if let Some(net) = self.net.as_mut() {
+            // SECURITY: never an open relay: the gate refuses a client that is neither
+            // in `allow` nor authenticated.
+            if let Err(refusal) = net.gate.rcpt(&net.client, &tx.sender, &address) {
+                return reply(out, &refusal);
+            }
+        }
         if tx.recipients.len() >= max {
             return reply(out, "452 4.5.3 Error: too many recipients");
         }
@@ -418,12 +512,8 @@ impl<'a, S: Spooler> Session<'a, S> {
         reply(out, "250 2.1.5 Ok")
     }
 
-    fn data(
-        &mut self,
-        out: &mut impl Write,
-        arg: &str,
-        input: &mut impl BufRead,
-    ) -> io::Result<Flow> {
+    fn data<C: Channel>(&mut self, io: &mut Tracked<'_, C>, arg: &str) -> io::Result<Flow> {
+        let out = &mut *io;
         if !arg.is_empty() {
             reply(out, "501 5.5.4 Syntax: DATA")?;
             return Ok(Flow::Continue);
@@ -441,7 +531,8 @@ impl<'a, S: Spooler> Session<'a, S> {
             return Ok(Flow::Continue);
         }
         reply(out, "354 End data with <CR><LF>.<CR><LF>")?;
-        let data = read_data(input, self.settings.max_message_size)?;
+        let data = read_data(io, self.settings.max_message_size)?;
+        let out = &mut *io;
         // Whatever the outcome, the transaction is over (RFC 5321 4.1.1.4).
         let Some(tx) = self.tx.take() else {
             return Ok(Flow::Continue);
@@ -488,12 +579,30 @@ impl<'a, S: Spooler> Session<'a, S> {
     /// Builds and queues one message; returns the reply that says how it went.
     fn queue(&mut self, tx: &Transaction, raw: &[u8]) -> String {
         let opts = self.message_options(tx);
+        let account = self.net.as_mut().and_then(|n| n.gate.account(&n.client));
+        let received = self.net.as_ref().map(|n| Received {
+            address: n.client.address,
+            helo: n.client.helo.as_deref(),
+            tls: n.client.tls.as_deref(),
+            user: n.client.user.as_deref(),
+            recipients: tx.recipients.len(),
+            account: account.as_deref(),
+        });
         let settings = IntakeSettings {
             domain: self.settings.domain,
             max_message_size: self.settings.max_message_size,
+            received,
         };
         let now = SystemTime::now();
         let id = QueueId::generate(now);
+        if let Some(net) = &self.net {
+            self.spooler.set_origin(Origin::Network {
+                client: net.client.address,
+                helo: net.client.helo.clone(),
+                user: net.client.user.clone(),
+                method: net.client.method,
+            });
+        }
         let submission = match intake::build(&opts, &settings, self.caller, raw, now, &id) {
             Ok(s) => s,
             Err(e) => return intake_reply(&e),
@@ -502,6 +611,9 @@ impl<'a, S: Spooler> Session<'a, S> {
             Ok(()) => {
                 let answer = format!("250 2.0.0 Ok: queued as {id}");
                 self.queued.push(id);
+                if let Some(net) = self.net.as_mut() {
+                    net.gate.queued(&net.client);
+                }
                 answer
             }
             Err(e) if e.is_full() => format!(

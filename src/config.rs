@@ -252,6 +252,8 @@ struct RawConfig {
     #[serde(default)]
     local_domains: Vec<String>,
     max_queue_lifetime: Option<Span>,
+    log_file: Option<PathBuf>,
+    metrics_listen: Option<std::net::SocketAddr>,
     #[serde(default, rename = "account")]
     accounts: Vec<RawAccount>,
 }
@@ -273,6 +275,10 @@ pub struct Config {
     pub local_domains: Vec<String>,
     /// Undeliverable mail older than this bounces.
     pub max_queue_lifetime: Duration,
+    /// Also write the log here, as a syslog daemon would (Postfix's maillog_file).
+    pub log_file: Option<PathBuf>,
+    /// Where the daemon serves `GET /metrics` (Prometheus text format), if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     pub accounts: Vec<Account>,
 }
 
@@ -351,6 +357,12 @@ impl Config {
                     )
                 })?;
         }
+        if let Some(f) = raw.log_file.as_ref().filter(|f| !f.is_absolute()) {
+            return Err(invalid(
+                "log_file",
+                format!("{} is not an absolute path", f.display()),
+            ));
+        }
         let mut local_domains = Vec::new();
         for d in raw.local_domains {
             local_domains.push(validate_domain(&d).map_err(|m| invalid("local_domains", m))?);
@@ -391,6 +403,8 @@ impl Config {
             max_queue_lifetime: raw
                 .max_queue_lifetime
                 .map_or(DEFAULT_QUEUE_LIFETIME, |s| s.0),
+            log_file: raw.log_file,
+            metrics_listen: raw.metrics_listen,
             accounts,
         })
     }

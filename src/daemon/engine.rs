@@ -147,6 +147,14 @@ impl Engine {
             return Err(EngineError::Setup(p.clone()));
         }
         let mut log = log;
+        if let Some(path) = &loaded.config.log_file {
+            if let Err(e) = log.add_file(path) {
+                log.warning(&format!(
+                    "cannot open the log_file {}: {e}; logging to syslog only",
+                    path.display()
+                ));
+            }
+        }
         for p in &problems {
             // Wrong modes still work for the daemon, but may let others in or keep
             // sendmail out: say so at every start.
@@ -430,6 +438,11 @@ impl Engine {
                 self.schedule_at(b, at);
             }
         }
+    }
+
+    /// The error-level lines logged so far (each once), for a flush to report.
+    pub fn problems(&self) -> Vec<String> {
+        self.log.take_problems()
     }
 
     /// `relay365 flush`: pick up, deliver everything due once, wait for it, return.

@@ -218,10 +218,12 @@ pub fn pickup(
                         .iter()
                         .filter(|r| r.status == RcptStatus::Failed)
                     {
-                        log.warning(&format!(
-                            "{id}: to=<{}>, status=bounced ({})",
+                        let text = r.reply.as_deref().unwrap_or("");
+                        // Info, as Postfix: see AccountWorker::fail.
+                        log.info(&format!(
+                            "{id}: to=<{}>, relay=none, delay=0, dsn={}, status=bounced ({text})",
                             r.address,
-                            r.reply.as_deref().unwrap_or("")
+                            crate::transport::reply::log_dsn(text, 5)
                         ));
                     }
                 }

@@ -48,6 +48,8 @@ pub struct Listed {
     pub recipients: Vec<ListedRecipient>,
     /// When the next attempt is due, as text, if known.
     pub next_attempt: Option<String>,
+    /// The same in microseconds since the epoch (`--json`).
+    pub next_attempt_us: Option<u64>,
 }
 
 /// Reads the envelope line of an incoming file without reading the message.
@@ -98,6 +100,7 @@ pub fn incoming(spool: &Spool) -> Vec<Listed> {
                 })
                 .collect(),
             next_attempt: None,
+            next_attempt_us: None,
         });
     }
     out
@@ -132,6 +135,8 @@ pub fn queued(spool: &Spool) -> Vec<Listed> {
         };
         let next_attempt = (entry.next_attempt() > now && !entry.held)
             .then(|| crate::message::complete::rfc5322_date(entry.next_attempt()));
+        let next_attempt_us =
+            (entry.next_attempt() > now && !entry.held).then_some(entry.next_attempt_us);
         let recipients = entry
             .pending()
             .map(|r| ListedRecipient {
@@ -147,6 +152,7 @@ pub fn queued(spool: &Spool) -> Vec<Listed> {
             state,
             recipients,
             next_attempt,
+            next_attempt_us,
         });
     }
     out
@@ -230,6 +236,59 @@ pub fn format(entries: &[Listed]) -> String {
     out
 }
 
+impl State {
+    /// The `queue_name` of `--json`: Postfix's queue names where one applies.
+    pub fn queue_name(&self) -> &'static str {
+        match self {
+            State::Incoming => "incoming",
+            State::Deferred => "deferred",
+            State::Active => "active",
+            State::Held => "hold",
+        }
+    }
+}
+
+/// The listing as JSON Lines, one object per message, with the fields of Postfix's
+/// `postqueue -j` (queue_name, queue_id, arrival_time, message_size, sender,
+/// recipients with address and delay_reason) plus relay365's `next_attempt` (seconds
+/// since the epoch, or null when due now or unknown) and each recipient's `state`
+/// (the message's queue_name: relay365 schedules whole messages). Times are whole
+/// seconds since the epoch, as in Postfix; the schema is documented in relay365(8)
+/// and only grows.
+pub fn json_lines(entries: &[Listed]) -> String {
+    let mut out = String::new();
+    for e in entries {
+        let next = e.next_attempt_us.map(|us| us / 1_000_000);
+        let recipients: Vec<serde_json::Value> = e
+            .recipients
+            .iter()
+            .map(|r| {
+                let mut o = serde_json::json!({
+                    "address": r.address,
+                    "state": e.state.queue_name(),
+                    "next_attempt": next,
+                });
+                if let (Some(reason), Some(map)) = (&r.reason, o.as_object_mut()) {
+                    map.insert("delay_reason".into(), reason.clone().into());
+                }
+                o
+            })
+            .collect();
+        let o = serde_json::json!({
+            "queue_name": e.state.queue_name(),
+            "queue_id": e.id.as_str(),
+            "arrival_time": e.arrival_us / 1_000_000,
+            "message_size": e.size,
+            "sender": e.sender,
+            "recipients": recipients,
+            "next_attempt": next,
+        });
+        out.push_str(&o.to_string());
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,7 +311,24 @@ mod tests {
                 reason: Some("quota: 10000/10000 recipients in 24h, room at 14:02:11".into()),
             }],
             next_attempt: None,
+            next_attempt_us: Some(1_795_734_165_000_000),
         };
+        let json = json_lines(std::slice::from_ref(&e));
+        let v: serde_json::Value = serde_json::from_str(json.trim_end()).unwrap();
+        assert_eq!(v["queue_name"], "deferred");
+        assert_eq!(v["queue_id"], "0000000000000000000000AB");
+        assert_eq!(v["arrival_time"], 1_795_734_105u64);
+        assert_eq!(v["message_size"], 3072);
+        assert_eq!(v["sender"], "alice@example.com");
+        assert_eq!(v["next_attempt"], 1_795_734_165u64);
+        assert_eq!(v["recipients"][0]["address"], "bob@example.org");
+        assert_eq!(v["recipients"][0]["state"], "deferred");
+        assert!(
+            v["recipients"][0]["delay_reason"]
+                .as_str()
+                .unwrap()
+                .starts_with("quota:")
+        );
         let text = format(&[e]);
         assert!(
             text.contains(

@@ -9,6 +9,7 @@ mod hostile;
 mod intake;
 mod layers;
 mod load;
+mod monitoring;
 mod postfix;
 mod privilege;
 mod quota;

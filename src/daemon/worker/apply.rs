@@ -15,6 +15,7 @@ use crate::spool::queue::{Locked, QueueEntry, RcptStatus};
 use crate::transport::classify::{
     self, Action, HOLD_PROBE_INTERVAL, HoldUntil, Quota, Verdict, pause_for,
 };
+use crate::transport::reply::log_dsn;
 use crate::transport::{RcptResult, TxnEnd, TxnResult};
 
 impl AccountWorker {
@@ -31,10 +32,11 @@ impl AccountWorker {
             .map(|o| format!(", orig_to=<{o}>"))
             .unwrap_or_default();
         let line = format!(
-            "{}: to=<{}>{orig}, relay={relay}, delay={:.2}, status=sent ({reply})",
+            "{}: to=<{}>{orig}, relay={relay}, delay={:.2}, dsn={}, status=sent ({reply})",
             locked.entry.id,
             r.address,
-            delay.as_secs_f64()
+            delay.as_secs_f64(),
+            log_dsn(reply, 2)
         );
         self.log(crate::logging::Level::Info, &line);
     }
@@ -102,14 +104,23 @@ impl AccountWorker {
     }
 
     pub(super) fn fail(&mut self, locked: &mut Locked, i: usize, text: &str, relay: &str) {
+        let delay = SystemTime::now()
+            .duration_since(locked.entry.arrival())
+            .unwrap_or_default();
         let r = &mut locked.entry.recipients[i];
         r.status = RcptStatus::Failed;
         r.reply = Some(text.to_string());
+        // delay= is what pflogsumm needs to count the line (Postfix always writes it).
         let line = format!(
-            "{}: to=<{}>, relay={relay}, status=bounced ({text})",
-            locked.entry.id, r.address
+            "{}: to=<{}>, relay={relay}, delay={:.2}, dsn={}, status=bounced ({text})",
+            locked.entry.id,
+            r.address,
+            delay.as_secs_f64(),
+            log_dsn(text, 5)
         );
-        self.log(crate::logging::Level::Warning, &line);
+        // Info, as Postfix logs it: a "warning: " prefix would hide the queue id from
+        // log tools (pflogsumm counted the line as a warning, not a bounce).
+        self.log(crate::logging::Level::Info, &line);
     }
 
     pub(super) fn log_deferred(&self, locked: &Locked, i: usize, relay: &str, text: &str) {
@@ -120,10 +131,11 @@ impl AccountWorker {
         self.log(
             crate::logging::Level::Info,
             &format!(
-                "{}: to=<{}>, relay={relay}, delay={:.2}, status=deferred ({text})",
+                "{}: to=<{}>, relay={relay}, delay={:.2}, dsn={}, status=deferred ({text})",
                 locked.entry.id,
                 r.address,
-                delay.as_secs_f64()
+                delay.as_secs_f64(),
+                log_dsn(text, 4)
             ),
         );
     }

@@ -1,0 +1,270 @@
+//! The administrator's second day (issue 17): a cron-safe `relay365 flush` (silent when
+//! all went well, an exit status that says whether mail is left), log lines that
+//! Debian's pflogsumm counts as the server saw them, `--json` listings, metrics a
+//! real Prometheus parser reads, and `relay365 health` for Nagios-style monitors.
+
+use std::time::Duration;
+
+use crate::harness::*;
+use emu::{Action as FaultAction, Fault, Stage};
+
+/// Whether a Debian tool is installed; outside CI a missing one skips the test, in
+/// CI it fails it (`.ci/run` installs them).
+pub fn have_tool(cmd: &str, package: &str) -> bool {
+    let found = std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{cmd} is missing: apt-get install {package} (CI must run this test)"
+        );
+        eprintln!("skipped: {cmd} is missing (apt-get install {package})");
+    }
+    found
+}
+
+/// Prepends top-level `lines` to the tenant's config (its tables come last).
+pub fn add_top_level(t: &Tenant, lines: &str) {
+    let old = std::fs::read_to_string(&t.spool.config).expect("config");
+    std::fs::write(&t.spool.config, format!("{lines}\n{old}")).expect("config");
+}
+
+#[test]
+fn a_flush_that_went_normally_prints_nothing_and_exits_0() {
+    let t = Tenant::new(Auth::Login);
+    assert_ok(
+        &t.spool
+            .sendmail(&["-i", "x@example.org"], b"Subject: cron\n\nok\n"),
+    );
+    let out = t.spool.relay365(&["flush"]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    assert_eq!(stdout(&out), "", "cron would mail any output");
+    assert_eq!(stderr(&out), "", "cron would mail any output");
+    assert_eq!(t.emu.message_count(), 1);
+    // -v: the summary and the log.
+    assert_ok(
+        &t.spool
+            .sendmail(&["-i", "y@example.org"], b"Subject: v\n\nok\n"),
+    );
+    let out = t.spool.relay365(&["flush", "-v"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        stdout(&out).contains("1 message(s) finished, 0 deferred, 0 left"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(stderr(&out).contains("status=sent"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_flush_that_leaves_mail_exits_75_and_stays_quiet() {
+    let t = Tenant::new(Auth::Login);
+    assert_ok(
+        &t.spool
+            .sendmail(&["-i", "x@example.org"], b"Subject: later\n\nx\n"),
+    );
+    t.emu
+        .inject(Fault::reply(Stage::AfterDot, "451 4.7.0 Temporary server error").times(1));
+    let out = t.spool.relay365(&["flush"]);
+    assert_eq!(
+        out.status.code(),
+        Some(75),
+        "EX_TEMPFAIL: mail is left; stderr: {}",
+        stderr(&out)
+    );
+    assert_eq!(stdout(&out), "");
+    assert_eq!(stderr(&out), "", "a deferral is normal: nothing to act on");
+    assert_eq!(t.queued().len(), 1);
+    let out = t.spool.relay365(&["flush"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(t.queued().is_empty());
+}
+
+#[test]
+fn a_flush_prints_a_problem_the_administrator_must_fix_once() {
+    // The server refuses the credentials: the account is held, which needs the
+    // administrator; it is said once, not on every later flush.
+    let t = Tenant::new(Auth::Login);
+    assert_ok(
+        &t.spool
+            .sendmail(&["-i", "x@example.org"], b"Subject: held\n\nx\n"),
+    );
+    t.emu
+        .inject(Fault::reply(Stage::Auth, "535 5.7.3 Authentication unsuccessful").forever());
+    let out = t.spool.relay365(&["flush"]);
+    assert_eq!(
+        out.status.code(),
+        Some(75),
+        "{} / {}",
+        stderr(&out),
+        stdout(&t.spool.relay365(&["queue", "list"]))
+    );
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.contains("account app"), "{err}");
+    let out = t.spool.relay365(&["flush"]);
+    assert_eq!(out.status.code(), Some(75));
+    assert_eq!(stderr(&out), "", "said once already");
+}
+
+/// pflogsumm's Grand Totals: (delivered, deferrals, bounced).
+fn pflogsumm_totals(log: &std::path::Path) -> (u64, u64, u64) {
+    let out = std::process::Command::new("pflogsumm")
+        .args(["--syslog-name=relay365", "--problems-first"])
+        .arg(log)
+        .output()
+        .expect("run pflogsumm");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let total = |word: &str| -> u64 {
+        text.lines()
+            .find_map(|l| {
+                let mut it = l.split_whitespace();
+                let n = it.next()?;
+                (it.next() == Some(word)).then(|| n.parse::<u64>().ok())?
+            })
+            .unwrap_or_else(|| panic!("no {word} total in {text}"))
+    };
+    let deferrals = text
+        .lines()
+        .find(|l| l.contains(" deferred ") && l.contains("deferrals"))
+        .and_then(|l| l.split('(').nth(1))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no deferrals in {text}"));
+    (total("delivered"), deferrals, total("bounced"))
+}
+
+#[test]
+fn pflogsumm_counts_what_the_emulator_saw() {
+    if !have_tool("pflogsumm", "pflogsumm") {
+        return;
+    }
+    let t = Tenant::new(Auth::Login);
+    let log = t.spool.dir.path().join("mail.log");
+    add_top_level(&t, &format!("log_file = \"{}\"", log.display()));
+    assert_ok(&t.spool.sendmail(
+        &[
+            "-i",
+            "-f",
+            "shop@contoso.com",
+            "a@example.org",
+            "b@example.org",
+        ],
+        b"Subject: two\n\nx\n",
+    ));
+    assert_ok(&t.spool.sendmail(
+        &["-i", "-f", "shop@contoso.com", "bad@example.org"],
+        b"Subject: bounce\n\nx\n",
+    ));
+    assert_ok(&t.spool.sendmail(
+        &["-i", "-f", "shop@contoso.com", "later@example.org"],
+        b"Subject: later\n\nx\n",
+    ));
+    t.emu.inject(
+        Fault::new(
+            Stage::Rcpt(Some("bad@example.org".into())),
+            FaultAction::Reply("550 5.1.10 RESOLVER.ADR.RecipientNotFound".into()),
+        )
+        .times(1),
+    );
+    t.emu.inject(
+        Fault::new(
+            Stage::Rcpt(Some("later@example.org".into())),
+            FaultAction::Reply("451 4.7.500 Server busy, please try again later".into()),
+        )
+        .times(1),
+    );
+    let first = t.flush();
+    assert_eq!(first.status.code(), Some(75), "{}", stderr(&first));
+    assert_ok(&t.flush());
+    assert!(t.queued().is_empty());
+    let text = std::fs::read_to_string(&log).expect("log_file written");
+    assert!(text.contains(", dsn=2.0.0, status=sent"), "{text}");
+    assert!(text.contains(", dsn=4.7.500, status=deferred"), "{text}");
+    assert!(text.contains(", dsn=5.1.10, status=bounced"), "{text}");
+    let delivered: usize = t.emu.messages().iter().map(|m| m.rcpts.len()).sum();
+    let (d, deferrals, bounced) = pflogsumm_totals(&log);
+    assert_eq!(
+        (d, deferrals, bounced),
+        (
+            delivered as u64,
+            t.emu.reply_count(451),
+            t.emu.reply_count(550)
+        ),
+        "pflogsumm against the emulator; log:\n{text}"
+    );
+    // a, b, later and the bounce to shop@contoso.com.
+    assert_eq!(delivered, 4);
+    let _ = Duration::ZERO;
+}
+
+fn json_lines(out: &std::process::Output) -> Vec<serde_json::Value> {
+    assert_ok(out);
+    stdout(out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+#[test]
+fn queue_list_and_quota_speak_json() {
+    let t = Tenant::with(tenant_config(), Auth::Login, "recipient_rate = \"100/24h\"");
+    assert_ok(&t.spool.sendmail(
+        &[
+            "-i",
+            "-f",
+            "shop@contoso.com",
+            "x@example.org",
+            "y@example.org",
+        ],
+        b"Subject: later\n\nx\n",
+    ));
+    t.emu
+        .inject(Fault::reply(Stage::AfterDot, "451 4.7.0 Temporary server error").times(1));
+    assert_left(&t.flush());
+    assert_ok(
+        &t.spool
+            .sendmail(&["-i", "z@example.org"], b"Subject: new\n\nx\n"),
+    );
+    let all = json_lines(&t.spool.relay365(&["queue", "list", "--json"]));
+    assert_eq!(all.len(), 2, "{all:?}");
+    let deferred = &all[0];
+    assert_eq!(deferred["queue_name"], "deferred");
+    assert_eq!(deferred["queue_id"], t.queued()[0].id.to_string().as_str());
+    assert_eq!(deferred["sender"], "shop@contoso.com");
+    assert!(deferred["arrival_time"].as_u64().unwrap() > 1_700_000_000);
+    assert!(deferred["message_size"].as_u64().unwrap() > 0);
+    assert!(
+        deferred["next_attempt"].as_u64().unwrap() > deferred["arrival_time"].as_u64().unwrap()
+    );
+    let rcpts = deferred["recipients"].as_array().unwrap();
+    assert_eq!(rcpts.len(), 2);
+    assert_eq!(rcpts[0]["address"], "x@example.org");
+    assert_eq!(rcpts[0]["state"], "deferred");
+    assert!(
+        rcpts[0]["delay_reason"].as_str().unwrap().contains("4.7.0"),
+        "{rcpts:?}"
+    );
+    let incoming = &all[1];
+    assert_eq!(incoming["queue_name"], "incoming");
+    assert_eq!(incoming["recipients"][0]["address"], "z@example.org");
+    assert!(incoming["next_attempt"].is_null());
+
+    let quota = json_lines(&t.spool.relay365(&["quota", "--json"]));
+    assert_eq!(quota.len(), 1);
+    let q = &quota[0];
+    assert_eq!(q["account"], "app");
+    assert_eq!(q["mailbox"], MAILBOX);
+    assert_eq!(q["recipients"]["limit"], 100);
+    assert_eq!(q["recipients"]["window_seconds"], 86_400);
+    assert_eq!(q["recipients"]["used"], 2, "{q}");
+    assert_eq!(q["messages"]["limit"], 30);
+    assert!(q["frozen"].is_null() && q["held"].is_null(), "{q}");
+}

@@ -7,10 +7,12 @@
 use std::ffi::OsString;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
 mod flush;
+mod health;
 mod quota;
 
 use crate::config::Config;
@@ -66,6 +68,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the metrics in the Prometheus text format (node_exporter textfile).
+    Metrics,
+    /// One line and an exit status for Nagios, Icinga or Zabbix: 0 OK, 1 WARNING,
+    /// 2 CRITICAL, 3 UNKNOWN.
+    Health {
+        /// WARNING when the oldest message has waited this long.
+        #[arg(long, default_value = "1h", value_parser = span)]
+        warn: Duration,
+        /// CRITICAL when the oldest message has waited this long.
+        #[arg(long, default_value = "4h", value_parser = span)]
+        crit: Duration,
+        /// WARNING when an account's credential_expires is this close.
+        #[arg(long, default_value = "30d", value_parser = span)]
+        expiry_warn: Duration,
+        /// CRITICAL when an account's credential_expires is this close.
+        #[arg(long, default_value = "7d", value_parser = span)]
+        expiry_crit: Duration,
+        /// This host runs no daemon (relay365 flush from cron): do not require one.
+        #[arg(long)]
+        no_daemon: bool,
+    },
     /// Manage an account.
     Account {
         #[command(subcommand)]
@@ -117,6 +140,10 @@ enum QueueAction {
     Retry { id: Option<String> },
 }
 
+fn span(s: &str) -> Result<Duration, String> {
+    crate::config::Span::parse(s).map(|s| s.0)
+}
+
 fn say(message: impl std::fmt::Display) {
     let _ = writeln!(std::io::stderr(), "relay365: {message}");
 }
@@ -141,6 +168,11 @@ pub fn main(argv: Vec<OsString>) -> Exit {
     let config = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
+            if let Command::Health { .. } = cli.command {
+                let r = health::unknown(&e.to_string());
+                println!("{}", r.line);
+                return r.status.exit();
+            }
             say(&e);
             return e.exit();
         }
@@ -202,6 +234,32 @@ pub fn main(argv: Vec<OsString>) -> Exit {
             }
         }
         Command::Queue { action } => queue(&spool, action),
+        Command::Metrics => {
+            let text =
+                crate::daemon::metrics::render(&config, &spool, std::time::SystemTime::now());
+            match std::io::stdout().write_all(text.as_bytes()) {
+                Ok(()) => Exit::Ok,
+                Err(_) => Exit::IoErr,
+            }
+        }
+        Command::Health {
+            warn,
+            crit,
+            expiry_warn,
+            expiry_crit,
+            no_daemon,
+        } => {
+            let t = health::Thresholds {
+                warn_age: warn,
+                crit_age: crit,
+                expiry_warn,
+                expiry_crit,
+                no_daemon,
+            };
+            let r = health::check(&config, &t, std::time::SystemTime::now());
+            println!("{}", r.line);
+            r.status.exit()
+        }
     }
 }
 

@@ -212,6 +212,7 @@ struct RawAccount {
     max_recipients: Option<u32>,
     connections: Option<u32>,
     reserve: Option<u32>,
+    credential_expires: Option<String>,
 }
 
 /// A validated account: one Microsoft 365 mailbox and how to reach it.
@@ -237,6 +238,9 @@ pub struct Account {
     pub helo_name: Option<String>,
     pub oauth: Option<OAuthSettings>,
     pub limits: Limits,
+    /// When the client secret or certificate expires (00:00 UTC of the date written),
+    /// for `relay365 health`.
+    pub credential_expires: Option<std::time::SystemTime>,
 }
 
 /// The file as written.
@@ -506,8 +510,36 @@ impl Account {
             helo_name: r.helo_name,
             oauth: r.oauth,
             limits,
+            credential_expires: match r.credential_expires {
+                Some(d) => Some(parse_date(&d).ok_or((
+                    "account.credential_expires",
+                    format!("{d:?} is not a date such as \"2027-03-01\""),
+                ))?),
+                None => None,
+            },
         })
     }
+}
+
+/// `YYYY-MM-DD` as 00:00 UTC of that day.
+fn parse_date(s: &str) -> Option<std::time::SystemTime> {
+    let mut it = s.trim().splitn(3, '-');
+    let y: i64 = it.next()?.parse().ok()?;
+    let m: i64 = it.next()?.parse().ok()?;
+    let d: i64 = it.next()?.parse().ok()?;
+    if !(1970..=9999).contains(&y) || !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+        return None;
+    }
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = u64::try_from(days).ok()?.checked_mul(86_400)?;
+    Some(std::time::UNIX_EPOCH + Duration::from_secs(secs))
 }
 
 fn validate_domain(d: &str) -> Result<String, String> {
@@ -568,6 +600,16 @@ pub fn host_fqdn() -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn credential_expires_is_a_date() {
+        let day =
+            |s| parse_date(s).map(|t| t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs());
+        assert_eq!(day("1970-01-01"), Some(0));
+        assert_eq!(day("2027-03-01"), Some(1_803_859_200));
+        assert_eq!(day("2027-13-01"), None);
+        assert_eq!(day("soon"), None);
+    }
+
     use super::*;
 
     fn load(text: &str) -> Result<Config, ConfigError> {

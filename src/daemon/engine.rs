@@ -43,6 +43,9 @@ const LEFTOVER_AGE: Duration = Duration::from_secs(3600);
 /// first go out within a few hundred milliseconds of a large backlog, large enough
 /// that the two directory syncs per chunk do not count.
 const PICKUP_CHUNK: usize = 256;
+/// How often the daemon merges its counters into state/ (what a cron-run `relay365
+/// metrics` may lag behind by).
+const COUNTERS_EVERY: Duration = Duration::from_secs(5);
 
 /// Why the engine could not start.
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +138,7 @@ pub struct Engine {
     wake_write: Arc<OwnedFd>,
     pub delivered: usize,
     pub deferred: usize,
+    counters_saved: SystemTime,
 }
 
 impl Engine {
@@ -181,6 +185,7 @@ impl Engine {
             wake_write: Arc::new(wake_write),
             delivered: 0,
             deferred: 0,
+            counters_saved: SystemTime::now(),
         };
         engine.start_workers()?;
         Ok(engine)
@@ -445,6 +450,21 @@ impl Engine {
         self.log.take_problems()
     }
 
+    /// Merges this process's counters into `state/` for `relay365 metrics`, at most
+    /// every few seconds unless `now` is asked for.
+    fn save_counters(&mut self, force: bool) {
+        let due = self
+            .counters_saved
+            .elapsed()
+            .map_or(true, |d| d >= COUNTERS_EVERY);
+        if force || due {
+            if let Err(e) = crate::spool::counters::save(&self.spool) {
+                self.warn(&format!("cannot save the metrics counters in state/: {e}"));
+            }
+            self.counters_saved = SystemTime::now();
+        }
+    }
+
     /// `relay365 flush`: pick up, deliver everything due once, wait for it, return.
     pub fn flush(&mut self) {
         // The queue as it stands first, then the new mail, which the pickup schedules
@@ -461,6 +481,7 @@ impl Engine {
             self.dispatch(SystemTime::now(), true);
         }
         self.stop_workers();
+        self.save_counters(true);
     }
 
     /// `relay365 daemon`: runs until SIGTERM or SIGINT.
@@ -486,6 +507,15 @@ impl Engine {
                 ))
             })?;
         let trigger = open_trigger(&self.spool.trigger());
+        if let Some(addr) = self.loaded.config.metrics_listen {
+            // A taken port must not stop mail: say so and run without the listener.
+            match crate::daemon::metrics::serve(addr, self.loaded.config.clone()) {
+                Ok(bound) => self.info(&format!("metrics served on http://{bound}/metrics")),
+                Err(e) => self.warn(&format!(
+                    "cannot serve metrics on {addr} (metrics_listen): {e}; relay365 metrics still prints them"
+                )),
+            }
+        }
         self.sweep();
         self.load_schedule();
         self.pickup(false);
@@ -542,6 +572,7 @@ impl Engine {
             }
             if ready[2] {
                 self.collect(true, false);
+                self.save_counters(false);
             }
             if ready.get(3).copied().unwrap_or(false) {
                 if let Some(t) = &trigger {
@@ -568,6 +599,7 @@ impl Engine {
         self.info("stopping: finishing the transactions in flight");
         self.stop_workers();
         self.collect(false, false);
+        self.save_counters(true);
         self.info("daemon stopped");
         Ok(())
     }
@@ -642,6 +674,23 @@ fn worker(
         let report = account_worker.deliver(&id, explicit);
         let _ = tx.send((id, report));
         let _ = nix::unistd::write(wake, b"r");
+    }
+}
+
+/// Whether a daemon holds the lock of `spool`: `None` when this process cannot tell
+/// (state/ is the daemon's own: run as root or relay365).
+pub fn daemon_running(spool: &Spool) -> Option<bool> {
+    let path = spool.state().join("daemon.lock");
+    match File::open(&path) {
+        Ok(f) => match FileExt::try_lock_shared(&f) {
+            Ok(()) => {
+                let _ = FileExt::unlock(&f);
+                Some(false)
+            }
+            Err(_) => Some(true),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(false),
+        Err(_) => None,
     }
 }
 

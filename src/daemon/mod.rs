@@ -7,6 +7,7 @@ pub mod check;
 pub mod connect;
 pub mod engine;
 pub mod hold;
+pub mod metrics;
 pub mod pickup;
 pub mod route;
 pub mod stop;

@@ -268,3 +268,252 @@ fn queue_list_and_quota_speak_json() {
     assert_eq!(q["messages"]["limit"], 30);
     assert!(q["frozen"].is_null() && q["held"].is_null(), "{q}");
 }
+
+/// Parses Prometheus text with python3-prometheus-client's own parser: every sample
+/// as `name{label="v",...}` (labels sorted) to its value.
+fn prometheus_samples(text: &str) -> std::collections::BTreeMap<String, f64> {
+    const SCRIPT: &str = r#"
+import sys, json
+from prometheus_client.parser import text_string_to_metric_families
+out = {}
+for fam in text_string_to_metric_families(sys.stdin.read()):
+    for s in fam.samples:
+        labels = ",".join('%s="%s"' % (k, v) for k, v in sorted(s.labels.items()))
+        out[s.name + ("{" + labels + "}" if labels else "")] = s.value
+print(json.dumps(out))
+"#;
+    let mut cmd = std::process::Command::new("python3");
+    cmd.args(["-c", SCRIPT]);
+    let out = run(cmd, text.as_bytes());
+    assert!(
+        out.status.success(),
+        "the Prometheus parser refused the text: {}\n{text}",
+        stderr(&out)
+    );
+    serde_json::from_str(&stdout(&out)).expect("parser output")
+}
+
+fn have_prometheus_parser() -> bool {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", "import prometheus_client.parser"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "python3-prometheus-client is missing (CI must run this test)"
+        );
+        eprintln!("skipped: apt-get install python3-prometheus-client");
+    }
+    ok
+}
+
+fn scrape(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to metrics_listen");
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .expect("request");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("response");
+    text
+}
+
+#[test]
+fn metrics_are_served_and_printed_in_a_format_prometheus_parses() {
+    if !have_prometheus_parser() {
+        return;
+    }
+    let t = Tenant::new(Auth::Login);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    add_top_level(&t, &format!("metrics_listen = \"{addr}\""));
+    t.emu.inject(
+        Fault::new(
+            Stage::Rcpt(Some("bad@example.org".into())),
+            FaultAction::Reply("550 5.1.10 RESOLVER.ADR.RecipientNotFound".into()),
+        )
+        .times(1),
+    );
+    let d = Daemon::start(&t.spool);
+    assert!(
+        d.wait_log("metrics served on", Duration::from_secs(5)),
+        "{}",
+        d.log_text()
+    );
+    assert_ok(&t.spool.sendmail(
+        &[
+            "-i",
+            "-f",
+            "shop@contoso.com",
+            "good@example.org",
+            "bad@example.org",
+        ],
+        b"Subject: m\n\nx\n",
+    ));
+    // The message and the bounce to shop@contoso.com.
+    assert!(
+        t.emu.wait_for_messages(2, Duration::from_secs(10)),
+        "{}",
+        d.log_text()
+    );
+    assert!(eventually(Duration::from_secs(5), || t.queued().is_empty()));
+
+    let response = scrape(&addr, "/metrics");
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.0 200"), "{head}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    let m = prometheus_samples(body);
+    let get = |k: &str| *m.get(k).unwrap_or_else(|| panic!("no {k} in {body}"));
+    assert_eq!(get("relay365_daemon_running"), 1.0);
+    assert_eq!(
+        get(r#"relay365_recipients_total{account="app",status="sent"}"#),
+        2.0
+    );
+    assert_eq!(
+        get(r#"relay365_recipients_total{account="app",status="bounced"}"#),
+        1.0
+    );
+    assert_eq!(get(r#"relay365_queue_messages{state="deferred"}"#), 0.0);
+    assert_eq!(get("relay365_queue_oldest_message_age_seconds"), 0.0);
+    assert_eq!(
+        get(r#"relay365_quota_limit{account="app",window="recipients"}"#),
+        10_000.0
+    );
+    assert_eq!(
+        get(r#"relay365_quota_used{account="app",window="recipients"}"#),
+        2.0
+    );
+    assert_eq!(get(r#"relay365_account_held{account="app"}"#), 0.0);
+    assert_eq!(get("relay365_delivery_latency_seconds_count"), 2.0);
+    assert_eq!(
+        get(r#"relay365_delivery_latency_seconds_bucket{le="+Inf"}"#),
+        2.0
+    );
+    assert_eq!(
+        get("relay365_pickup_latency_seconds_count"),
+        2.0,
+        "the message and its bounce"
+    );
+    assert!(scrape(&addr, "/other").starts_with("HTTP/1.0 404"));
+
+    // Stopped, the counters stay for `relay365 metrics` run by cron.
+    assert!(d.stop().success());
+    let out = t.spool.relay365(&["metrics"]);
+    assert_ok(&out);
+    let m = prometheus_samples(&stdout(&out));
+    assert_eq!(m["relay365_daemon_running"], 0.0);
+    assert_eq!(
+        m[r#"relay365_recipients_total{account="app",status="sent"}"#],
+        2.0
+    );
+    assert_eq!(
+        m[r#"relay365_recipients_total{account="app",status="bounced"}"#],
+        1.0
+    );
+}
+
+fn health(t: &Tenant, args: &[&str]) -> (i32, String) {
+    let mut all = vec!["health"];
+    all.extend_from_slice(args);
+    let out = t.spool.relay365(&all);
+    let line = stdout(&out);
+    assert_eq!(line.lines().count(), 1, "one line: {line}{}", stderr(&out));
+    let (_, perf) = line.split_once(" | ").expect("perfdata after |");
+    assert!(
+        perf.contains("oldest_age=") && perf.contains("queued="),
+        "{perf}"
+    );
+    (out.status.code().unwrap_or(-1), line.trim_end().to_string())
+}
+
+fn date_in(days: i64) -> String {
+    let out = std::process::Command::new("date")
+        .args(["-u", "-d", &format!("{days} days"), "+%F"])
+        .output()
+        .expect("date");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn health_reports_each_state_for_a_monitoring_plugin() {
+    let t = Tenant::new(Auth::Login);
+    // No daemon: CRITICAL, unless the host runs none.
+    let (code, line) = health(&t, &[]);
+    assert_eq!(code, 2, "{line}");
+    assert!(
+        line.starts_with("RELAY365 CRITICAL - daemon not running"),
+        "{line}"
+    );
+    let (code, line) = health(&t, &["--no-daemon"]);
+    assert_eq!(code, 0, "{line}");
+    assert!(
+        line.starts_with("RELAY365 OK - 0 message(s) queued"),
+        "{line}"
+    );
+    {
+        let d = Daemon::start(&t.spool);
+        let (code, line) = health(&t, &[]);
+        assert_eq!(code, 0, "{line}");
+        assert!(
+            line.contains("daemon running") && line.contains("daemon=1"),
+            "{line}"
+        );
+        drop(d);
+    }
+    // The oldest message's age against --warn and --crit.
+    assert_ok(
+        &t.spool
+            .sendmail(&["-i", "x@example.org"], b"Subject: w\n\nx\n"),
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    let (code, line) = health(&t, &["--no-daemon", "--warn", "1s", "--crit", "1h"]);
+    assert_eq!(code, 1, "{line}");
+    assert!(
+        line.starts_with("RELAY365 WARNING - oldest message waits"),
+        "{line}"
+    );
+    assert!(
+        line.contains(";1;3600;0"),
+        "thresholds in the perfdata: {line}"
+    );
+    let (code, line) = health(&t, &["--no-daemon", "--warn", "1s", "--crit", "1s"]);
+    assert_eq!(code, 2, "{line}");
+    // A held account needs the administrator: CRITICAL, with the reason.
+    t.emu
+        .inject(Fault::reply(Stage::Auth, "535 5.7.3 Authentication unsuccessful").forever());
+    assert_left(&t.spool.relay365(&["flush"]));
+    let (code, line) = health(&t, &["--no-daemon"]);
+    assert_eq!(code, 2, "{line}");
+    assert!(line.contains("account app held: "), "{line}");
+    assert!(line.contains("held=1;;1;0"), "{line}");
+
+    // Credential expiry: WARNING within --expiry-warn, CRITICAL within --expiry-crit.
+    let t = Tenant::with(
+        tenant_config(),
+        Auth::Login,
+        &format!("credential_expires = \"{}\"", date_in(12)),
+    );
+    let (code, line) = health(&t, &["--no-daemon"]);
+    assert_eq!(code, 1, "{line}");
+    assert!(
+        line.contains("credential expires in 11 days")
+            || line.contains("credential expires in 12 days"),
+        "{line}"
+    );
+    assert!(line.contains("credential_days="), "{line}");
+    let (code, line) = health(&t, &["--no-daemon", "--expiry-crit", "20d"]);
+    assert_eq!(code, 2, "{line}");
+
+    // A config that cannot be read: UNKNOWN.
+    std::fs::write(&t.spool.config, "this is not toml").expect("write");
+    let out = t.spool.relay365(&["health"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stdout(&out));
+    assert!(
+        stdout(&out).starts_with("RELAY365 UNKNOWN - "),
+        "{}",
+        stdout(&out)
+    );
+}

@@ -38,6 +38,8 @@ impl AccountWorker {
             delay.as_secs_f64(),
             log_dsn(reply, 2)
         );
+        crate::daemon::metrics::count_recipient(&self.account.name, "sent");
+        crate::daemon::metrics::observe_delivery(delay.as_secs_f64());
         self.log(crate::logging::Level::Info, &line);
     }
 
@@ -118,12 +120,14 @@ impl AccountWorker {
             delay.as_secs_f64(),
             log_dsn(text, 5)
         );
+        crate::daemon::metrics::count_recipient(&self.account.name, "bounced");
         // Info, as Postfix logs it: a "warning: " prefix would hide the queue id from
         // log tools (pflogsumm counted the line as a warning, not a bounce).
         self.log(crate::logging::Level::Info, &line);
     }
 
     pub(super) fn log_deferred(&self, locked: &Locked, i: usize, relay: &str, text: &str) {
+        crate::daemon::metrics::count_recipient(&self.account.name, "deferred");
         let r = &locked.entry.recipients[i];
         let delay = SystemTime::now()
             .duration_since(locked.entry.arrival())
@@ -141,6 +145,7 @@ impl AccountWorker {
     }
 
     pub(super) fn hold_account(&mut self, until: SystemTime, reason: &str) {
+        crate::daemon::metrics::count_hold(&self.account.name);
         if let Err(path) = write_hold(&self.spool, &self.account.name, until, reason) {
             self.log(
                 crate::logging::Level::Error,
@@ -214,6 +219,7 @@ impl AccountWorker {
                     Quota::Tenant => now + q.fallback_retry(),
                 };
                 let _ = self.ledger.freeze(until, &v.reason);
+                crate::daemon::metrics::count_freeze(&name);
                 note(&mut locked.entry, &v.reason);
                 locked.entry.set_next_attempt(until);
                 locked.entry.reason = Some(format!(
@@ -239,6 +245,7 @@ impl AccountWorker {
                 self.pauses += 1;
                 let until = now + pause_for(self.pauses);
                 let _ = self.ledger.freeze(until, &v.reason);
+                crate::daemon::metrics::count_freeze(&name);
                 note(&mut locked.entry, &v.reason);
                 locked.entry.set_next_attempt(until);
                 self.log(

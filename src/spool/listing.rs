@@ -52,14 +52,29 @@ pub struct Listed {
     pub next_attempt_us: Option<u64>,
 }
 
-/// Reads the envelope line of an incoming file without reading the message.
-fn read_incoming_envelope(path: &Path) -> Option<Envelope> {
-    // SECURITY: O_NOFOLLOW: a planted symlink is not followed, even by root's mailq.
+/// An incoming file larger than this cannot be a message any configuration accepts
+/// (`max_message_size` is bounded far below it); it is not even opened for reading.
+pub const MAX_INCOMING_FILE: u64 = 4 << 30;
+
+/// Reads the envelope line of an incoming file without reading the message: the
+/// magic line and at most [`MAX_ENVELOPE_LINE`] bytes, validated by
+/// [`Envelope::parse_line`]. `None` for anything that is not a plain file of ours.
+/// The setgid `mailq` runs this with the drop group raised.
+pub fn read_incoming_envelope(path: &Path) -> Option<Envelope> {
+    use std::os::unix::fs::MetadataExt;
+    // SECURITY: O_NOFOLLOW: a planted symlink is not followed, even by root's mailq;
+    // O_NONBLOCK: a planted FIFO does not hang the open.
     let file = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(nix::libc::O_NOFOLLOW)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC)
         .open(path)
         .ok()?;
+    let meta = file.metadata().ok()?;
+    // SECURITY: a regular file with one link (a hard link to another file would show
+    // that file's first line) and of a size a message can have.
+    if !meta.file_type().is_file() || meta.nlink() != 1 || meta.len() > MAX_INCOMING_FILE {
+        return None;
+    }
     let mut r = BufReader::new(file.take(MAGIC.len() as u64 + MAX_ENVELOPE_LINE as u64));
     let mut magic = vec![0u8; MAGIC.len()];
     r.read_exact(&mut magic).ok()?;
@@ -71,11 +86,30 @@ fn read_incoming_envelope(path: &Path) -> Option<Envelope> {
     Envelope::parse_line(line.strip_suffix(b"\n")?).ok()
 }
 
-/// Messages waiting in `incoming/new`, if this process may list it.
-pub fn incoming(spool: &Spool) -> Vec<Listed> {
-    let Ok(dir) = std::fs::read_dir(spool.incoming_new()) else {
-        return Vec::new();
-    };
+/// A listed incoming message from its id and envelope.
+pub fn incoming_entry(id: QueueId, env: Envelope) -> Listed {
+    Listed {
+        id,
+        size: env.size,
+        arrival_us: env.arrival_us,
+        sender: env.sender.as_str().to_string(),
+        state: State::Incoming,
+        recipients: env
+            .recipients
+            .into_iter()
+            .map(|address| ListedRecipient {
+                address: address.to_string(),
+                reason: None,
+            })
+            .collect(),
+        next_attempt: None,
+        next_attempt_us: None,
+    }
+}
+
+/// Messages waiting in `incoming/new`, or why this process may not list it.
+pub fn incoming_checked(spool: &Spool) -> std::io::Result<Vec<Listed>> {
+    let dir = std::fs::read_dir(spool.incoming_new())?;
     let mut out = Vec::new();
     for entry in dir.flatten() {
         let name = entry.file_name();
@@ -85,25 +119,23 @@ pub fn incoming(spool: &Spool) -> Vec<Listed> {
         let Some(env) = read_incoming_envelope(&entry.path()) else {
             continue;
         };
-        out.push(Listed {
-            id,
-            size: env.size,
-            arrival_us: env.arrival_us,
-            sender: env.sender.as_str().to_string(),
-            state: State::Incoming,
-            recipients: env
-                .recipients
-                .into_iter()
-                .map(|address| ListedRecipient {
-                    address: address.to_string(),
-                    reason: None,
-                })
-                .collect(),
-            next_attempt: None,
-            next_attempt_us: None,
-        });
+        out.push(incoming_entry(id, env));
     }
-    out
+    Ok(out)
+}
+
+/// Messages waiting in `incoming/new`, if this process may list it.
+pub fn incoming(spool: &Spool) -> Vec<Listed> {
+    incoming_checked(spool).unwrap_or_default()
+}
+
+/// Sorts a listing oldest first, as `mailq` shows it.
+pub fn sort(entries: &mut [Listed]) {
+    entries.sort_by(|a, b| {
+        a.arrival_us
+            .cmp(&b.arrival_us)
+            .then_with(|| a.id.cmp(&b.id))
+    });
 }
 
 /// Messages in the daemon's queue that still have recipients to deliver.
@@ -162,11 +194,7 @@ pub fn queued(spool: &Spool) -> Vec<Listed> {
 pub fn list(spool: &Spool) -> Vec<Listed> {
     let mut entries = incoming(spool);
     entries.extend(queued(spool));
-    entries.sort_by(|a, b| {
-        a.arrival_us
-            .cmp(&b.arrival_us)
-            .then_with(|| a.id.cmp(&b.id))
-    });
+    sort(&mut entries);
     entries
 }
 

@@ -7,7 +7,8 @@
 //! message is older than `--crit`, a credential expires within `--expiry-crit` or has
 //! expired. WARNING: the oldest message is older than `--warn`, an account is frozen
 //! by a server quota verdict, a credential expires within `--expiry-warn`.
-//! UNKNOWN: the config cannot be read, or this user cannot see the daemon's state/.
+//! UNKNOWN: the config cannot be read, or this user cannot open the trigger FIFO that
+//! tells whether the daemon runs (and cannot read state/ either).
 //!
 //! Trusts the config and the spool as the other admin commands do.
 
@@ -98,8 +99,8 @@ pub fn check(config: &Config, t: &Thresholds, now: SystemTime) -> Report {
             return Report {
                 status: Status::Unknown,
                 line: format!(
-                    "RELAY365 UNKNOWN - cannot read {}: run the check as root or relay365 (sudo in NRPE)",
-                    spool.state().display()
+                    "RELAY365 UNKNOWN - cannot open {} to see whether the daemon runs: run the check as root (sudo in NRPE)",
+                    spool.trigger().display()
                 ),
             };
         }

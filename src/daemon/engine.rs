@@ -677,21 +677,13 @@ fn worker(
     }
 }
 
-/// Whether a daemon holds the lock of `spool`: `None` when this process cannot tell
-/// (state/ is the daemon's own: run as root or relay365).
+/// Whether a daemon runs on `spool`: whether its trigger FIFO has a reader (the
+/// daemon holds it open for its whole run). `None` when this process may not open the
+/// FIFO (run as root, or with the drop group). A probe of the daemon lock would be
+/// as good, but a probe that takes the lock, even shared, could make a daemon starting
+/// at that instant believe another one runs.
 pub fn daemon_running(spool: &Spool) -> Option<bool> {
-    let path = spool.state().join("daemon.lock");
-    match File::open(&path) {
-        Ok(f) => match FileExt::try_lock_shared(&f) {
-            Ok(()) => {
-                let _ = FileExt::unlock(&f);
-                Some(false)
-            }
-            Err(_) => Some(true),
-        },
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(false),
-        Err(_) => None,
-    }
+    crate::spool::trigger::has_reader(&spool.trigger()).ok()
 }
 
 /// Holds the daemon lock (`state/daemon.lock`) for the life of the process.

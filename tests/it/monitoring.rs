@@ -398,6 +398,12 @@ fn metrics_are_served_and_printed_in_a_format_prometheus_parses() {
         "the message and its bounce"
     );
     assert!(scrape(&addr, "/other").starts_with("HTTP/1.0 404"));
+    // Under the journal (JOURNAL_STREAM names its stderr, as the harness sets it up
+    // like systemd) each line is written there once, with its syslog priority.
+    let log = d.log_text();
+    assert!(log.lines().all(|l| l.starts_with('<')), "{log}");
+    assert!(log.contains("<6>daemon started"), "{log}");
+    assert!(log.contains(", dsn=5.1.10, status=bounced"), "{log}");
 
     // Stopped, the counters stay for `relay365 metrics` run by cron.
     assert!(d.stop().success());

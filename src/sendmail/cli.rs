@@ -64,8 +64,9 @@ pub fn main(argv: Vec<OsString>) -> Exit {
     // SECURITY: -bp reads the installed spool's incoming/ with the group first, then
     // gives the group up with the other read-only modes below, before any config:
     // the config (which could name another spool) is never read with the group.
-    let pre_read =
-        (opts.mode == Mode::ListQueue && opts.config.is_none()).then(|| mailq::pre_read(&group));
+    // (Root reads incoming/ itself afterwards.)
+    let pre_read = (opts.mode == Mode::ListQueue && opts.config.is_none() && uid != 0)
+        .then(|| mailq::pre_read(&group));
     // SECURITY: read-only and refused modes give the group up for good before the
     // config or /etc/aliases is read; so does a caller's own config (-C), which may
     // name any spool, unless the caller is root.

@@ -25,6 +25,9 @@ use super::privilege::DropGroup;
 
 /// At most this many incoming files are read with the group raised.
 const MAX_INCOMING: usize = 10_000;
+/// And at most this many bytes of addresses kept from them: a user who queued many
+/// messages with huge recipient lists cannot make another user's mailq take gigabytes.
+const MAX_ADDRESS_BYTES: usize = 64 << 20;
 
 /// What was read of the default spool while the group was still saved.
 #[derive(Debug, Default)]
@@ -60,17 +63,30 @@ pub fn pre_read(group: &DropGroup) -> PreRead {
     });
     let incoming = names.ok().map(|ids| {
         let dir = spool.incoming_new();
-        ids.into_iter()
-            .filter_map(|id| {
-                let path = dir.join(id.as_str());
-                // SECURITY: raised for this one distrusting open and bounded read.
-                let env = group
-                    .with(|| Ok(listing::read_incoming_envelope(&path)))
-                    .ok()
-                    .flatten()?;
-                Some(listing::incoming_entry(id, env))
-            })
-            .collect()
+        let mut kept = 0usize;
+        let mut out = Vec::new();
+        for id in ids {
+            if kept > MAX_ADDRESS_BYTES {
+                break;
+            }
+            let path = dir.join(id.as_str());
+            // SECURITY: raised for this one distrusting open and bounded read.
+            let Some(env) = group
+                .with(|| Ok(listing::read_incoming_envelope(&path)))
+                .ok()
+                .flatten()
+            else {
+                continue;
+            };
+            kept += env.sender.as_str().len()
+                + env
+                    .recipients
+                    .iter()
+                    .map(|r| r.as_str().len())
+                    .sum::<usize>();
+            out.push(listing::incoming_entry(id, env));
+        }
+        out
     });
     PreRead { incoming, daemon }
 }

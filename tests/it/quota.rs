@@ -430,7 +430,12 @@ fn a_daemon_and_a_flush_together_stay_within_the_limit() {
     queue(&t.spool, n, "both", None);
     let d = Daemon::start(&t.spool);
     let out = t.flush();
-    assert_ok(&out);
+    // The flush may end while the daemon still holds quota-deferred mail: 75 then.
+    assert!(
+        matches!(out.status.code(), Some(0 | 75)),
+        "{}",
+        stderr(&out)
+    );
     assert!(
         eventually(Duration::from_secs(30), || t.queued().is_empty()),
         "{}",

@@ -7,15 +7,18 @@
 use std::ffi::OsString;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+mod flush;
+mod health;
+mod quota;
+
 use crate::config::Config;
 use crate::daemon::engine::{self, Engine};
-use crate::daemon::hold::{hold_path, read_hold};
+use crate::daemon::hold::hold_path;
 use crate::logging::Log;
-use crate::quota::{Ledger, format_moment};
 use crate::spool::paths::{self, Spool};
 use crate::spool::queue::Queue;
 use crate::spool::trigger::{self, WakeError};
@@ -48,11 +51,16 @@ enum Command {
         #[command(subcommand)]
         action: ListenerUserAction,
     },
-    /// Deliver everything due once, in the foreground, and exit.
+    /// Deliver the whole queue once, in the foreground, and exit: 0 when the queue is
+    /// empty afterwards, 75 (EX_TEMPFAIL) when mail is left. Silent unless -v or a
+    /// problem needs the administrator.
     Flush {
         /// Instead, ask the running daemon to retry the whole queue now.
         #[arg(long)]
         wake: bool,
+        /// Print the log and a summary.
+        #[arg(long, short = 'v')]
+        verbose: bool,
     },
     /// Check config, secrets and spool, then connect and authenticate; sends nothing.
     Check,
@@ -64,6 +72,30 @@ enum Command {
         /// Replace a corrupt ledger of this account (counts a full window as used).
         #[arg(long, value_name = "ACCOUNT")]
         reset_ledger: Option<String>,
+        /// One JSON object per account and line (schema in relay365(8)).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the metrics in the Prometheus text format (node_exporter textfile).
+    Metrics,
+    /// One line and an exit status for Nagios, Icinga or Zabbix: 0 OK, 1 WARNING,
+    /// 2 CRITICAL, 3 UNKNOWN.
+    Health {
+        /// WARNING when the oldest message has waited this long.
+        #[arg(long, default_value = "1h", value_parser = span)]
+        warn: Duration,
+        /// CRITICAL when the oldest message has waited this long.
+        #[arg(long, default_value = "4h", value_parser = span)]
+        crit: Duration,
+        /// WARNING when an account's credential_expires is this close.
+        #[arg(long, default_value = "30d", value_parser = span)]
+        expiry_warn: Duration,
+        /// CRITICAL when an account's credential_expires is this close.
+        #[arg(long, default_value = "7d", value_parser = span)]
+        expiry_crit: Duration,
+        /// This host runs no daemon (relay365 flush from cron): do not require one.
+        #[arg(long)]
+        no_daemon: bool,
     },
     /// Manage an account.
     Account {
@@ -116,7 +148,12 @@ enum ListenerUserAction {
 #[derive(Debug, Subcommand)]
 enum QueueAction {
     /// List queued messages as mailq does.
-    List,
+    List {
+        /// One JSON object per message and line, as Postfix's postqueue -j (schema
+        /// in relay365(8)).
+        #[arg(long)]
+        json: bool,
+    },
     /// Show a message's envelope, recipient states and headers.
     Show { id: String },
     /// Keep a message from being delivered until released.
@@ -127,6 +164,10 @@ enum QueueAction {
     Delete { id: String },
     /// Make a message (or, with no id, every message) due now.
     Retry { id: Option<String> },
+}
+
+fn span(s: &str) -> Result<Duration, String> {
+    crate::config::Span::parse(s).map(|s| s.0)
 }
 
 fn say(message: impl std::fmt::Display) {
@@ -156,6 +197,11 @@ pub fn main(argv: Vec<OsString>) -> Exit {
     let config = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
+            if let Command::Health { .. } = cli.command {
+                let r = health::unknown(&e.to_string());
+                println!("{}", r.line);
+                return r.status.exit();
+            }
             say(&e);
             return e.exit();
         }
@@ -175,8 +221,8 @@ pub fn main(argv: Vec<OsString>) -> Exit {
             let _ = std::io::stdout().write_all(paths::table_tsv(&spool).as_bytes());
             Exit::Ok
         }
-        Command::Flush { wake: true } => wake(&spool),
-        Command::Flush { wake: false } => flush(&cli.config),
+        Command::Flush { wake: true, .. } => wake(&spool),
+        Command::Flush { verbose, .. } => flush::run(&cli.config, &spool, verbose),
         Command::Check => {
             let findings = crate::daemon::check::check(&config);
             let mut out = std::io::stdout().lock();
@@ -187,7 +233,11 @@ pub fn main(argv: Vec<OsString>) -> Exit {
             }
             if all_ok { Exit::Ok } else { Exit::Config }
         }
-        Command::Quota { thaw, reset_ledger } => quota(&config, &spool, thaw, reset_ledger),
+        Command::Quota {
+            thaw,
+            reset_ledger,
+            json,
+        } => quota::run(&config, &spool, thaw, reset_ledger, json),
         Command::Account {
             action: AccountAction::Release { name },
         } => {
@@ -214,6 +264,32 @@ pub fn main(argv: Vec<OsString>) -> Exit {
             }
         }
         Command::Queue { action } => queue(&spool, action),
+        Command::Metrics => {
+            let text =
+                crate::daemon::metrics::render(&config, &spool, std::time::SystemTime::now());
+            match std::io::stdout().write_all(text.as_bytes()) {
+                Ok(()) => Exit::Ok,
+                Err(_) => Exit::IoErr,
+            }
+        }
+        Command::Health {
+            warn,
+            crit,
+            expiry_warn,
+            expiry_crit,
+            no_daemon,
+        } => {
+            let t = health::Thresholds {
+                warn_age: warn,
+                crit_age: crit,
+                expiry_warn,
+                expiry_crit,
+                no_daemon,
+            };
+            let r = health::check(&config, &t, std::time::SystemTime::now());
+            println!("{}", r.line);
+            r.status.exit()
+        }
     }
 }
 
@@ -271,7 +347,7 @@ fn daemon(config_path: &Path) -> Exit {
             return e.exit();
         }
     };
-    let mut engine = match Engine::start(config_path, Log::open("relay365", true)) {
+    let mut engine = match Engine::start(config_path, Log::open("relay365/daemon", true)) {
         Ok(e) => e,
         Err(e) => {
             say(&e);
@@ -287,22 +363,6 @@ fn daemon(config_path: &Path) -> Exit {
     }
 }
 
-fn flush(config_path: &Path) -> Exit {
-    let mut engine = match Engine::start(config_path, Log::open("relay365/flush", true)) {
-        Ok(e) => e,
-        Err(e) => {
-            say(&e);
-            return e.exit();
-        }
-    };
-    engine.flush();
-    println!(
-        "flush: {} message(s) finished, {} deferred",
-        engine.delivered, engine.deferred
-    );
-    Exit::Ok
-}
-
 fn wake(spool: &Spool) -> Exit {
     let path = spool.trigger();
     match trigger::wake(&path) {
@@ -313,96 +373,6 @@ fn wake(spool: &Spool) -> Exit {
             e.exit()
         }
     }
-}
-
-fn quota(config: &Config, spool: &Spool, thaw: Option<String>, reset: Option<String>) -> Exit {
-    let now = SystemTime::now();
-    let mut out = std::io::stdout().lock();
-    for a in &config.accounts {
-        let path = spool.ledger(&a.name);
-        if reset.as_deref() == Some(&a.name) {
-            match Ledger::reset(&path, now, &a.limits) {
-                Ok(kept) => {
-                    let _ = writeln!(
-                        out,
-                        "account {}: ledger reset{}",
-                        a.name,
-                        kept.map(|p| format!(" (old one kept as {})", p.display()))
-                            .unwrap_or_default()
-                    );
-                }
-                Err(e) => {
-                    say(e);
-                    return Exit::IoErr;
-                }
-            }
-        }
-        let mut ledger = match Ledger::open(&path) {
-            Ok(l) => l,
-            Err(e) => {
-                say(format_args!("account {}: {e}", a.name));
-                return Exit::IoErr;
-            }
-        };
-        if thaw.as_deref() == Some(&a.name) {
-            if let Err(e) = ledger.thaw() {
-                say(e);
-                return Exit::IoErr;
-            }
-            let _ = writeln!(out, "account {}: freeze ended", a.name);
-        }
-        let usage = match ledger.usage(now, &a.limits) {
-            Ok(u) => u,
-            Err(e) => {
-                say(format_args!("account {}: {e}", a.name));
-                return Exit::IoErr;
-            }
-        };
-        let left = |n: Option<u64>| n.map_or("unlimited".to_string(), |n| n.to_string());
-        let _ = writeln!(out, "account {} <{}>", a.name, a.mailbox);
-        let _ = writeln!(
-            out,
-            "  messages:   {}/{} in {} window, {} left{}",
-            usage.messages_in_window,
-            a.limits.message_rate.count,
-            a.limits.message_rate.window_text(),
-            left(usage.messages_left),
-            usage
-                .next_message_room
-                .map(|t| format!(", room at {}", format_moment(t, now)))
-                .unwrap_or_default()
-        );
-        let _ = writeln!(
-            out,
-            "  recipients: {}/{} in {} window, {} left{}",
-            usage.recipients_in_window,
-            a.limits.recipient_rate.count,
-            a.limits.recipient_rate.window_text(),
-            left(usage.recipients_left),
-            usage
-                .next_recipient_room
-                .map(|t| format!(", room at {}", format_moment(t, now)))
-                .unwrap_or_default()
-        );
-        if let Some(f) = &usage.frozen {
-            let _ = writeln!(
-                out,
-                "  frozen until {}: {}",
-                format_moment(f.until, now),
-                f.reason
-            );
-        }
-        if let Some(h) = read_hold(spool, &a.name) {
-            let until = std::time::UNIX_EPOCH + std::time::Duration::from_micros(h.until_us);
-            let _ = writeln!(
-                out,
-                "  held (next probe {}): {}",
-                format_moment(until, now),
-                h.reason
-            );
-        }
-    }
-    Exit::Ok
 }
 
 fn queue(spool: &Spool, action: QueueAction) -> Exit {
@@ -440,8 +410,14 @@ fn queue(spool: &Spool, action: QueueAction) -> Exit {
         }
     };
     match action {
-        QueueAction::List => {
-            let _ = std::io::stdout().write_all(listing::format(&listing::list(spool)).as_bytes());
+        QueueAction::List { json } => {
+            let entries = listing::list(spool);
+            let text = if json {
+                listing::json_lines(&entries)
+            } else {
+                listing::format(&entries)
+            };
+            let _ = std::io::stdout().write_all(text.as_bytes());
             Exit::Ok
         }
         QueueAction::Show { id } => {

@@ -242,6 +242,7 @@ struct RawAccount {
     graph: Option<RawGraph>,
     proxy: Option<String>,
     harvest_bounces: Option<bool>,
+    credential_expires: Option<String>,
 }
 
 /// A validated account: one Microsoft 365 mailbox and how to reach it.
@@ -272,6 +273,9 @@ pub struct Account {
     pub proxy: Proxy,
     /// Read late NDRs from the mailbox through Graph (`Mail.ReadWrite`).
     pub harvest_bounces: bool,
+    /// When the client secret or certificate expires (00:00 UTC of the date written),
+    /// for `relay365 health`.
+    pub credential_expires: Option<std::time::SystemTime>,
 }
 
 /// The file as written.
@@ -288,6 +292,8 @@ struct RawConfig {
     local_domains: Vec<String>,
     max_queue_lifetime: Option<Span>,
     proxy: Option<String>,
+    log_file: Option<PathBuf>,
+    metrics_listen: Option<std::net::SocketAddr>,
     #[serde(default, rename = "account")]
     accounts: Vec<RawAccount>,
     listener: Option<listener::RawListener>,
@@ -310,6 +316,10 @@ pub struct Config {
     pub local_domains: Vec<String>,
     /// Undeliverable mail older than this bounces.
     pub max_queue_lifetime: Duration,
+    /// Also write the log here, as a syslog daemon would (Postfix's maillog_file).
+    pub log_file: Option<PathBuf>,
+    /// Where the daemon serves `GET /metrics` (Prometheus text format), if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     pub accounts: Vec<Account>,
     /// `[listener]`: the network SMTP listener, when configured.
     pub listener: Option<listener::Listener>,
@@ -390,6 +400,12 @@ impl Config {
                     )
                 })?;
         }
+        if let Some(f) = raw.log_file.as_ref().filter(|f| !f.is_absolute()) {
+            return Err(invalid(
+                "log_file",
+                format!("{} is not an absolute path", f.display()),
+            ));
+        }
         let mut local_domains = Vec::new();
         for d in raw.local_domains {
             local_domains.push(validate_domain(&d).map_err(|m| invalid("local_domains", m))?);
@@ -440,6 +456,8 @@ impl Config {
             max_queue_lifetime: raw
                 .max_queue_lifetime
                 .map_or(DEFAULT_QUEUE_LIFETIME, |s| s.0),
+            log_file: raw.log_file,
+            metrics_listen: raw.metrics_listen,
             accounts,
             listener,
         })
@@ -586,6 +604,13 @@ impl Account {
             graph,
             proxy,
             harvest_bounces,
+            credential_expires: match r.credential_expires {
+                Some(d) => Some(parse_date(&d).ok_or((
+                    "account.credential_expires",
+                    format!("{d:?} is not a date such as \"2027-03-01\""),
+                ))?),
+                None => None,
+            },
         })
     }
 }
@@ -596,6 +621,27 @@ fn parse_proxy(p: &str) -> Result<Proxy, String> {
         return Ok(Proxy::Direct);
     }
     ProxySettings::parse(p).map(Proxy::Configured)
+}
+
+/// `YYYY-MM-DD` as 00:00 UTC of that day.
+fn parse_date(s: &str) -> Option<std::time::SystemTime> {
+    let mut it = s.trim().splitn(3, '-');
+    let y: i64 = it.next()?.parse().ok()?;
+    let m: i64 = it.next()?.parse().ok()?;
+    let d: i64 = it.next()?.parse().ok()?;
+    if !(1970..=9999).contains(&y) || !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+        return None;
+    }
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = u64::try_from(days).ok()?.checked_mul(86_400)?;
+    Some(std::time::UNIX_EPOCH + Duration::from_secs(secs))
 }
 
 fn validate_domain(d: &str) -> Result<String, String> {
@@ -656,6 +702,16 @@ pub fn host_fqdn() -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn credential_expires_is_a_date() {
+        let day =
+            |s| parse_date(s).map(|t| t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs());
+        assert_eq!(day("1970-01-01"), Some(0));
+        assert_eq!(day("2027-03-01"), Some(1_803_859_200));
+        assert_eq!(day("2027-13-01"), None);
+        assert_eq!(day("soon"), None);
+    }
+
     use super::*;
 
     fn load(text: &str) -> Result<Config, ConfigError> {

@@ -21,6 +21,8 @@
 //! | `EngineError`: set-up (inotify, signals) | `EX_OSERR` 71 |
 //! | `EngineError`: another daemon holds the lock | `EX_TEMPFAIL` 75 |
 //! | privilege handling failed | `EX_OSERR` 71 |
+//! | `relay365 flush`: mail is left in the queue | `EX_TEMPFAIL` 75 |
+//! | `relay365 health`: WARNING, CRITICAL, UNKNOWN | 1, 2, 3 (the monitoring-plugin convention Nagios, Icinga and Zabbix read, not sysexits) |
 
 use std::process::ExitCode;
 
@@ -28,6 +30,10 @@ use std::process::ExitCode;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exit {
     Ok = 0,
+    /// `relay365 health` only: the plugin states WARNING, CRITICAL and UNKNOWN.
+    PluginWarning = 1,
+    PluginCritical = 2,
+    PluginUnknown = 3,
     Usage = 64,
     DataErr = 65,
     NoInput = 66,

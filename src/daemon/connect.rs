@@ -156,7 +156,11 @@ impl Credentials {
                 let Some(ts) = self.tokens.as_mut() else {
                     return Ok(None);
                 };
-                match ts.token(now) {
+                let token = ts.token(now);
+                if token.is_err() {
+                    crate::daemon::metrics::count_token_failure(&account.name);
+                }
+                match token {
                     Ok(t) => Ok(Some(t.secret().clone())),
                     Err(e) if e.is_temporary() => Err(Verdict {
                         action: Action::Defer { hint: None },

@@ -43,6 +43,9 @@ const LEFTOVER_AGE: Duration = Duration::from_secs(3600);
 /// first go out within a few hundred milliseconds of a large backlog, large enough
 /// that the two directory syncs per chunk do not count.
 const PICKUP_CHUNK: usize = 256;
+/// How often the daemon merges its counters into state/ (what a cron-run `relay365
+/// metrics` may lag behind by).
+const COUNTERS_EVERY: Duration = Duration::from_secs(5);
 
 /// Why the engine could not start.
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +141,7 @@ pub struct Engine {
     wake_write: Arc<OwnedFd>,
     pub delivered: usize,
     pub deferred: usize,
+    counters_saved: SystemTime,
 }
 
 impl Engine {
@@ -150,6 +154,14 @@ impl Engine {
             return Err(EngineError::Setup(p.clone()));
         }
         let mut log = log;
+        if let Some(path) = &loaded.config.log_file {
+            if let Err(e) = log.add_file(path) {
+                log.warning(&format!(
+                    "cannot open the log_file {}: {e}; logging to syslog only",
+                    path.display()
+                ));
+            }
+        }
         for p in &problems {
             // Wrong modes still work for the daemon, but may let others in or keep
             // sendmail out: say so at every start.
@@ -177,6 +189,7 @@ impl Engine {
             wake_write: Arc::new(wake_write),
             delivered: 0,
             deferred: 0,
+            counters_saved: SystemTime::now(),
         };
         engine.start_workers()?;
         Ok(engine)
@@ -461,6 +474,26 @@ impl Engine {
         }
     }
 
+    /// The error-level lines logged so far (each once), for a flush to report.
+    pub fn problems(&self) -> Vec<String> {
+        self.log.take_problems()
+    }
+
+    /// Merges this process's counters into `state/` for `relay365 metrics`, at most
+    /// every few seconds unless `now` is asked for.
+    fn save_counters(&mut self, force: bool) {
+        let due = self
+            .counters_saved
+            .elapsed()
+            .map_or(true, |d| d >= COUNTERS_EVERY);
+        if force || due {
+            if let Err(e) = crate::spool::counters::save(&self.spool) {
+                self.warn(&format!("cannot save the metrics counters in state/: {e}"));
+            }
+            self.counters_saved = SystemTime::now();
+        }
+    }
+
     /// `relay365 flush`: pick up, deliver everything due once, wait for it, return.
     pub fn flush(&mut self) {
         // The queue as it stands first, then the new mail, which the pickup schedules
@@ -477,6 +510,7 @@ impl Engine {
             self.dispatch(SystemTime::now(), true);
         }
         self.stop_workers();
+        self.save_counters(true);
     }
 
     /// `relay365 daemon`: runs until SIGTERM or SIGINT.
@@ -502,6 +536,15 @@ impl Engine {
                 ))
             })?;
         let trigger = open_trigger(&self.spool.trigger());
+        if let Some(addr) = self.loaded.config.metrics_listen {
+            // A taken port must not stop mail: say so and run without the listener.
+            match crate::daemon::metrics::serve(addr, self.loaded.config.clone()) {
+                Ok(bound) => self.info(&format!("metrics served on http://{bound}/metrics")),
+                Err(e) => self.warn(&format!(
+                    "cannot serve metrics on {addr} (metrics_listen): {e}; relay365 metrics still prints them"
+                )),
+            }
+        }
         self.sweep();
         self.load_schedule();
         self.pickup(false);
@@ -558,6 +601,7 @@ impl Engine {
             }
             if ready[2] {
                 self.collect(true, false);
+                self.save_counters(false);
             }
             if ready.get(3).copied().unwrap_or(false) {
                 if let Some(t) = &trigger {
@@ -584,6 +628,7 @@ impl Engine {
         self.info("stopping: finishing the transactions in flight");
         self.stop_workers();
         self.collect(false, false);
+        self.save_counters(true);
         self.info("daemon stopped");
         Ok(())
     }
@@ -659,6 +704,15 @@ fn worker(
         let _ = tx.send((id, report));
         let _ = nix::unistd::write(wake, b"r");
     }
+}
+
+/// Whether a daemon runs on `spool`: whether its trigger FIFO has a reader (the
+/// daemon holds it open for its whole run). `None` when this process may not open the
+/// FIFO (run as root, or with the drop group). A probe of the daemon lock would be
+/// as good, but a probe that takes the lock, even shared, could make a daemon starting
+/// at that instant believe another one runs.
+pub fn daemon_running(spool: &Spool) -> Option<bool> {
+    crate::spool::trigger::has_reader(&spool.trigger()).ok()
 }
 
 /// Holds the daemon lock (`state/daemon.lock`) for the life of the process.

@@ -8,6 +8,7 @@ pub mod connect;
 pub mod engine;
 pub mod harvest;
 pub mod hold;
+pub mod metrics;
 pub mod pickup;
 pub mod route;
 pub mod stop;

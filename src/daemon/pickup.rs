@@ -19,7 +19,7 @@ use std::io::Read;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::aliases::Locals;
 use crate::config::Config;
@@ -217,6 +217,10 @@ pub fn pickup(
                         break;
                     }
                     picked.due.push((id.clone(), entry.next_attempt_us));
+                    let waited = SystemTime::now()
+                        .duration_since(UNIX_EPOCH + Duration::from_micros(env.arrival_us))
+                        .unwrap_or_default();
+                    crate::daemon::metrics::observe_pickup(waited.as_secs_f64());
                     log.info(&format!(
                         "{id}: uid={uid} from=<{}> size={} nrcpt={} (queue active)",
                         env.sender,
@@ -228,10 +232,13 @@ pub fn pickup(
                         .iter()
                         .filter(|r| r.status == RcptStatus::Failed)
                     {
-                        log.warning(&format!(
-                            "{id}: to=<{}>, status=bounced ({})",
+                        let text = r.reply.as_deref().unwrap_or("");
+                        crate::daemon::metrics::count_recipient("none", "bounced");
+                        // Info, as Postfix: see AccountWorker::fail.
+                        log.info(&format!(
+                            "{id}: to=<{}>, relay=none, delay=0, dsn={}, status=bounced ({text})",
                             r.address,
-                            r.reply.as_deref().unwrap_or("")
+                            crate::transport::reply::log_dsn(text, 5)
                         ));
                     }
                 }

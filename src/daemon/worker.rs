@@ -303,7 +303,7 @@ impl AccountWorker {
             &message,
             &self.account.mailbox,
             self.account.from,
-            &self.host,
+            &self.config.domain,
         );
         locked.entry.account = Some(self.account.name.clone());
         locked.entry.reason = None;

@@ -66,7 +66,14 @@ pub fn header_recipients(msg: &Message) -> Result<Vec<Address>, AddressError> {
     Ok(out)
 }
 
-/// A display name as a quoted string, or an RFC 2047 encoded word when it is not ASCII.
+/// The longest UTF-8 text in one encoded word: 42 bytes are 56 characters of base64,
+/// so a word is 68 characters (RFC 2047 allows 75) and `From: ` plus one word stays
+/// within the 76 characters RFC 2047 allows a line holding encoded words.
+const ENCODED_WORD_TEXT: usize = 42;
+
+/// A display name as a quoted string, or, when it is not ASCII, RFC 2047 encoded words
+/// (each at most 75 characters, split between characters, never inside one), folded
+/// onto lines of their own.
 pub fn display_name(name: &str) -> String {
     if name.is_ascii() {
         let escaped: String = name
@@ -80,9 +87,25 @@ pub fn display_name(name: &str) -> String {
         format!("\"{escaped}\"")
     } else {
         use base64::Engine as _;
-        let clean: String = name.chars().filter(|c| !c.is_control()).collect();
-        let b64 = base64::engine::general_purpose::STANDARD.encode(clean.as_bytes());
-        format!("=?UTF-8?B?{b64}?=")
+        let mut words = Vec::new();
+        let mut chunk = String::new();
+        for c in name.chars().filter(|c| !c.is_control()) {
+            if chunk.len() + c.len_utf8() > ENCODED_WORD_TEXT {
+                words.push(std::mem::take(&mut chunk));
+            }
+            chunk.push(c);
+        }
+        if !chunk.is_empty() || words.is_empty() {
+            words.push(chunk);
+        }
+        words
+            .iter()
+            .map(|w| {
+                let b64 = base64::engine::general_purpose::STANDARD.encode(w.as_bytes());
+                format!("=?UTF-8?B?{b64}?=")
+            })
+            .collect::<Vec<_>>()
+            .join("\r\n ")
     }
 }
 

@@ -4,7 +4,9 @@
 //! Order matters for security: sanitise the process, lower the setgid group, parse
 //! the command line, and give the group up for good unless the mode writes into the
 //! spool (see [`Mode::needs_group`]); only then read the config or `/etc/aliases`.
-//! The group is raised only inside [`super::deposit`] and for the trigger FIFO.
+//! The group is raised only inside [`super::deposit`], for the trigger FIFO, and for
+//! `-bp`'s reading of the installed spool's incoming/ before the drop
+//! ([`super::mailq`]).
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -14,14 +16,15 @@ use std::time::SystemTime;
 use crate::config::Config;
 use crate::logging::Log;
 use crate::message::text;
+use crate::spool::QueueId;
 use crate::spool::paths::{self, Spool};
 use crate::spool::trigger::{self, WakeError};
-use crate::spool::{QueueId, listing};
 use crate::sysexits::{Exit, ExitStatus};
 
 use super::bs::{self, Session};
 use super::deposit::{Depositor, Origin, Protocol};
 use super::intake::{self, Caller, IntakeSettings};
+use super::mailq;
 use super::options::{self, Mode, Options};
 use super::privilege::{self, DropGroup};
 
@@ -58,6 +61,12 @@ pub fn main(argv: Vec<OsString>) -> Exit {
         }
     };
     let uid = privilege::caller_uid();
+    // SECURITY: -bp reads the installed spool's incoming/ with the group first, then
+    // gives the group up with the other read-only modes below, before any config:
+    // the config (which could name another spool) is never read with the group.
+    // (Root reads incoming/ itself afterwards.)
+    let pre_read = (opts.mode == Mode::ListQueue && opts.config.is_none() && uid != 0)
+        .then(|| mailq::pre_read(&group));
     // SECURITY: read-only and refused modes give the group up for good before the
     // config or /etc/aliases is read; so does a caller's own config (-C), which may
     // name any spool, unless the caller is root.
@@ -97,22 +106,11 @@ pub fn main(argv: Vec<OsString>) -> Exit {
             Exit::Usage
         }
         Mode::Smtp => smtp_session(&opts, &config, &spool, &group, uid, &tag),
-        Mode::ListQueue => list_queue(&spool),
+        Mode::ListQueue => mailq::list(&spool, pre_read, |m| say(m)),
         Mode::QueueRun => queue_run(&spool, &group),
         Mode::Verify => verify(&opts, &config, uid),
         Mode::Enqueue => enqueue(&opts, &config, &spool, &group, uid, &tag),
     }
-}
-
-fn list_queue(spool: &Spool) -> Exit {
-    let mut out = std::io::stdout().lock();
-    if out
-        .write_all(listing::format(&listing::list(spool)).as_bytes())
-        .is_err()
-    {
-        return Exit::IoErr;
-    }
-    Exit::Ok
 }
 
 fn queue_run(spool: &Spool, group: &DropGroup) -> Exit {

@@ -4,5 +4,6 @@ pub mod bs;
 pub mod cli;
 pub mod deposit;
 pub mod intake;
+pub mod mailq;
 pub mod options;
 pub mod privilege;

@@ -12,7 +12,10 @@
 //!    spool (`-bp`, `-bv`, `-bi`, refused modes, usage errors) and a caller's own
 //!    config (`-C`, unless root) call [`DropGroup::drop_permanently`] before the
 //!    config or `/etc/aliases` is read: from then on the process can do nothing the
-//!    caller could not do alone.
+//!    caller could not do alone. Just before that drop, `-bp` without `-C` raises the
+//!    group for reads of the installed spool only ([`super::mailq::pre_read`]): the
+//!    listing of `incoming/new`, each envelope line (distrusted, bounded), and the
+//!    open of the trigger FIFO; it holds the group only before the config is read.
 //! 4. The enqueue modes (`-bm`, `-bs`) and `-q` keep the saved group and raise it
 //!    with [`DropGroup::with`] only for the create in `incoming/tmp`, the rename into
 //!    `incoming/new`, the directory sync, and the open of the trigger FIFO.

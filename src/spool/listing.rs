@@ -48,16 +48,33 @@ pub struct Listed {
     pub recipients: Vec<ListedRecipient>,
     /// When the next attempt is due, as text, if known.
     pub next_attempt: Option<String>,
+    /// The same in microseconds since the epoch (`--json`).
+    pub next_attempt_us: Option<u64>,
 }
 
-/// Reads the envelope line of an incoming file without reading the message.
-fn read_incoming_envelope(path: &Path) -> Option<Envelope> {
-    // SECURITY: O_NOFOLLOW: a planted symlink is not followed, even by root's mailq.
+/// An incoming file larger than this cannot be a message any configuration accepts
+/// (`max_message_size` is bounded far below it); it is not even opened for reading.
+pub const MAX_INCOMING_FILE: u64 = 4 << 30;
+
+/// Reads the envelope line of an incoming file without reading the message: the
+/// magic line and at most [`MAX_ENVELOPE_LINE`] bytes, validated by
+/// [`Envelope::parse_line`]. `None` for anything that is not a plain file of ours.
+/// The setgid `mailq` runs this with the drop group raised.
+pub fn read_incoming_envelope(path: &Path) -> Option<Envelope> {
+    use std::os::unix::fs::MetadataExt;
+    // SECURITY: O_NOFOLLOW: a planted symlink is not followed, even by root's mailq;
+    // O_NONBLOCK: a planted FIFO does not hang the open.
     let file = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(nix::libc::O_NOFOLLOW)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC)
         .open(path)
         .ok()?;
+    let meta = file.metadata().ok()?;
+    // SECURITY: a regular file with one link (a hard link to another file would show
+    // that file's first line) and of a size a message can have.
+    if !meta.file_type().is_file() || meta.nlink() != 1 || meta.len() > MAX_INCOMING_FILE {
+        return None;
+    }
     let mut r = BufReader::new(file.take(MAGIC.len() as u64 + MAX_ENVELOPE_LINE as u64));
     let mut magic = vec![0u8; MAGIC.len()];
     r.read_exact(&mut magic).ok()?;
@@ -69,11 +86,30 @@ fn read_incoming_envelope(path: &Path) -> Option<Envelope> {
     Envelope::parse_line(line.strip_suffix(b"\n")?).ok()
 }
 
-/// Messages waiting in `incoming/new`, if this process may list it.
-pub fn incoming(spool: &Spool) -> Vec<Listed> {
-    let Ok(dir) = std::fs::read_dir(spool.incoming_new()) else {
-        return Vec::new();
-    };
+/// A listed incoming message from its id and envelope.
+pub fn incoming_entry(id: QueueId, env: Envelope) -> Listed {
+    Listed {
+        id,
+        size: env.size,
+        arrival_us: env.arrival_us,
+        sender: env.sender.as_str().to_string(),
+        state: State::Incoming,
+        recipients: env
+            .recipients
+            .into_iter()
+            .map(|address| ListedRecipient {
+                address: address.to_string(),
+                reason: None,
+            })
+            .collect(),
+        next_attempt: None,
+        next_attempt_us: None,
+    }
+}
+
+/// Messages waiting in `incoming/new`, or why this process may not list it.
+pub fn incoming_checked(spool: &Spool) -> std::io::Result<Vec<Listed>> {
+    let dir = std::fs::read_dir(spool.incoming_new())?;
     let mut out = Vec::new();
     for entry in dir.flatten() {
         let name = entry.file_name();
@@ -83,24 +119,23 @@ pub fn incoming(spool: &Spool) -> Vec<Listed> {
         let Some(env) = read_incoming_envelope(&entry.path()) else {
             continue;
         };
-        out.push(Listed {
-            id,
-            size: env.size,
-            arrival_us: env.arrival_us,
-            sender: env.sender.as_str().to_string(),
-            state: State::Incoming,
-            recipients: env
-                .recipients
-                .into_iter()
-                .map(|address| ListedRecipient {
-                    address: address.to_string(),
-                    reason: None,
-                })
-                .collect(),
-            next_attempt: None,
-        });
+        out.push(incoming_entry(id, env));
     }
-    out
+    Ok(out)
+}
+
+/// Messages waiting in `incoming/new`, if this process may list it.
+pub fn incoming(spool: &Spool) -> Vec<Listed> {
+    incoming_checked(spool).unwrap_or_default()
+}
+
+/// Sorts a listing oldest first, as `mailq` shows it.
+pub fn sort(entries: &mut [Listed]) {
+    entries.sort_by(|a, b| {
+        a.arrival_us
+            .cmp(&b.arrival_us)
+            .then_with(|| a.id.cmp(&b.id))
+    });
 }
 
 /// Messages in the daemon's queue that still have recipients to deliver.
@@ -132,6 +167,8 @@ pub fn queued(spool: &Spool) -> Vec<Listed> {
         };
         let next_attempt = (entry.next_attempt() > now && !entry.held)
             .then(|| crate::message::complete::rfc5322_date(entry.next_attempt()));
+        let next_attempt_us =
+            (entry.next_attempt() > now && !entry.held).then_some(entry.next_attempt_us);
         let recipients = entry
             .pending()
             .map(|r| ListedRecipient {
@@ -147,6 +184,7 @@ pub fn queued(spool: &Spool) -> Vec<Listed> {
             state,
             recipients,
             next_attempt,
+            next_attempt_us,
         });
     }
     out
@@ -156,11 +194,7 @@ pub fn queued(spool: &Spool) -> Vec<Listed> {
 pub fn list(spool: &Spool) -> Vec<Listed> {
     let mut entries = incoming(spool);
     entries.extend(queued(spool));
-    entries.sort_by(|a, b| {
-        a.arrival_us
-            .cmp(&b.arrival_us)
-            .then_with(|| a.id.cmp(&b.id))
-    });
+    sort(&mut entries);
     entries
 }
 
@@ -230,6 +264,59 @@ pub fn format(entries: &[Listed]) -> String {
     out
 }
 
+impl State {
+    /// The `queue_name` of `--json`: Postfix's queue names where one applies.
+    pub fn queue_name(&self) -> &'static str {
+        match self {
+            State::Incoming => "incoming",
+            State::Deferred => "deferred",
+            State::Active => "active",
+            State::Held => "hold",
+        }
+    }
+}
+
+/// The listing as JSON Lines, one object per message, with the fields of Postfix's
+/// `postqueue -j` (queue_name, queue_id, arrival_time, message_size, sender,
+/// recipients with address and delay_reason) plus relay365's `next_attempt` (seconds
+/// since the epoch, or null when due now or unknown) and each recipient's `state`
+/// (the message's queue_name: relay365 schedules whole messages). Times are whole
+/// seconds since the epoch, as in Postfix; the schema is documented in relay365(8)
+/// and only grows.
+pub fn json_lines(entries: &[Listed]) -> String {
+    let mut out = String::new();
+    for e in entries {
+        let next = e.next_attempt_us.map(|us| us / 1_000_000);
+        let recipients: Vec<serde_json::Value> = e
+            .recipients
+            .iter()
+            .map(|r| {
+                let mut o = serde_json::json!({
+                    "address": r.address,
+                    "state": e.state.queue_name(),
+                    "next_attempt": next,
+                });
+                if let (Some(reason), Some(map)) = (&r.reason, o.as_object_mut()) {
+                    map.insert("delay_reason".into(), reason.clone().into());
+                }
+                o
+            })
+            .collect();
+        let o = serde_json::json!({
+            "queue_name": e.state.queue_name(),
+            "queue_id": e.id.as_str(),
+            "arrival_time": e.arrival_us / 1_000_000,
+            "message_size": e.size,
+            "sender": e.sender,
+            "recipients": recipients,
+            "next_attempt": next,
+        });
+        out.push_str(&o.to_string());
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,7 +339,24 @@ mod tests {
                 reason: Some("quota: 10000/10000 recipients in 24h, room at 14:02:11".into()),
             }],
             next_attempt: None,
+            next_attempt_us: Some(1_795_734_165_000_000),
         };
+        let json = json_lines(std::slice::from_ref(&e));
+        let v: serde_json::Value = serde_json::from_str(json.trim_end()).unwrap();
+        assert_eq!(v["queue_name"], "deferred");
+        assert_eq!(v["queue_id"], "0000000000000000000000AB");
+        assert_eq!(v["arrival_time"], 1_795_734_105u64);
+        assert_eq!(v["message_size"], 3072);
+        assert_eq!(v["sender"], "alice@example.com");
+        assert_eq!(v["next_attempt"], 1_795_734_165u64);
+        assert_eq!(v["recipients"][0]["address"], "bob@example.org");
+        assert_eq!(v["recipients"][0]["state"], "deferred");
+        assert!(
+            v["recipients"][0]["delay_reason"]
+                .as_str()
+                .unwrap()
+                .starts_with("quota:")
+        );
         let text = format(&[e]);
         assert!(
             text.contains(

@@ -1,5 +1,6 @@
 //! The spool: its path table, the envelope format of the incoming maildir (written
 //! by `sendmail`'s deposit), the daemon's queue, and queue ids.
+pub mod counters;
 pub mod durable;
 pub mod envelope;
 pub mod init;

@@ -39,6 +39,24 @@ pub fn wake(path: &Path) -> io::Result<()> {
         .and_then(|mut f| f.write_all(b"q"))
 }
 
+/// Whether a daemon listens on the trigger FIFO at `path`: it holds the read end, so
+/// a non-blocking open for writing succeeds (ENXIO: no reader). Nothing is written,
+/// so the daemon is not woken. Call it with the privilege opening the FIFO needs.
+pub fn has_reader(path: &Path) -> io::Result<bool> {
+    use std::os::unix::fs::FileTypeExt;
+    // SECURITY: as in [`wake`]: no O_CREAT, no symlinks, non-blocking.
+    match OpenOptions::new()
+        .write(true)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+        .open(path)
+    {
+        // A regular file in its place is not a daemon.
+        Ok(f) => Ok(f.metadata()?.file_type().is_fifo()),
+        Err(e) if e.raw_os_error() == Some(nix::libc::ENXIO) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 impl ExitStatus for WakeError {
     fn exit(&self) -> Exit {
         Exit::Unavailable

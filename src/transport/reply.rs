@@ -247,6 +247,17 @@ fn parse_status(token: &str) -> Option<Enhanced> {
 
 /// Every standalone `c.s.d` token in `text`. A token must not be glued to letters, digits
 /// or dots, so IP addresses (`10.5.2.251`) and timestamps (`20.123Z`) never match.
+/// The `dsn=` of a Postfix-style status line: the first enhanced status code in the
+/// logged text (a reply such as `550 5.1.1 ...`), with its class made the outcome's
+/// (`class`: 2 sent, 4 deferred, 5 bounced, as Postfix's soft_bounce does for a 5xx
+/// that is deferred), else `class.0.0`.
+pub fn log_dsn(text: &str, class: u8) -> String {
+    match status_tokens(text).next() {
+        Some((_, s, d)) => format!("{class}.{s}.{d}"),
+        None => format!("{class}.0.0"),
+    }
+}
+
 fn status_tokens(text: &str) -> impl Iterator<Item = Enhanced> + '_ {
     let bytes = text.as_bytes();
     let mut i = 0;
@@ -381,6 +392,22 @@ mod tests {
             "from 10.5.2.251 at 2025-11-23T11:12:20.123Z v5.7.60 5.7.60x (4.3.2) end 5.1.90.";
         let found: Vec<_> = status_tokens(text).collect();
         assert_eq!(found, vec![(4, 3, 2), (5, 1, 90)]);
+    }
+
+    #[test]
+    fn log_dsn_takes_the_enhanced_code_in_the_outcomes_class() {
+        assert_eq!(log_dsn("250 2.0.0 OK <x@y> [Hostname=AM0]", 2), "2.0.0");
+        assert_eq!(
+            log_dsn("550 5.1.10 RESOLVER.ADR.RecipientNotFound", 5),
+            "5.1.10"
+        );
+        assert_eq!(log_dsn("451 4.7.500 Server busy", 4), "4.7.500");
+        assert_eq!(log_dsn("554 5.2.252 SendAsDenied; quota", 4), "4.2.252");
+        assert_eq!(
+            log_dsn("connect to 10.1.2.3:587: Connection refused", 4),
+            "4.0.0"
+        );
+        assert_eq!(log_dsn("", 2), "2.0.0");
     }
 
     #[test]

@@ -21,7 +21,7 @@ fn show_hold_release_retry_delete() {
     );
     t.emu
         .inject(Fault::reply(Stage::AfterDot, "451 4.7.0 Temporary server error").times(1));
-    assert_ok(&t.flush());
+    assert_left(&t.flush());
     let id = only_id(&t);
 
     let out = t.spool.relay365(&["queue", "show", &id]);
@@ -41,7 +41,7 @@ fn show_hold_release_retry_delete() {
         stdout(&t.spool.sendmail(&["-bp"], b"")).contains(&format!("{id}!")),
         "held messages are marked"
     );
-    assert_ok(&t.flush());
+    assert_left(&t.flush());
     assert_eq!(
         t.emu.message_count(),
         0,
@@ -59,7 +59,7 @@ fn show_hold_release_retry_delete() {
     );
     t.emu
         .inject(Fault::reply(Stage::AfterDot, "451 4.7.0 Temporary server error").times(1));
-    assert_ok(&t.flush());
+    assert_left(&t.flush());
     let id = only_id(&t);
     assert_ok(&t.spool.relay365(&["queue", "retry", &id]));
     assert_eq!(t.queued()[0].next_attempt_us, 0);
@@ -103,7 +103,7 @@ fn queue_commands_refuse_bad_or_unknown_ids() {
 fn no_account_configured_keeps_mail_queued_and_says_why() {
     let s = Spool::new("");
     assert_ok(&s.sendmail(&["-i", "x@example.org"], b"Subject: s\n\nx\n"));
-    assert_ok(&s.relay365(&["flush"]));
+    assert_left(&s.relay365(&["flush", "-v"]));
     let text = stdout(&s.sendmail_as("mailq", &[], b""));
     assert!(text.contains("no [[account]] is configured"), "{text}");
     let out = s.relay365(&["check"]);

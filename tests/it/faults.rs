@@ -74,7 +74,7 @@ fn row(
     let started = Instant::now();
     let out = t.flush();
     let took = started.elapsed();
-    assert_ok(&out);
+    assert_left(&out);
     let log = stderr(&out);
     let queued = t.queued();
     assert_eq!(
@@ -327,7 +327,7 @@ fn connection_refused_and_bad_certificates_defer() {
     t.emu.shutdown();
     let started = Instant::now();
     let out = t.flush();
-    assert_ok(&out);
+    assert_left(&out);
     assert_eq!(t.queued().len(), 1, "{}", stderr(&out));
     assert!(started.elapsed() < ATTEMPT_BOUND);
     report(
@@ -383,7 +383,7 @@ fn connection_refused_and_bad_certificates_defer() {
             Some(0)
         );
         let out = t.flush();
-        assert_ok(&out);
+        assert_left(&out);
         assert_eq!(t.emu.message_count(), 0, "{name}");
         assert_eq!(
             t.emu.reply_count(235),
@@ -564,7 +564,7 @@ fn deferred_against(t: &Tenant, name: &str) -> String {
     );
     let started = Instant::now();
     let out = t.flush();
-    assert_ok(&out);
+    assert_left(&out);
     assert!(
         started.elapsed() < ATTEMPT_BOUND,
         "{name}: {:?}",

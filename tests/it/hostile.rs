@@ -233,7 +233,7 @@ fn a_million_headers_within_the_limit_are_queued_and_delivered() {
     );
 
     let mut flush = Command::new(RELAY365);
-    flush.arg("--config").arg(&s.config).arg("flush");
+    flush.arg("--config").arg(&s.config).args(["flush", "-v"]);
     let f = measure(flush, once(Vec::new()));
     eprintln!(
         "a million headers: flush peak RSS {} KiB, {:?}",
@@ -288,8 +288,8 @@ fn deeply_nested_mime_goes_through_intake_rewrite_and_bounce() {
         &msg,
     );
     assert_ok(&out);
-    assert_ok(&s.relay365(&["flush"]));
-    assert_ok(&s.relay365(&["flush"]));
+    assert_ok(&s.relay365(&["flush", "-v"]));
+    assert_ok(&s.relay365(&["flush", "-v"]));
     let got = captured(&maildir);
     let delivered = got
         .iter()
@@ -322,7 +322,7 @@ fn invalid_utf8_in_headers_and_body_is_carried_byte_for_byte() {
     assert_ok(&s.sendmail(&["-t", "-i"], msg));
     let (_, queued) = s.only();
     assert!(queued.contains("Subject: caf\u{fffd}"), "{queued}");
-    assert_ok(&s.relay365(&["flush"]));
+    assert_ok(&s.relay365(&["flush", "-v"]));
     let got = captured(&maildir);
     assert_eq!(got.len(), 1);
     let m = &got[0];
@@ -387,7 +387,7 @@ fn bare_cr_stays_data_inside_its_line() {
     );
     assert!(queued.contains("\r\nbody\rline\r\n.\rnot the end\r\nend\r\n"));
     assert!(!has_bare_lf(queued.as_bytes()));
-    assert_ok(&s.relay365(&["flush"]));
+    assert_ok(&s.relay365(&["flush", "-v"]));
     let got = captured(&maildir);
     assert_eq!(got.len(), 1);
     assert!(contains(

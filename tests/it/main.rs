@@ -12,6 +12,7 @@ mod intake;
 mod layers;
 mod listen;
 mod load;
+mod monitoring;
 mod postfix;
 mod privilege;
 mod proxy;

@@ -330,7 +330,7 @@ fn login_delivery_to_postfix_through_flush() {
         &["-t", "-i", "-F", "Web Shop", "-f", "shop@web1.example.com"],
         MSG,
     ));
-    let out = spool.relay365(&["flush"]);
+    let out = spool.relay365(&["flush", "-v"]);
     assert_ok(&out);
     let log = stderr(&out);
     assert!(queued(&spool).is_empty(), "{log}");
@@ -493,9 +493,9 @@ fn postfix_rate_limit_defers_the_excess_and_a_retry_delivers_it() {
             format!("Subject: m{i}\n\nnumber {i}\n").as_bytes(),
         ));
     }
-    let out = spool.relay365(&["flush"]);
+    let out = spool.relay365(&["flush", "-v"]);
     let limited = Instant::now();
-    assert_ok(&out);
+    assert_left(&out);
     let log = stderr(&out);
     pf.wait_mailbox("alice", RATE as usize);
     check_rate_deferrals(&spool, &pf, &log, 3);
@@ -507,7 +507,7 @@ fn postfix_rate_limit_defers_the_excess_and_a_retry_delivers_it() {
     // No retry before the server's window passed; then an administrator's retry.
     wait_for_anvil_window(limited);
     assert_ok(&spool.relay365(&["queue", "retry"]));
-    let out = spool.relay365(&["flush"]);
+    let out = spool.relay365(&["flush", "-v"]);
     assert_ok(&out);
     assert!(queued(&spool).is_empty(), "{}", stderr(&out));
     pf.wait_mailbox("alice", n);
@@ -602,8 +602,8 @@ fn wrong_password_holds_the_account_and_bounces_nothing() {
         &["-i", "-f", "shop@contoso.com", "alice@example.org"],
         b"Subject: held\n\nx\n",
     ));
-    let out = spool.relay365(&["flush"]);
-    assert_ok(&out);
+    let out = spool.relay365(&["flush", "-v"]);
+    assert_left(&out);
     let log = stderr(&out);
     let q = queued(&spool);
     assert_eq!(q.len(), 1, "still queued: {log}");
@@ -640,7 +640,7 @@ fn wrong_password_holds_the_account_and_bounces_nothing() {
     let secrets = spool.dir.path().join("secrets.toml");
     std::fs::write(&secrets, format!("[app]\npassword = \"{PASSWORD}\"\n")).expect("secrets");
     assert_ok(&spool.relay365(&["account", "release", "app"]));
-    let out = spool.relay365(&["flush"]);
+    let out = spool.relay365(&["flush", "-v"]);
     assert_ok(&out);
     let got = pf.wait_mailbox("alice", 1);
     assert_eq!(got[0].get("Subject").as_deref(), Some("held"));
@@ -735,8 +735,8 @@ fn postfix_refusing_one_recipient_bounces_it_and_delivers_the_rest() {
         ],
         b"Subject: later\n\nbody\n",
     ));
-    let out = spool.relay365(&["flush"]);
-    assert_ok(&out);
+    let out = spool.relay365(&["flush", "-v"]);
+    assert_left(&out);
     let log = stderr(&out);
     // The others go in one transaction each.
     assert_eq!(pf.wait_mailbox("alice", 1)[0].body, b"body\n");
@@ -801,7 +801,7 @@ fn postfix_gets_smtputf8_and_dsn_parameters() {
         &["-i", "-N", "success,failure", "jürgen@example.org"],
         "Subject: Grüße\n\nü\n".as_bytes(),
     ));
-    let out = spool.relay365(&["flush"]);
+    let out = spool.relay365(&["flush", "-v"]);
     assert_ok(&out);
     let got = pf.wait_mailbox("other", 1);
     let m = &got[0];
@@ -849,8 +849,8 @@ fn a_postfix_certificate_from_an_unknown_ca_is_refused() {
         stdout(&check)
     );
     assert_ok(&spool.sendmail(&["-i", "alice@example.org"], b"Subject: x\n\nx\n"));
-    let out = spool.relay365(&["flush"]);
-    assert_ok(&out);
+    let out = spool.relay365(&["flush", "-v"]);
+    assert_left(&out);
     let q = queued(&spool);
     assert_eq!(
         q.len(),

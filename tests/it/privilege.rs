@@ -292,7 +292,8 @@ fn unprivileged_users_get_nothing_they_should_not() {
 
     // 4b. Read-only modes give the group up for good (real, effective and saved)
     //     before they read the config; the enqueue modes keep it saved for the
-    //     deposit. The config is made a FIFO, so each sendmail blocks inside its
+    //     deposit. (-bp holds it before that, for the installed spool's incoming/
+    //     only: step 4c.) The config is made a FIFO, so each sendmail blocks inside its
     //     open: the gids it holds at that instant are read from /proc.
     let conf = format!("{ETC}/relay365.toml");
     let conf_text = std::fs::read(&conf).unwrap();
@@ -386,6 +387,18 @@ fn unprivileged_users_get_nothing_they_should_not() {
             std::fs::remove_file(f.path()).unwrap();
         }
     }
+
+    // 4c. mailq as an ordinary user, with the installed layout: see the function.
+    mailq_shows_the_installed_spools_incoming_to_anyone(&inst, &sendmail, &relay365);
+    // With this test's own spool_dir, mailq cannot read incoming/ and says so.
+    let out = as_user("r365other", &sendmail, &["-bp"], b"", &[]);
+    assert_ok(&out);
+    assert!(
+        stderr(&out).contains("cannot be shown") && stderr(&out).contains("run mailq as root"),
+        "{}",
+        stderr(&out)
+    );
+    report(T, "mailq_other_spool", stderr(&out).trim());
 
     // 5. -X, -oA and the environment name files sendmail must never open.
     let canary_dir = inst.path("canary");
@@ -531,8 +544,8 @@ fn unprivileged_users_get_nothing_they_should_not() {
     .unwrap();
 
     // 7. The daemon's pickup, as the daemon's user.
-    let out = as_user("relay365", &relay365, &["flush"], b"", &[]);
-    assert_ok(&out);
+    let out = as_user("relay365", &relay365, &["flush", "-v"], b"", &[]);
+    assert_left(&out);
     let log = stderr(&out);
     let queue = Queue::new(&relay365::spool::paths::Spool::new(&spool));
     let ids: Vec<String> = queue.ids().unwrap().iter().map(|i| i.to_string()).collect();
@@ -684,4 +697,106 @@ fn a_log_tag_from_a_user_is_not_honoured_and_roots_is_one_line() {
     );
     assert_ok(&out);
     assert!(!stderr(&out).contains("-L"), "{}", stderr(&out));
+}
+
+/// Step 4c: with the layout the package installs (the config without spool_dir, the
+/// spool at /var/spool/relay365), another user's `mailq` lists a message waiting in
+/// incoming/ (addresses and state, never the body) and says the daemon is not running;
+/// a symlink and a FIFO planted there are neither followed nor waited on. Runs in a
+/// mount namespace: a tmpfs over /var/spool holds the bind-mounted test spool and the
+/// test config is bound over /etc/relay365/relay365.toml, so the host is untouched.
+fn mailq_shows_the_installed_spools_incoming_to_anyone(
+    inst: &Install,
+    sendmail: &Path,
+    relay365: &Path,
+) {
+    let spool = inst.path("installed-spool");
+    let init_conf = inst.path("installed-init.toml");
+    std::fs::write(
+        &init_conf,
+        format!(
+            "spool_dir = \"{}\"\ndomain = \"example.com\"\n",
+            spool.display()
+        ),
+    )
+    .unwrap();
+    assert_ok(
+        &Command::new(relay365)
+            .args(["-c", &init_conf.display().to_string(), "init"])
+            .output()
+            .unwrap(),
+    );
+    // The installed config names no spool_dir: the default one.
+    let conf = inst.path("installed.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "domain = \"example.com\"\naliases = \"{}\"\n",
+            inst.path("aliases").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&conf, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let msg = inst.path("installed-msg");
+    std::fs::write(&msg, "Subject: waits\n\nthe body nobody else may read\n").unwrap();
+    std::fs::set_permissions(&msg, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let new = spool.join("incoming/new");
+    let out_dir = inst.path("installed-out");
+    std::fs::create_dir(&out_dir).unwrap();
+    std::fs::set_permissions(&out_dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let as_user = |u: &str| format!("setpriv --reuid {u} --regid {u} --init-groups --");
+    let script = format!(
+        "set -e
+mount --make-rprivate /
+mount -t tmpfs -o mode=0755 tmpfs /var/spool
+mkdir /var/spool/relay365
+mount --bind {spool} /var/spool/relay365
+mount --bind {conf} /etc/relay365/relay365.toml
+{as_test} {sendmail} -i a@example.org < {msg}
+ln -s /etc/shadow /var/spool/relay365/incoming/new/000000000000000000000001
+mkfifo /var/spool/relay365/incoming/new/000000000000000000000002
+{as_other} {sendmail} -bp > {out}/stdout 2> {out}/stderr
+",
+        spool = spool.display(),
+        conf = conf.display(),
+        as_test = as_user("r365test"),
+        as_other = as_user("r365other"),
+        sendmail = sendmail.display(),
+        msg = msg.display(),
+        out = out_dir.display(),
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "namespace script: {}", stderr(&out));
+    let listing = std::fs::read_to_string(out_dir.join("stdout")).unwrap();
+    let warnings = std::fs::read_to_string(out_dir.join("stderr")).unwrap();
+    let ids: Vec<String> = std::fs::read_dir(&new)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with("00000000000000000000000"))
+        .collect();
+    assert_eq!(
+        ids.len(),
+        1,
+        "r365test's message reached the installed spool"
+    );
+    assert!(
+        listing.contains(&ids[0])
+            && listing.contains("a@example.org")
+            && listing.contains("(waiting for pickup by the relay365 daemon)")
+            && listing.contains("1 Request."),
+        "the waiting message is listed, and only it: {listing}"
+    );
+    assert!(!listing.contains("the body"), "never the body: {listing}");
+    let shadow = std::fs::read_to_string("/etc/shadow").unwrap_or_default();
+    let first = shadow.lines().next().unwrap_or("root:");
+    assert!(!listing.contains(first) && !warnings.contains(first));
+    assert!(
+        warnings.contains("the relay365 daemon is not running"),
+        "{warnings}"
+    );
+    report(T, "mailq_installed_spool", listing.trim());
 }

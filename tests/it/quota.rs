@@ -430,7 +430,12 @@ fn a_daemon_and_a_flush_together_stay_within_the_limit() {
     queue(&t.spool, n, "both", None);
     let d = Daemon::start(&t.spool);
     let out = t.flush();
-    assert_ok(&out);
+    // The flush may end while the daemon still holds quota-deferred mail: 75 then.
+    assert!(
+        matches!(out.status.code(), Some(0 | 75)),
+        "{}",
+        stderr(&out)
+    );
     assert!(
         eventually(Duration::from_secs(30), || t.queued().is_empty()),
         "{}",
@@ -463,7 +468,7 @@ fn quota_and_mailq_show_why_mail_waits() {
     assert_eq!(t.emu.message_count(), 2);
     queue(&t.spool, 1, "waits", None);
     let out = t.flush();
-    assert_ok(&out);
+    assert_left(&out);
     assert_eq!(t.emu.message_count(), 2, "{}", stderr(&out));
     let mailq = stdout(&t.spool.sendmail_as("mailq", &[], b""));
     assert!(

@@ -198,7 +198,7 @@ fn delivery_on_a_full_spool_loses_nothing_and_recovers() {
     t.emu
         .inject(Fault::reply(Stage::Greeting, "421 4.3.2 Service not active").times(1));
     send(4);
-    assert_ok(&t.flush()); // picked up, deferred
+    assert_left(&t.flush()); // picked up, deferred
     assert_eq!(t.queued().len(), 1);
     pad_ledger_to_page(&ledger);
     let filler = fs.fill_blocks();
@@ -231,7 +231,7 @@ fn delivery_on_a_full_spool_loses_nothing_and_recovers() {
     t.emu
         .inject(Fault::reply(Stage::Greeting, "421 4.3.2 Service not active").times(1));
     send(5);
-    assert_ok(&t.flush());
+    assert_left(&t.flush());
     assert_eq!(t.queued().len(), 1);
     let d = KillableDaemon::start_ready(&t.spool.config, &t.spool.dir.path().join("daemon.log"));
     let filler = fs.fill_inodes();
@@ -284,7 +284,7 @@ fn a_bounce_that_cannot_be_queued_keeps_the_message_until_it_can() {
     ));
     t.emu
         .inject(Fault::reply(Stage::Greeting, "421 4.3.2 Service not active").times(1));
-    assert_ok(&t.flush()); // picked up and deferred
+    assert_left(&t.flush()); // picked up and deferred
     assert_eq!(t.queued().len(), 1);
     t.emu.inject(
         Fault::new(
@@ -344,7 +344,7 @@ fn a_message_refused_at_pickup_for_every_recipient_is_bounced_not_kept_forever()
         &["-i", "-f", "shop@contoso.com", "nosuchuser-xyz@localhost"],
         b"Subject: s\n\nx\n",
     ));
-    let out = s.relay365(&["flush"]);
+    let out = s.relay365(&["flush", "-v"]);
     assert_ok(&out);
     let files: Vec<_> = std::fs::read_dir(maildir.join("new"))
         .map(|d| d.flatten().collect())

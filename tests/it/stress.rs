@@ -157,10 +157,15 @@ impl KillableDaemon {
             .append(true)
             .open(log)
             .expect("daemon log");
+        // The file stands for the journal (JOURNAL_STREAM names it, as systemd names
+        // a service's stderr): the daemon writes its lines there and not to syslog,
+        // whether or not this machine has /dev/log.
+        let st = nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&file)).expect("fstat");
         let child = Command::new(RELAY365)
             .arg("--config")
             .arg(config)
             .arg("daemon")
+            .env("JOURNAL_STREAM", format!("{}:{}", st.st_dev, st.st_ino))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(file)

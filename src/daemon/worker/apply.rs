@@ -16,6 +16,7 @@ use crate::spool::queue::{Locked, QueueEntry, RcptStatus};
 use crate::transport::classify::{
     self, Action, HOLD_PROBE_INTERVAL, HoldUntil, Quota, Verdict, pause_for,
 };
+use crate::transport::reply::log_dsn;
 use crate::transport::{RcptResult, TxnEnd, TxnResult};
 
 impl AccountWorker {
@@ -32,11 +33,14 @@ impl AccountWorker {
             .map(|o| format!(", orig_to=<{o}>"))
             .unwrap_or_default();
         let line = format!(
-            "{}: to=<{}>{orig}, relay={relay}, delay={:.2}, status=sent ({reply})",
+            "{}: to=<{}>{orig}, relay={relay}, delay={:.2}, dsn={}, status=sent ({reply})",
             locked.entry.id,
             r.address,
-            delay.as_secs_f64()
+            delay.as_secs_f64(),
+            log_dsn(reply, 2)
         );
+        crate::daemon::metrics::count_recipient(&self.account.name, "sent");
+        crate::daemon::metrics::observe_delivery(delay.as_secs_f64());
         self.log(crate::logging::Level::Info, &line);
     }
 
@@ -144,17 +148,28 @@ impl AccountWorker {
     }
 
     pub(super) fn fail(&mut self, locked: &mut Locked, i: usize, text: &str, relay: &str) {
+        let delay = SystemTime::now()
+            .duration_since(locked.entry.arrival())
+            .unwrap_or_default();
         let r = &mut locked.entry.recipients[i];
         r.status = RcptStatus::Failed;
         r.reply = Some(text.to_string());
+        // delay= is what pflogsumm needs to count the line (Postfix always writes it).
         let line = format!(
-            "{}: to=<{}>, relay={relay}, status=bounced ({text})",
-            locked.entry.id, r.address
+            "{}: to=<{}>, relay={relay}, delay={:.2}, dsn={}, status=bounced ({text})",
+            locked.entry.id,
+            r.address,
+            delay.as_secs_f64(),
+            log_dsn(text, 5)
         );
-        self.log(crate::logging::Level::Warning, &line);
+        crate::daemon::metrics::count_recipient(&self.account.name, "bounced");
+        // Info, as Postfix logs it: a "warning: " prefix would hide the queue id from
+        // log tools (pflogsumm counted the line as a warning, not a bounce).
+        self.log(crate::logging::Level::Info, &line);
     }
 
     pub(super) fn log_deferred(&self, locked: &Locked, i: usize, relay: &str, text: &str) {
+        crate::daemon::metrics::count_recipient(&self.account.name, "deferred");
         let r = &locked.entry.recipients[i];
         let delay = SystemTime::now()
             .duration_since(locked.entry.arrival())
@@ -162,15 +177,17 @@ impl AccountWorker {
         self.log(
             crate::logging::Level::Info,
             &format!(
-                "{}: to=<{}>, relay={relay}, delay={:.2}, status=deferred ({text})",
+                "{}: to=<{}>, relay={relay}, delay={:.2}, dsn={}, status=deferred ({text})",
                 locked.entry.id,
                 r.address,
-                delay.as_secs_f64()
+                delay.as_secs_f64(),
+                log_dsn(text, 4)
             ),
         );
     }
 
     pub(super) fn hold_account(&mut self, until: SystemTime, reason: &str) {
+        crate::daemon::metrics::count_hold(&self.account.name);
         if let Err(path) = write_hold(&self.spool, &self.account.name, until, reason) {
             self.log(
                 crate::logging::Level::Error,
@@ -247,6 +264,7 @@ impl AccountWorker {
                     Quota::Tenant => now + q.fallback_retry(),
                 };
                 let _ = self.ledger.freeze(until, &v.reason);
+                crate::daemon::metrics::count_freeze(&name);
                 note(&mut locked.entry, &v.reason);
                 locked.entry.set_next_attempt(until);
                 locked.entry.reason = Some(format!(
@@ -289,6 +307,7 @@ impl AccountWorker {
                 self.pauses += 1;
                 let until = now + pause_for(self.pauses);
                 let _ = self.ledger.freeze(until, &v.reason);
+                crate::daemon::metrics::count_freeze(&name);
                 note(&mut locked.entry, &v.reason);
                 locked.entry.set_next_attempt(until);
                 self.log(

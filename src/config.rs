@@ -632,14 +632,7 @@ fn parse_date(s: &str) -> Option<std::time::SystemTime> {
     if !(1970..=9999).contains(&y) || !(1..=12).contains(&m) || !(1..=31).contains(&d) {
         return None;
     }
-    // Days from civil (Howard Hinnant's algorithm).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
+    let days = crate::message::date::days_from_civil(y, m as u32, d as u32);
     let secs = u64::try_from(days).ok()?.checked_mul(86_400)?;
     Some(std::time::UNIX_EPOCH + Duration::from_secs(secs))
 }

@@ -249,14 +249,7 @@ pub fn file_line(at: SystemTime, host: &str, tag: &str, pid: u32, text: &str) ->
     let secs = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
-    // Civil date from days since 1970 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let (_, month, day) = crate::message::date::civil_from_days(days);
     format!(
         "{} {day:2} {:02}:{:02}:{:02} {host} {tag}[{pid}]: {text}\n",
         MONTHS[(month - 1) as usize],

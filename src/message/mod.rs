@@ -3,6 +3,7 @@
 //! text scrubber. Pure logic; no I/O.
 pub mod address;
 pub mod complete;
+pub mod date;
 pub mod header;
 pub mod qualify;
 pub mod rewrite;

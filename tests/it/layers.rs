@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[(&str, u8)] = &[
     ("message", 0),
     ("sysexits", 0),
-    ("logging", 0),
+    ("logging", 1),
     ("spool", 1),
     ("config", 2),
     ("secrets", 3),

@@ -6,6 +6,7 @@
 
 pub mod limits;
 pub mod oauth;
+pub mod store;
 
 use std::fmt;
 use std::fs;
@@ -19,6 +20,7 @@ use self::limits::{Limits, Rate};
 use crate::message::rewrite::FromPolicy;
 use crate::spool::paths;
 use oauth::OAuthSettings;
+use store::StoreSettings;
 
 impl crate::sysexits::ExitStatus for ConfigError {
     fn exit(&self) -> crate::sysexits::Exit {
@@ -252,6 +254,11 @@ struct RawConfig {
     #[serde(default)]
     local_domains: Vec<String>,
     max_queue_lifetime: Option<Span>,
+    quota_store: Option<String>,
+    fleet_size: Option<u32>,
+    fleet_host: Option<String>,
+    quota_store_ca_file: Option<PathBuf>,
+    quota_store_timeout: Option<Span>,
     #[serde(default, rename = "account")]
     accounts: Vec<RawAccount>,
 }
@@ -273,6 +280,8 @@ pub struct Config {
     pub local_domains: Vec<String>,
     /// Undeliverable mail older than this bounces.
     pub max_queue_lifetime: Duration,
+    /// The shared quota ledger of a fleet (`quota_store`); `None`: a local ledger file.
+    pub quota_store: Option<StoreSettings>,
     pub accounts: Vec<Account>,
 }
 
@@ -367,6 +376,15 @@ impl Config {
         for raw_account in raw.accounts {
             let account =
                 Account::validate(raw_account).map_err(|(key, message)| invalid(key, message))?;
+            if account.name == store::STORE_SECRETS_TABLE {
+                return Err(invalid(
+                    "account.name",
+                    format!(
+                        "{:?} names the secrets file's table of the quota store; choose another name",
+                        account.name
+                    ),
+                ));
+            }
             if accounts.iter().any(|a| a.name == account.name) {
                 return Err(invalid(
                     "account.name",
@@ -374,6 +392,43 @@ impl Config {
                 ));
             }
             accounts.push(account);
+        }
+        let fleet_keys = raw.fleet_size.is_some()
+            || raw.fleet_host.is_some()
+            || raw.quota_store_ca_file.is_some()
+            || raw.quota_store_timeout.is_some();
+        let quota_store = match raw.quota_store {
+            Some(url) => Some(
+                store::parse(
+                    &url,
+                    raw.fleet_size,
+                    raw.fleet_host,
+                    raw.quota_store_ca_file,
+                    raw.quota_store_timeout.map(|s| s.0),
+                )
+                .map_err(|(key, message)| invalid(key, message))?,
+            ),
+            None if fleet_keys => {
+                return Err(invalid(
+                    "quota_store",
+                    "fleet_size, fleet_host and quota_store_* need quota_store = \"redis://host:6379/0\"".into(),
+                ));
+            }
+            None => None,
+        };
+        if let Some(s) = &quota_store {
+            for a in &accounts {
+                let m = a.limits.message_rate;
+                if m.is_limited() && m.count < s.fleet_size {
+                    return Err(invalid(
+                        "fleet_size",
+                        format!(
+                            "fleet_size = {} is more than account {}'s message_rate = {m}: while the store is down each host may send 1/{} of it, less than one message",
+                            s.fleet_size, a.name, s.fleet_size
+                        ),
+                    ));
+                }
+            }
         }
         Ok(Config {
             path: path.to_path_buf(),
@@ -391,6 +446,7 @@ impl Config {
             max_queue_lifetime: raw
                 .max_queue_lifetime
                 .map_or(DEFAULT_QUEUE_LIFETIME, |s| s.0),
+            quota_store,
             accounts,
         })
     }

@@ -201,7 +201,7 @@ impl AccountWorker {
                         .unwrap_or(now + q.fallback_retry()),
                     Quota::Tenant => now + q.fallback_retry(),
                 };
-                let _ = self.ledger.freeze(until, &v.reason);
+                let _ = self.ledger.freeze(until, &v.reason, &self.account.limits);
                 note(&mut locked.entry, &v.reason);
                 locked.entry.set_next_attempt(until);
                 locked.entry.reason = Some(format!(
@@ -226,7 +226,7 @@ impl AccountWorker {
             Action::PauseAccount => {
                 self.pauses += 1;
                 let until = now + pause_for(self.pauses);
-                let _ = self.ledger.freeze(until, &v.reason);
+                let _ = self.ledger.freeze(until, &v.reason, &self.account.limits);
                 note(&mut locked.entry, &v.reason);
                 locked.entry.set_next_attempt(until);
                 self.log(

@@ -15,7 +15,9 @@ use crate::config::Config;
 use crate::daemon::engine::{self, Engine};
 use crate::daemon::hold::{hold_path, read_hold};
 use crate::logging::Log;
-use crate::quota::{Ledger, format_moment};
+use crate::quota::{Ledger, Store, format_moment};
+
+mod fleet;
 use crate::spool::paths::{self, Spool};
 use crate::spool::queue::Queue;
 use crate::spool::trigger::{self, WakeError};
@@ -275,29 +277,56 @@ fn quota(config: &Config, spool: &Spool, thaw: Option<String>, reset: Option<Str
                 }
             }
         }
-        let mut ledger = match Ledger::open(&path) {
-            Ok(l) => l,
-            Err(e) => {
-                say(format_args!("account {}: {e}", a.name));
-                return Exit::IoErr;
+        let _ = writeln!(out, "account {} <{}>", a.name, a.mailbox);
+        let usage = if let Some(settings) = &config.quota_store {
+            let password = match fleet::store_password(config) {
+                Ok(p) => p,
+                Err(e) => {
+                    say(e);
+                    return Exit::Config;
+                }
+            };
+            let opened = Store::open(&path, Some(settings), password, &a.mailbox, None);
+            let mut store = match opened {
+                Ok(Store::Fleet(f)) => f,
+                Ok(Store::Local(_)) => return Exit::Software,
+                Err(e) => {
+                    say(format_args!("account {}: {e}", a.name));
+                    return Exit::IoErr;
+                }
+            };
+            let thaw_it = thaw.as_deref() == Some(&a.name);
+            match fleet::show(&mut out, &mut store, settings, a, thaw_it) {
+                Ok(u) => u,
+                Err(e) => {
+                    say(format_args!("account {}: {e}", a.name));
+                    return Exit::IoErr;
+                }
             }
-        };
-        if thaw.as_deref() == Some(&a.name) {
-            if let Err(e) = ledger.thaw() {
-                say(e);
-                return Exit::IoErr;
+        } else {
+            let mut ledger = match Ledger::open(&path) {
+                Ok(l) => l,
+                Err(e) => {
+                    say(format_args!("account {}: {e}", a.name));
+                    return Exit::IoErr;
+                }
+            };
+            if thaw.as_deref() == Some(&a.name) {
+                if let Err(e) = ledger.thaw() {
+                    say(e);
+                    return Exit::IoErr;
+                }
+                let _ = writeln!(out, "account {}: freeze ended", a.name);
             }
-            let _ = writeln!(out, "account {}: freeze ended", a.name);
-        }
-        let usage = match ledger.usage(now, &a.limits) {
-            Ok(u) => u,
-            Err(e) => {
-                say(format_args!("account {}: {e}", a.name));
-                return Exit::IoErr;
+            match ledger.usage(now, &a.limits) {
+                Ok(u) => u,
+                Err(e) => {
+                    say(format_args!("account {}: {e}", a.name));
+                    return Exit::IoErr;
+                }
             }
         };
         let left = |n: Option<u64>| n.map_or("unlimited".to_string(), |n| n.to_string());
-        let _ = writeln!(out, "account {} <{}>", a.name, a.mailbox);
         let _ = writeln!(
             out,
             "  messages:   {}/{} in {} window, {} left{}",

@@ -152,7 +152,7 @@ end
 if mode == 'reserve' then
   prune()
   local mine = redis.call('ZSCORE', Q, id)
-  mine = mine and tonumber(mine)
+  if mine then mine = tonumber(mine) else mine = nil end
   local an, ar = ahead(mine)
   local at = math.max(now, freeze_until())
   if mcount > 0 then at = math.max(at, msg_free_at(an)) end

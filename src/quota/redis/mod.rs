@@ -85,6 +85,7 @@ pub struct StoreProbe {
     pub script_was_loaded: bool,
     pub offset_ms: i64,
     pub round_trip: Duration,
+    pub script_hash: String,
 }
 
 /// What every worker of this process shares about one mailbox's store.
@@ -629,18 +630,6 @@ impl Fleet {
             .map_err(|e| QuotaError::Store(e.to_string()))
     }
 
-    /// For `relay365 check`: reachable, authenticated, script loaded, clock offset.
-    pub fn probe(&mut self, limits: &Limits) -> Result<StoreProbe, StoreError> {
-        let start = std::time::Instant::now();
-        let loaded = self.remote.script_loaded()?;
-        let a = self.remote.call("state", limits, &Args::default())?;
-        Ok(StoreProbe {
-            script_was_loaded: loaded,
-            offset_ms: (a.offset_late() + a.offset_early()) / 2,
-            round_trip: start.elapsed(),
-        })
-    }
-
     /// The script's SHA1, for messages.
     pub fn script_hash(&self) -> &str {
         self.remote.script_hash()
@@ -650,4 +639,26 @@ impl Fleet {
     pub fn connected(&self) -> bool {
         self.remote.connected()
     }
+}
+
+/// For `relay365 check`: whether the store is reachable and takes the password, whether
+/// the script was already loaded (this call loads it), and the clock offset. Touches no
+/// file (check may run as root, and a ledger it created would be root's).
+pub fn probe(
+    settings: &StoreSettings,
+    password: Option<Secret>,
+    mailbox: &str,
+    limits: &Limits,
+) -> Result<StoreProbe, StoreError> {
+    let id = format!("{}:check:{}", settings.host, std::process::id());
+    let mut remote = Remote::new(settings, password, mailbox, id);
+    let start = std::time::Instant::now();
+    let loaded = remote.script_loaded()?;
+    let a = remote.call("state", limits, &Args::default())?;
+    Ok(StoreProbe {
+        script_was_loaded: loaded,
+        offset_ms: (a.offset_late() + a.offset_early()) / 2,
+        round_trip: start.elapsed(),
+        script_hash: remote.script_hash().to_owned(),
+    })
 }

@@ -36,6 +36,13 @@
 //! persistence) the seed is pushed too. Mail is only ever deferred by all this.
 //! A process that dies while in fallback pushes the fallback ledger's recent entries
 //! (seed included) at its next start: over-counting, as always after a crash.
+//!
+//! Known limit: a host that has not reached the store since it started has no last
+//! answer to seed from. It counts the message window full (it waits one window), but
+//! not the recipient window, which would stop it for a day: for the daily recipients
+//! such a host relies on the 1/N split alone, so if the fleet had used more than
+//! (N-1)/N of them in the hours before, the day's windows can go over by up to its
+//! share. A host that was connected when the store went away has the seed.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -254,8 +261,9 @@ impl Fleet {
         floor_ms(t).saturating_add_signed(self.offset_early)
     }
 
-    /// Takes in an answer: offsets, freeze, windows, running count.
-    fn learn(&mut self, a: &Answer) {
+    /// Takes in an answer: offsets, freeze, running count, and the windows unless they
+    /// were counted for other limits (`state` is asked with the defaults).
+    fn learn(&mut self, a: &Answer, windows: bool) {
         self.offset_late = a.offset_late();
         self.offset_early = a.offset_early();
         self.freeze = (a.freeze_until_ms > 0).then(|| Freeze {
@@ -263,7 +271,9 @@ impl Fleet {
             reason: a.freeze_reason.clone(),
         });
         let mut host = self.host.lock().unwrap_or_else(|p| p.into_inner());
-        host.last_windows = Some((a.messages, a.recipients));
+        if windows {
+            host.last_windows = Some((a.messages, a.recipients));
+        }
         host.max_total = host.max_total.max(a.total);
     }
 
@@ -288,7 +298,7 @@ impl Fleet {
         }
         match self.remote.call(mode, limits, args) {
             Ok(a) => {
-                self.learn(&a);
+                self.learn(&a, mode != "state");
                 Some(a)
             }
             Err(e) => {
@@ -308,10 +318,13 @@ impl Fleet {
             return;
         }
         host.outage = Some((now, e.to_string()));
-        // Unknown windows (never answered): count them full, the safe guess.
+        // Never answered since this process started: the message window is counted
+        // full (one window's wait); the fleet's daily recipients can't be known, and
+        // counting them full would stop the host for a day, so the recipient window
+        // relies on the 1/N split alone (see "When the store is unreachable").
         let (m, r) = host
             .last_windows
-            .unwrap_or((u64::from(limits.message_rate.count), limits.capacity()));
+            .unwrap_or((u64::from(limits.message_rate.count), 0));
         let mut seeds = Vec::new();
         let msgs = m.max(u64::from(r > 0));
         for i in 0..msgs {
@@ -480,7 +493,7 @@ impl Fleet {
             detail: e.to_string(),
         })?;
         let a = self.remote.call("usage", limits, &Args::default())?;
-        self.learn(&a);
+        self.learn(&a, true);
         let num = |i: usize| {
             a.rest
                 .get(i)
@@ -606,15 +619,23 @@ impl Fleet {
         self.local.frozen(now)
     }
 
-    /// [`Ledger::check_freeze`] from the last answer: a freeze that was in force and is
-    /// now over is reported ended once.
+    /// [`Ledger::check_freeze`]: free costs nothing (a freeze set elsewhere comes with
+    /// the next reservation's answer); a known freeze is confirmed with the store (one
+    /// round trip, only while frozen), so another host's thaw is seen. A freeze that
+    /// was in force and is now over is reported ended once.
     pub fn check_freeze(&mut self, now: SystemTime) -> Result<FreezeCheck, QuotaError> {
         if let Some(f) = self.freeze.clone() {
             if f.until > now {
-                return Ok(FreezeCheck::Frozen(f));
+                let limits = Limits::default();
+                if self.remote("state", &limits, &Args::default()).is_none() {
+                    return Ok(FreezeCheck::Frozen(f));
+                }
+                if let Some(g) = self.freeze.clone() {
+                    return Ok(FreezeCheck::Frozen(g));
+                }
             }
             self.freeze = None;
-            let _ = self.local.check_freeze(now);
+            let _ = self.local.thaw();
             return Ok(FreezeCheck::Ended(f));
         }
         self.local.check_freeze(now)

@@ -198,6 +198,7 @@ fn redis_killed_and_restarted_midway_loses_nothing_and_never_goes_over() {
         logs(&refs)
     );
     redis.kill();
+    let at_kill = emu.message_count();
     assert!(
         daemons
             .iter()
@@ -229,6 +230,19 @@ fn redis_killed_and_restarted_midway_loses_nothing_and_never_goes_over() {
             .iter()
             .any(|d| d.log_text().contains("answers again")),
         "reconciled\n{}",
+        logs(&refs)
+    );
+    // The restarted server lost its data; every send since the kill is in its ledger
+    // again: the fallback sends were pushed, the later ones reserved there.
+    let entries: usize = redis
+        .cli(&["ZCARD", "relay365:{app@contoso.com}:t"])
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    assert!(
+        entries >= 120 - at_kill,
+        "{entries} entries in the store, {} sends since the kill\n{}",
+        120 - at_kill,
         logs(&refs)
     );
 }

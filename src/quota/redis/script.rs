@@ -168,9 +168,11 @@ impl Remote {
             StoreError::Auth { url, detail }
         } else if lower.contains("certificate") || lower.contains("tls") {
             StoreError::Tls { url, detail }
-        } else if e.is_io_error() || e.is_timeout() || e.is_connection_refusal() {
-            StoreError::Unreachable { url, detail }
-        } else if e.kind() == redis::ErrorKind::Io {
+        } else if e.is_io_error()
+            || e.is_timeout()
+            || e.is_connection_refusal()
+            || e.kind() == redis::ErrorKind::Io
+        {
             StoreError::Unreachable { url, detail }
         } else {
             StoreError::Answer { url, detail }

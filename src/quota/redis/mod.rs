@@ -683,3 +683,227 @@ pub fn probe(
         script_hash: remote.script_hash().to_owned(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    //! The script against the pure window functions on the same entries and instants
+    //! (a private `redis-server` on loopback; skipped if it is not installed, except
+    //! under CI), the line of waiters, and the local share.
+    use std::collections::VecDeque;
+    use std::process::{Child, Command, Stdio};
+
+    use super::script::{Args, Remote};
+    use super::*;
+    use crate::config::limits::tests::rate;
+    use crate::config::store;
+    use crate::quota::window::{self, Entry};
+
+    struct TestRedis {
+        child: Child,
+        port: u16,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Drop for TestRedis {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn redis() -> Option<TestRedis> {
+        if Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            assert!(std::env::var_os("CI").is_none(), "redis-server is missing");
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let dir = tempfile::tempdir().unwrap();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        Some(TestRedis {
+            child,
+            port,
+            _dir: dir,
+        })
+    }
+
+    fn remote(r: &TestRedis, id: &str) -> Remote {
+        let url = format!("redis://127.0.0.1:{}/0", r.port);
+        let s = store::parse(&url, Some(2), Some("h".into()), None, None).unwrap();
+        Remote::new(&s, None, "app@contoso.com", id.into())
+    }
+
+    fn limits(message: &str, recipient: &str) -> Limits {
+        Limits {
+            message_rate: rate(message),
+            recipient_rate: rate(recipient),
+            ..Limits::default()
+        }
+    }
+
+    /// The store's entries as the ledger holds them in memory.
+    fn entries(r: &TestRedis) -> VecDeque<Entry> {
+        let client = ::redis::Client::open(format!("redis://127.0.0.1:{}/0", r.port)).unwrap();
+        let mut con = client.get_connection().unwrap();
+        let members: Vec<String> = ::redis::cmd("ZRANGE")
+            .arg("relay365:{app@contoso.com}:t")
+            .arg(0)
+            .arg(-1)
+            .query(&mut con)
+            .unwrap();
+        members
+            .iter()
+            .map(|m| {
+                let f: Vec<&str> = m.split(':').collect();
+                Entry {
+                    cum: f[0].parse().unwrap(),
+                    ms: f[1].parse().unwrap(),
+                    rcpts: f[2].parse().unwrap(),
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_script_decides_as_window_rs_does() {
+        let Some(r) = redis() else { return };
+        let mut one = remote(&r, "h:1:0");
+        let l = limits("3/1s", "8/2s");
+        let sizes = [1, 3, 2, 4, 1, 1, 5, 2, 1, 3, 2, 2, 1, 4];
+        let (mut go, mut waits) = (0, 0);
+        for (i, &wanted) in sizes.iter().cycle().take(40).enumerate() {
+            let before = entries(&r);
+            let args = Args {
+                wanted,
+                ..Args::default()
+            };
+            let a = one.call("reserve", &l, &args).unwrap();
+            let now = a.now_ms;
+            let room = window::room_now(&before, now, &l, None);
+            if room >= 1 {
+                assert!(a.go, "call {i}: room {room} at {now} but told to wait");
+                assert_eq!(a.value, u64::from(room.min(wanted)), "call {i}");
+                assert_eq!(entries(&r).back().map(|e| e.ms), Some(now), "stamped now");
+                go += 1;
+            } else {
+                assert!(!a.go, "call {i}: no room at {now} but granted");
+                let at = window::earliest(&before, now, 1, &l, None);
+                assert_eq!(a.value, at, "call {i}: the moment room frees");
+                waits += 1;
+                std::thread::sleep(Duration::from_millis(a.value - now));
+            }
+            // The windows after the call, as the answer tells them.
+            let after = entries(&r);
+            let m = window::in_window(&after, now, &l.message_rate) as u64;
+            let first = window::first_in_window(&after, now, &l.recipient_rate);
+            assert_eq!(
+                (a.messages, a.recipients),
+                (m, window::sum_from(&after, first))
+            );
+        }
+        assert!(go > 10 && waits > 5, "{go} {waits}");
+    }
+
+    #[test]
+    fn the_reserver_that_waited_first_gets_the_room_first() {
+        let Some(r) = redis() else { return };
+        let (mut a, mut b) = (remote(&r, "h:1:0"), remote(&r, "h:1:1"));
+        let l = limits("1/1s", "off");
+        let args = Args {
+            wanted: 1,
+            ..Args::default()
+        };
+        assert!(a.call("reserve", &l, &args).unwrap().go);
+        let wait_b = b.call("reserve", &l, &args).unwrap();
+        assert!(!wait_b.go);
+        // A comes back before B for the same room: B is ahead in line, so A is told
+        // the moment after B's turn, not the same moment.
+        let wait_a = a.call("reserve", &l, &args).unwrap();
+        assert!(!wait_a.go && wait_a.value > wait_b.value);
+        std::thread::sleep(Duration::from_millis(wait_b.value - wait_b.now_ms));
+        let early_a = a.call("reserve", &l, &args).unwrap();
+        assert!(!early_a.go, "A may not take B's room");
+        assert!(b.call("reserve", &l, &args).unwrap().go, "B's turn");
+        // A waiter that never comes back leaves the line after its grace.
+        let mut c = remote(&r, "h:1:2");
+        let c_wait = c.call("reserve", &l, &args).unwrap();
+        assert!(!c_wait.go);
+        std::thread::sleep(Duration::from_millis(c_wait.value - c_wait.now_ms + 2100));
+        assert!(a.call("reserve", &l, &args).unwrap().go);
+    }
+
+    #[test]
+    fn a_quota_reply_and_a_freeze_are_the_fleets() {
+        let Some(r) = redis() else { return };
+        let (mut a, mut b) = (remote(&r, "h:1:0"), remote(&r, "h:2:0"));
+        let l = limits("off", "100/1h");
+        let add = |n: u32| Args {
+            extra: Some((n.to_string(), String::new())),
+            ..Args::default()
+        };
+        let first = a.call("add", &l, &add(40)).unwrap();
+        b.call("add", &l, &add(60)).unwrap();
+        // The ledger holds the full count: room comes back when the first 40 leave.
+        let until = b.call("until", &l, &Args::default()).unwrap();
+        assert_eq!(until.value, first.value + l.recipient_rate.hold_ms());
+        let end = until.now_ms + 60_000;
+        let freeze = Args {
+            extra: Some((end.to_string(), "554 5.2.0 quota".into())),
+            ..Args::default()
+        };
+        a.call("freeze", &l, &freeze).unwrap();
+        let seen = b.call("state", &l, &Args::default()).unwrap();
+        assert_eq!(
+            (seen.freeze_until_ms, seen.freeze_reason.as_str()),
+            (end, "554 5.2.0 quota")
+        );
+        let one = Args {
+            wanted: 1,
+            ..Args::default()
+        };
+        let w = b.call("reserve", &l, &one).unwrap();
+        assert!(!w.go && w.value >= end);
+        b.call("thaw", &l, &Args::default()).unwrap();
+        assert_eq!(
+            a.call("state", &l, &Args::default())
+                .unwrap()
+                .freeze_until_ms,
+            0
+        );
+    }
+
+    #[test]
+    fn a_hosts_share_is_a_fleet_size_th_of_each_limit() {
+        let l = Limits {
+            reserve: 100,
+            ..limits("30/1m", "10000/24h")
+        };
+        let s = share(&l, 3);
+        assert_eq!(s.message_rate, rate("10/1m"));
+        assert_eq!(s.recipient_rate, rate("3333/24h"));
+        assert_eq!(s.reserve, 34);
+        assert!(s.validate().is_ok());
+        assert_eq!(share(&l, 1), l);
+        let off = share(&limits("off", "off"), 4);
+        assert!(!off.message_rate.is_limited() && !off.recipient_rate.is_limited());
+        assert_eq!(share(&limits("2/1m", "3/1h"), 5).message_rate, rate("1/1m"));
+    }
+}

@@ -431,3 +431,47 @@ fn kill_9_of_a_host_between_reservation_and_send_over_counts_and_loses_nothing()
     let first = by_tag(&emu);
     assert_eq!(first.get("killed").map(Vec::len), Some(1));
 }
+
+#[test]
+fn a_store_found_through_sentinel_is_shared() {
+    let Some(redis) = Redis::start(Some("sentinel-pass-1"), false) else {
+        return;
+    };
+    let sentinel = Sentinel::start(&redis);
+    let emu = emulator();
+    let spools: Vec<Spool> = ["s1", "s2"]
+        .iter()
+        .map(|h| {
+            spool_for(
+                &emu,
+                &sentinel.store_toml(h, 2),
+                &format!(
+                    "message_rate = \"{COUNT}/{}s\"\nconnections = 1\n",
+                    WINDOW.as_secs()
+                ),
+                &redis.secrets_toml(),
+            )
+        })
+        .collect();
+    let out = spools[0].relay365(&["check"]);
+    assert!(
+        stdout(&out).contains("ok:   quota store redis+sentinel://"),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    for (s, tag) in spools.iter().zip(["a", "b"]) {
+        queue(s, 20, tag);
+    }
+    let daemons: Vec<Daemon> = spools.iter().map(Daemon::start).collect();
+    let refs: Vec<&Daemon> = daemons.iter().collect();
+    assert!(
+        emu.wait_for_messages(40, Duration::from_secs(60)),
+        "{}",
+        logs(&refs)
+    );
+    assert_never_over(&emu, &logs(&refs));
+    assert!(!logs(&refs).contains("keeps to 1/2"), "{}", logs(&refs));
+    let text = stdout(&spools[0].relay365(&["quota"]));
+    assert!(text.contains("s1") && text.contains("s2"), "{text}");
+}

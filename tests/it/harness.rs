@@ -572,3 +572,63 @@ impl Drop for Redis {
         self.kill();
     }
 }
+
+/// A Redis Sentinel (`redis-server --sentinel`) watching a [`Redis`] as `mymaster`.
+pub struct Sentinel {
+    child: std::process::Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Sentinel {
+    pub fn start(master: &Redis) -> Sentinel {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let conf = dir.path().join("sentinel.conf");
+        let mut text = format!(
+            "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {}\nlogfile {}\nsentinel monitor mymaster 127.0.0.1 {} 1\n",
+            dir.path().display(),
+            dir.path().join("sentinel.log").display(),
+            master.port
+        );
+        if let Some(p) = &master.password {
+            text.push_str(&format!("sentinel auth-pass mymaster \"{p}\"\n"));
+        }
+        std::fs::write(&conf, text).expect("sentinel.conf");
+        let child = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server --sentinel");
+        let up = eventually(std::time::Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        assert!(up, "sentinel did not start");
+        Sentinel {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    /// The `quota_store` lines for a host of a fleet found through this sentinel.
+    pub fn store_toml(&self, host: &str, fleet_size: u32) -> String {
+        format!(
+            "quota_store = \"redis+sentinel://127.0.0.1:{}/mymaster/0\"\nfleet_size = {fleet_size}\nfleet_host = \"{host}\"\n",
+            self.port
+        )
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -168,6 +168,33 @@ pub struct Fleet {
     /// The last answer's offset (server minus us, ms), rounded to wake late.
     offset_late: i64,
     offset_early: i64,
+    /// Round trips of this reserver's reservations, in µs (the last [`MAX_SAMPLES`]),
+    /// logged when it is dropped (the daemon stopping).
+    round_trips: Vec<u32>,
+}
+
+/// How many reservation round trips a reserver keeps for its closing log line.
+const MAX_SAMPLES: usize = 100_000;
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        let mut t = std::mem::take(&mut self.round_trips);
+        if t.is_empty() {
+            return;
+        }
+        t.sort_unstable();
+        let at = |q: usize| f64::from(t[(t.len() - 1) * q / 100]) / 1000.0;
+        self.note(
+            Level::Info,
+            &format!(
+                "quota store {}: {} reservations by this worker, round trip p50 {:.2} ms, p99 {:.2} ms",
+                self.remote.url(),
+                t.len(),
+                at(50),
+                at(99)
+            ),
+        );
+    }
 }
 
 /// The fallback ledger's path for the account ledger `path`.
@@ -203,6 +230,7 @@ impl Fleet {
             wait_until: None,
             offset_late: 0,
             offset_early: 0,
+            round_trips: Vec::new(),
         };
         fleet.recover_pending()?;
         Ok(fleet)
@@ -443,6 +471,11 @@ impl Fleet {
             extra: None,
         };
         if let Some(a) = self.remote("reserve", limits, &args) {
+            if self.round_trips.len() < MAX_SAMPLES {
+                let took = a.got_at.duration_since(a.sent_at).unwrap_or_default();
+                self.round_trips
+                    .push(u32::try_from(took.as_micros()).unwrap_or(u32::MAX));
+            }
             if a.go {
                 self.wait_until = None;
                 return Ok(Grant::Go(u32::try_from(a.value).unwrap_or(1)));

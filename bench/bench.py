@@ -50,7 +50,7 @@ DEFAULTS = {
     "BENCH_SCALE_N": 100000, "BENCH_PICKUP_N": 20, "BENCH_IDLE_S": 10,
     "BENCH_ROUNDS": 2, "BENCH_LATENCY_ROUNDS": 1, "BENCH_CONNECTIONS": 3,
 }
-CASES = ["enqueue", "parallel", "drain", "latency", "scale", "pacing"]
+CASES = ["enqueue", "parallel", "drain", "latency", "scale", "pacing", "fleet"]
 SENDER = "bench@example.com"
 RCPT = "to@example.org"
 DOMAIN = "bench.example.com"
@@ -1338,6 +1338,17 @@ class Bench:
             section += f"\n\n**bench/pacing failed** (exit {run.returncode}): {run.stderr[-500:]}"
         self.report.set("pacing", section)
 
+    # -- case 7 ----------------------------------------------------------------------
+    def case_fleet(self):
+        # Issue 16's benchmark: 1, 3 and 6 daemons sharing one mailbox's ledger in Redis.
+        say("case 7: fleet (bench/fleet)")
+        run = subprocess.run([str(REPO / "bench" / "fleet"), "--no-record"],
+                             capture_output=True, text=True, check=False)
+        section = run.stdout.strip().replace("## Fleet: ", "### 7. Fleet: ", 1)
+        if run.returncode != 0:
+            section += f"\n\n**bench/fleet failed** (exit {run.returncode}): {run.stderr[-500:]}"
+        self.report.set("fleet", section)
+
     @staticmethod
     def rss(pid, field="VmRSS"):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -1399,6 +1410,9 @@ class Bench:
                 self.report.write()
             if "pacing" in self.cases:
                 self.case_pacing()
+                self.report.write()
+            if "fleet" in self.cases:
+                self.case_fleet()
                 self.report.write()
         finally:
             self.sink.remove()

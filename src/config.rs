@@ -711,6 +711,28 @@ mod tests {
     }
 
     #[test]
+    fn a_quota_store_and_its_companions() {
+        let c = load("quota_store = \"redis://r:6379/0\"\nfleet_size = 3\nfleet_host = \"web1\"\n")
+            .unwrap();
+        let s = c.quota_store.unwrap();
+        assert_eq!((s.fleet_size, s.host.as_str()), (3, "web1"));
+        assert!(load("").unwrap().quota_store.is_none());
+        let err = |text: &str| load(text).unwrap_err().to_string();
+        assert!(err("fleet_size = 3\n").contains("need quota_store"));
+        assert!(
+            err(
+                "[[account]]\nname = \"quota_store\"\nmailbox = \"a@b.example\"\nauth = \"login\"\n"
+            )
+            .contains("quota store")
+        );
+        let e = err(
+            "quota_store = \"redis://r/0\"\nfleet_size = 4\n[[account]]\nname = \"a\"\nmailbox = \"a@b.example\"\nauth = \"login\"\nmessage_rate = \"3/1m\"\n",
+        );
+        assert!(e.contains("fleet_size = 4"), "{e}");
+        assert!(err("quota_store = \"redis://:pw@r/0\"\n").contains("secrets file"));
+    }
+
+    #[test]
     fn bad_values_are_refused() {
         let e = load("domain = \"not a domain\"").unwrap_err().to_string();
         assert!(e.contains("domain"), "{e}");

@@ -18,9 +18,10 @@
 //! - [`config`]: the world-readable config file, written by root; validated strictly.
 //!   [`config::limits`] holds the rates and limits the quota enforces.
 //! - [`daemon`]: pickup, queue runs, bounces and aliases; distrusts incoming files.
-//! - [`quota`]: the per-account send ledger and freezes (run in the `relay365` binary
+//! - [`quota`]: the per-account send ledger and freezes, on this host or shared by a
+//!   fleet through Redis (`quota_store`) (run in the `relay365` binary
 //!   by the daemon user `relay365`, and by root's admin commands); trusts only its own
-//!   state files, and parses even those strictly.
+//!   state files and the store's answers to its own script, and parses both strictly.
 //! - [`transport`]: SMTP submission, OAuth2 tokens and reply classification; trusts
 //!   the server only after TLS verification.
 //!   - [`config::oauth`]: an app registration's OAuth2 settings and their checks.

@@ -138,7 +138,12 @@ pub fn parse(
 
 fn parse_url(url: &str) -> Result<StoreAddress, String> {
     let bad = |why: &str| {
-        let shown: String = url.chars().take(100).collect();
+        // SECURITY: a password written in the URL is not echoed into logs and terminals.
+        let shown = match (url.split_once("://"), url.rfind('@')) {
+            (Some((scheme, _)), Some(at)) => format!("{scheme}://<redacted>{}", &url[at..]),
+            _ => url.to_owned(),
+        };
+        let shown: String = shown.chars().take(100).collect();
         format!("{shown:?}: {why}")
     };
     let (scheme, rest) = url

@@ -331,8 +331,8 @@ fn quota(config: &Config, spool: &Spool, thaw: Option<String>, reset: Option<Str
             out,
             "  messages:   {}/{} in {} window, {} left{}",
             usage.messages_in_window,
-            a.limits.message_rate.count,
-            a.limits.message_rate.window_text(),
+            usage.message_rate.count,
+            usage.message_rate.window_text(),
             left(usage.messages_left),
             usage
                 .next_message_room
@@ -343,8 +343,8 @@ fn quota(config: &Config, spool: &Spool, thaw: Option<String>, reset: Option<Str
             out,
             "  recipients: {}/{} in {} window, {} left{}",
             usage.recipients_in_window,
-            a.limits.recipient_rate.count,
-            a.limits.recipient_rate.window_text(),
+            usage.recipient_rate.count,
+            usage.recipient_rate.window_text(),
             left(usage.recipients_left),
             usage
                 .next_recipient_room

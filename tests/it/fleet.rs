@@ -350,8 +350,14 @@ fn a_wrong_redis_password_is_named_and_mail_goes_within_the_local_share() {
     // `relay365 quota` says why the store does not answer and shows the local share.
     let out = spool.relay365(&["quota"]);
     let text = stdout(&out);
-    assert!(text.contains("UNREACHABLE") && text.contains("authentication failed"), "{text}");
-    assert!(text.contains("1/3 of each limit") && text.contains("/10 in 6s window"), "{text}");
+    assert!(
+        text.contains("UNREACHABLE") && text.contains("authentication failed"),
+        "{text}"
+    );
+    assert!(
+        text.contains("1/3 of each limit") && text.contains("/10 in 6s window"),
+        "{text}"
+    );
     assert!(!text.contains("wrong-pass-9"), "{text}");
     // 1/3 of 30 per window: the first window holds at most 10 of them.
     assert!(emu.max_in_window(WINDOW) <= COUNT / 3, "{log}");

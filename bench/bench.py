@@ -53,7 +53,7 @@ DEFAULTS = {
     "BENCH_GRAPH_N": 1000,
     "BENCH_LISTEN_N": 5000, "BENCH_IDLE_SESSIONS": 200,
 }
-CASES = ["enqueue", "parallel", "drain", "latency", "scale", "pacing", "graph", "listen"]
+CASES = ["enqueue", "parallel", "drain", "latency", "scale", "pacing", "graph", "listen", "fleet"]
 SENDER = "bench@example.com"
 RCPT = "to@example.org"
 DOMAIN = "bench.example.com"
@@ -1341,6 +1341,17 @@ class Bench:
             section += f"\n\n**bench/pacing failed** (exit {run.returncode}): {run.stderr[-500:]}"
         self.report.set("pacing", section)
 
+    # -- case 7 ----------------------------------------------------------------------
+    def case_fleet(self):
+        # Issue 16's benchmark: 1, 3 and 6 daemons sharing one mailbox's ledger in Redis.
+        say("case 7: fleet (bench/fleet)")
+        run = subprocess.run([str(REPO / "bench" / "fleet"), "--no-record"],
+                             capture_output=True, text=True, check=False)
+        section = run.stdout.strip().replace("## Fleet: ", "### 7. Fleet: ", 1)
+        if run.returncode != 0:
+            section += f"\n\n**bench/fleet failed** (exit {run.returncode}): {run.stderr[-500:]}"
+        self.report.set("fleet", section)
+
     @staticmethod
     def rss(pid, field="VmRSS"):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -1503,6 +1514,8 @@ class Bench:
                 # bench/listen.py: relay365 listen against Postfix's smtpd.
                 import listen
                 listen.case_listen(self)
+            if "fleet" in self.cases:
+                self.case_fleet()
                 self.report.write()
         finally:
             self.sink.remove()

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+mod fleet;
 mod flush;
 mod health;
 mod quota;

@@ -8,6 +8,7 @@ pub mod graph;
 pub mod limits;
 pub mod listener;
 pub mod oauth;
+pub mod store;
 
 use std::fmt;
 use std::fs;
@@ -22,6 +23,7 @@ use crate::message::rewrite::FromPolicy;
 use crate::spool::paths;
 use graph::{GraphSettings, ProxySettings, RawGraph};
 use oauth::OAuthSettings;
+use store::StoreSettings;
 
 impl crate::sysexits::ExitStatus for ConfigError {
     fn exit(&self) -> crate::sysexits::Exit {
@@ -294,6 +296,11 @@ struct RawConfig {
     proxy: Option<String>,
     log_file: Option<PathBuf>,
     metrics_listen: Option<std::net::SocketAddr>,
+    quota_store: Option<String>,
+    fleet_size: Option<u32>,
+    fleet_host: Option<String>,
+    quota_store_ca_file: Option<PathBuf>,
+    quota_store_timeout: Option<Span>,
     #[serde(default, rename = "account")]
     accounts: Vec<RawAccount>,
     listener: Option<listener::RawListener>,
@@ -320,6 +327,8 @@ pub struct Config {
     pub log_file: Option<PathBuf>,
     /// Where the daemon serves `GET /metrics` (Prometheus text format), if anywhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The shared quota ledger of a fleet (`quota_store`); `None`: a local ledger file.
+    pub quota_store: Option<StoreSettings>,
     pub accounts: Vec<Account>,
     /// `[listener]`: the network SMTP listener, when configured.
     pub listener: Option<listener::Listener>,
@@ -426,6 +435,15 @@ impl Config {
         for raw_account in raw.accounts {
             let account = Account::validate(raw_account, &proxy)
                 .map_err(|(key, message)| invalid(key, message))?;
+            if account.name == store::STORE_SECRETS_TABLE {
+                return Err(invalid(
+                    "account.name",
+                    format!(
+                        "{:?} names the secrets file's table of the quota store; choose another name",
+                        account.name
+                    ),
+                ));
+            }
             if accounts.iter().any(|a| a.name == account.name) {
                 return Err(invalid(
                     "account.name",
@@ -440,6 +458,43 @@ impl Config {
             .map(|l| listener::Listener::validate(l, &names))
             .transpose()
             .map_err(|(key, message)| invalid(key, message))?;
+        let fleet_keys = raw.fleet_size.is_some()
+            || raw.fleet_host.is_some()
+            || raw.quota_store_ca_file.is_some()
+            || raw.quota_store_timeout.is_some();
+        let quota_store = match raw.quota_store {
+            Some(url) => Some(
+                store::parse(
+                    &url,
+                    raw.fleet_size,
+                    raw.fleet_host,
+                    raw.quota_store_ca_file,
+                    raw.quota_store_timeout.map(|s| s.0),
+                )
+                .map_err(|(key, message)| invalid(key, message))?,
+            ),
+            None if fleet_keys => {
+                return Err(invalid(
+                    "quota_store",
+                    "fleet_size, fleet_host and quota_store_* need quota_store = \"redis://host:6379/0\"".into(),
+                ));
+            }
+            None => None,
+        };
+        if let Some(s) = &quota_store {
+            for a in &accounts {
+                let m = a.limits.message_rate;
+                if m.is_limited() && m.count < s.fleet_size {
+                    return Err(invalid(
+                        "fleet_size",
+                        format!(
+                            "fleet_size = {} is more than account {}'s message_rate = {m}: while the store is down each host may send 1/{} of it, less than one message",
+                            s.fleet_size, a.name, s.fleet_size
+                        ),
+                    ));
+                }
+            }
+        }
         Ok(Config {
             path: path.to_path_buf(),
             spool_dir,
@@ -458,6 +513,7 @@ impl Config {
                 .map_or(DEFAULT_QUEUE_LIFETIME, |s| s.0),
             log_file: raw.log_file,
             metrics_listen: raw.metrics_listen,
+            quota_store,
             accounts,
             listener,
         })
@@ -849,6 +905,28 @@ mod tests {
         assert_eq!(Span::parse("90"), Ok(Span(Duration::from_secs(90))));
         assert!(Span::parse("0s").is_err());
         assert!(Span::parse("5 days").is_err());
+    }
+
+    #[test]
+    fn a_quota_store_and_its_companions() {
+        let c = load("quota_store = \"redis://r:6379/0\"\nfleet_size = 3\nfleet_host = \"web1\"\n")
+            .unwrap();
+        let s = c.quota_store.unwrap();
+        assert_eq!((s.fleet_size, s.host.as_str()), (3, "web1"));
+        assert!(load("").unwrap().quota_store.is_none());
+        let err = |text: &str| load(text).unwrap_err().to_string();
+        assert!(err("fleet_size = 3\n").contains("need quota_store"));
+        assert!(
+            err(
+                "[[account]]\nname = \"quota_store\"\nmailbox = \"a@b.example\"\nauth = \"login\"\n"
+            )
+            .contains("quota store")
+        );
+        let e = err(
+            "quota_store = \"redis://r/0\"\nfleet_size = 4\n[[account]]\nname = \"a\"\nmailbox = \"a@b.example\"\nauth = \"login\"\nmessage_rate = \"3/1m\"\n",
+        );
+        assert!(e.contains("fleet_size = 4"), "{e}");
+        assert!(err("quota_store = \"redis://:pw@r/0\"\n").contains("secrets file"));
     }
 
     #[test]

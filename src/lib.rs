@@ -21,7 +21,7 @@
 //! | [`listen`] (sockets, access, users, tls) | `relay365 listen` | `relay365-listen`, group `relay365-drop` (writes only `incoming/`, never the secrets) | no client: allow list, AUTH after STARTTLS, per-client bounds; drives `sendmail`'s dialogue, intake and deposit |
 //! | [`admin`] | `relay365` | root (or `relay365` for `daemon`) | the command line |
 //! | [`transport`] (smtp, capture, oauth, tls, reply, classify) | `relay365` | `relay365` | servers only after TLS verification; every reply byte is untrusted |
-//! | [`quota`] | `relay365` | `relay365`, root for `relay365 quota` | its own state files, parsed strictly |
+//! | [`quota`] (ledger file, windows, freezes; the fleet's store in Redis) | `relay365` | `relay365`, root for `relay365 quota` | its own state files and the store's answers to its own script, parsed strictly |
 //! | [`secrets`] | `relay365` | `relay365` (the only module that reads secrets) | the secrets file's owner and mode |
 //! | [`aliases`] | both | the caller's uid (`sendmail -bv`), `relay365` | `/etc/aliases`: intent yes, syntax no |
 //! | [`config`] ([`config::limits`], [`config::oauth`]) | both | any | the world-readable config, written by root; validated strictly |

@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::config::{Account, Config};
 use crate::daemon::hold::{Hold, read_hold};
-use crate::quota::{Ledger, Usage, format_moment};
+use crate::quota::{Ledger, Store, Usage, format_moment};
 use crate::spool::paths::Spool;
 use crate::sysexits::Exit;
 
@@ -37,7 +37,7 @@ pub fn json_line(a: &Account, usage: &Usage, hold: Option<&Hold>) -> serde_json:
         })
     };
     let mut recipients = window(
-        &a.limits.recipient_rate,
+        &usage.recipient_rate,
         usage.recipients_in_window,
         usage.recipients_left,
         usage.next_recipient_room,
@@ -49,7 +49,7 @@ pub fn json_line(a: &Account, usage: &Usage, hold: Option<&Hold>) -> serde_json:
         "account": a.name,
         "mailbox": a.mailbox,
         "messages": window(
-            &a.limits.message_rate,
+            &usage.message_rate,
             usage.messages_in_window,
             usage.messages_left,
             usage.next_message_room,
@@ -94,25 +94,63 @@ pub fn run(
                 }
             }
         }
-        let mut ledger = match Ledger::open(&path) {
-            Ok(l) => l,
-            Err(e) => {
-                say(format_args!("account {}: {e}", a.name));
-                return Exit::IoErr;
-            }
-        };
-        if thaw.as_deref() == Some(&a.name) {
-            if let Err(e) = ledger.thaw() {
-                say(e);
-                return Exit::IoErr;
-            }
-            let _ = writeln!(out, "account {}: freeze ended", a.name);
+        if !json {
+            let _ = writeln!(out, "account {} <{}>", a.name, a.mailbox);
         }
-        let usage = match ledger.usage(now, &a.limits) {
-            Ok(u) => u,
-            Err(e) => {
-                say(format_args!("account {}: {e}", a.name));
-                return Exit::IoErr;
+        let usage = if let Some(settings) = &config.quota_store {
+            // The fleet's view (issue 16): the shared windows and each host's share.
+            let password = match super::fleet::store_password(config) {
+                Ok(p) => p,
+                Err(e) => {
+                    say(e);
+                    return Exit::Config;
+                }
+            };
+            let opened = Store::open(&path, Some(settings), password, &a.mailbox, None);
+            let mut store = match opened {
+                Ok(Store::Fleet(f)) => f,
+                Ok(Store::Local(_)) => return Exit::Software,
+                Err(e) => {
+                    say(format_args!("account {}: {e}", a.name));
+                    return Exit::IoErr;
+                }
+            };
+            let thaw_it = thaw.as_deref() == Some(&a.name);
+            // JSON keeps to one object per account: the fleet's text goes nowhere.
+            let mut text: Box<dyn Write> = if json {
+                Box::new(std::io::sink())
+            } else {
+                Box::new(&mut out)
+            };
+            match super::fleet::show(&mut *text, &mut store, settings, a, thaw_it) {
+                Ok(u) => u,
+                Err(e) => {
+                    drop(text);
+                    say(format_args!("account {}: {e}", a.name));
+                    return Exit::IoErr;
+                }
+            }
+        } else {
+            let mut ledger = match Ledger::open(&path) {
+                Ok(l) => l,
+                Err(e) => {
+                    say(format_args!("account {}: {e}", a.name));
+                    return Exit::IoErr;
+                }
+            };
+            if thaw.as_deref() == Some(&a.name) {
+                if let Err(e) = ledger.thaw() {
+                    say(e);
+                    return Exit::IoErr;
+                }
+                let _ = writeln!(out, "account {}: freeze ended", a.name);
+            }
+            match ledger.usage(now, &a.limits) {
+                Ok(u) => u,
+                Err(e) => {
+                    say(format_args!("account {}: {e}", a.name));
+                    return Exit::IoErr;
+                }
             }
         };
         let hold = read_hold(spool, &a.name);
@@ -121,13 +159,12 @@ pub fn run(
             continue;
         }
         let left = |n: Option<u64>| n.map_or("unlimited".to_string(), |n| n.to_string());
-        let _ = writeln!(out, "account {} <{}>", a.name, a.mailbox);
         let _ = writeln!(
             out,
             "  messages:   {}/{} in {} window, {} left{}",
             usage.messages_in_window,
-            a.limits.message_rate.count,
-            a.limits.message_rate.window_text(),
+            usage.message_rate.count,
+            usage.message_rate.window_text(),
             left(usage.messages_left),
             usage
                 .next_message_room
@@ -138,8 +175,8 @@ pub fn run(
             out,
             "  recipients: {}/{} in {} window, {} left{}",
             usage.recipients_in_window,
-            a.limits.recipient_rate.count,
-            a.limits.recipient_rate.window_text(),
+            usage.recipient_rate.count,
+            usage.recipient_rate.window_text(),
             left(usage.recipients_left),
             usage
                 .next_recipient_room

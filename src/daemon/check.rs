@@ -1,12 +1,16 @@
 //! `relay365 check`: validates the configuration, the secrets (permissions included),
 //! the spool, then for each account fetches a token, connects, secures the connection
-//! and authenticates — and says in plain words what is wrong and how to fix it.
+//! and authenticates — and says in plain words what is wrong and how to fix it; with a
+//! `quota_store`, checks the store too (reachable, authenticated, the ledger script
+//! loaded, the clock offset).
 //! Sends no mail.
 
 use std::time::SystemTime;
 
+use crate::config::store::{STORE_SECRETS_TABLE, StoreSettings};
 use crate::config::{Account, AuthMode, Config, Transport};
 use crate::daemon::connect::{auth_rejected, endpoint, helo_name, login, token_source};
+use crate::quota::redis;
 use crate::secrets::Secrets;
 use crate::spool::paths::Spool;
 use crate::transport::classify::{self, Action};
@@ -40,6 +44,9 @@ pub fn check(config: &Config) -> Vec<Finding> {
         )));
     } else {
         out.extend(problems.into_iter().map(bad));
+    }
+    if let Some(settings) = &config.quota_store {
+        out.extend(store_findings(config, settings));
     }
     if config.accounts.is_empty() {
         out.push(bad(
@@ -225,6 +232,74 @@ fn check_graph(
             answer.verdict().reason
         ))),
         Err(v) => out.push(bad(format!("account {name}: {}", v.reason))),
+    }
+    out
+}
+
+/// A host clock further than this from the store's is reported: decisions use the
+/// store's clock, but freezes, `mailq` and the fallback ledger use ours.
+const MAX_CLOCK_OFFSET_MS: i64 = 60_000;
+
+/// The quota store: reachable, authenticated, script loaded, clock offset; once per
+/// mailbox.
+fn store_findings(config: &Config, settings: &StoreSettings) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let creds_dir = std::env::var_os("CREDENTIALS_DIRECTORY").map(std::path::PathBuf::from);
+    let password = if creds_dir.is_some() || config.secrets_file.exists() {
+        match Secrets::load(&config.secrets_file, creds_dir.as_deref()) {
+            Ok(s) => s
+                .for_account(STORE_SECRETS_TABLE)
+                .and_then(|s| s.password().cloned()),
+            Err(e) => {
+                out.push(bad(format!("quota store {}: {e}", settings.url)));
+                return out;
+            }
+        }
+    } else {
+        None
+    };
+    let mut seen = Vec::new();
+    for a in &config.accounts {
+        if seen.contains(&a.mailbox) {
+            continue;
+        }
+        seen.push(a.mailbox.clone());
+        match redis::probe(settings, password.clone(), &a.mailbox, &a.limits) {
+            Ok(p) => {
+                out.push(ok(format!(
+                    "quota store {} for {}: reachable{}, script {} {}, round trip {} ms",
+                    settings.url,
+                    a.mailbox,
+                    if password.is_some() {
+                        " and authenticated"
+                    } else {
+                        ""
+                    },
+                    &p.script_hash[..12.min(p.script_hash.len())],
+                    if p.script_was_loaded {
+                        "loaded"
+                    } else {
+                        "loaded now"
+                    },
+                    p.round_trip.as_millis()
+                )));
+                let line = format!(
+                    "quota store {}: this host's clock is {} ms off the store's",
+                    settings.url, p.offset_ms
+                );
+                if p.offset_ms.abs() > MAX_CLOCK_OFFSET_MS {
+                    out.push(bad(format!(
+                        "{line}: decisions use the store's clock, but freezes and mailq use this one; run chrony or systemd-timesyncd"
+                    )));
+                } else {
+                    out.push(ok(line));
+                }
+            }
+            Err(e) => out.push(bad(format!(
+                "{e} (fleet_size = {}: until it answers each host keeps to 1/{} of each limit)",
+                settings.fleet_size, settings.fleet_size
+            ))),
+        }
     }
     out
 }

@@ -102,7 +102,8 @@ fn load(config_path: &Path) -> Result<Loaded, EngineError> {
     let needs_secrets = config
         .accounts
         .iter()
-        .any(crate::config::Account::needs_secrets);
+        .any(crate::config::Account::needs_secrets)
+        || (config.quota_store.is_some() && config.secrets_file.exists());
     let secrets = if needs_secrets {
         let creds = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
         Secrets::load(&config.secrets_file, creds.as_deref())?
@@ -214,6 +215,10 @@ impl Engine {
                     config.clone(),
                     self.loaded.aliases.clone(),
                     self.loaded.secrets.for_account(&account.name).cloned(),
+                    self.loaded
+                        .secrets
+                        .for_account(crate::config::store::STORE_SECRETS_TABLE)
+                        .and_then(|s| s.password().cloned()),
                     self.log.clone(),
                     self.stop.clone(),
                 )

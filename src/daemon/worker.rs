@@ -22,8 +22,8 @@ use crate::daemon::hold::read_hold;
 use crate::daemon::stop::Stop;
 use crate::logging::SharedLog;
 use crate::message::rewrite;
-use crate::quota::{FreezeCheck, Grant, Ledger};
-use crate::secrets::AccountSecrets;
+use crate::quota::{FreezeCheck, Grant, Store};
+use crate::secrets::{AccountSecrets, Secret};
 use crate::spool::QueueId;
 use crate::spool::envelope::{BodyType, Dsn};
 use crate::spool::paths::Spool;
@@ -73,7 +73,8 @@ pub struct AccountWorker {
     aliases: Arc<Aliases>,
     spool: Spool,
     queue: Queue,
-    ledger: Ledger,
+    /// The account's quota ledger: this host's file, or the fleet's in Redis.
+    ledger: Store,
     /// How this account sends: the only way out for a transaction.
     transport: Box<dyn Transport>,
     log: SharedLog,
@@ -116,12 +117,20 @@ impl AccountWorker {
         config: Arc<Config>,
         aliases: Arc<Aliases>,
         secrets: Option<AccountSecrets>,
+        store_password: Option<Secret>,
         log: SharedLog,
         stop: Arc<Stop>,
     ) -> Result<AccountWorker, WorkerError> {
         let spool = Spool::new(&config.spool_dir);
         let ledger_path = spool.ledger(&account.name);
-        let ledger = Ledger::open(&ledger_path).map_err(|e| WorkerError::Setup {
+        let ledger = Store::open(
+            &ledger_path,
+            config.quota_store.as_ref(),
+            store_password,
+            &account.mailbox,
+            Some(log.clone()),
+        )
+        .map_err(|e| WorkerError::Setup {
             account: account.name.clone(),
             message: e.to_string(),
         })?;
@@ -486,7 +495,10 @@ impl AccountWorker {
         } else {
             return;
         };
-        if let Err(e) = self.ledger.record_external(now, extra) {
+        if let Err(e) = self
+            .ledger
+            .record_external(now, extra, &self.account.limits)
+        {
             self.log(
                 crate::logging::Level::Error,
                 &format!("account {}: quota ledger: {e}", self.account.name),

@@ -19,6 +19,9 @@
 //! - `file.rs`: the ledger file format, reading and appending, torn last lines and
 //!   compaction;
 //! - `freeze.rs`: freeze files, the server's verdicts that stop an account;
+//! - `store.rs`: the seam the daemon calls, [`Store`]: this host's ledger file, or the
+//!   fleet's ledger shared through Redis (`redis/`: the same windows in a server-side
+//!   script, room in turn, shared freezes, and the local share while Redis is down);
 //! - this file: the [`Ledger`] API, its locking, and the answers and errors.
 //!
 //! # Concurrency and durability
@@ -52,10 +55,13 @@ use crate::config::limits::{Limits, LimitsError, Rate};
 
 mod file;
 mod freeze;
+pub mod redis;
+mod store;
 mod window;
 
 pub use file::COMPACT_MIN_DEAD;
 pub use freeze::{Freeze, FreezeCheck};
+pub use store::Store;
 pub use window::MAX_FUTURE;
 
 use file::{LEDGER_HEADER, file_id, io_err, open_options, replace_file, sync_dir, with_suffix};
@@ -129,6 +135,8 @@ pub enum QuotaError {
     NoRecipients,
     #[error("quota limits: {0}")]
     Limits(#[from] LimitsError),
+    #[error("{0}")]
+    Store(String),
 }
 
 /// The answer to [`Ledger::reserve`].
@@ -590,6 +598,21 @@ impl Ledger {
         // Dropping `old` closes it, which releases its lock.
         drop(old);
         Ok(kept)
+    }
+
+    /// The records still kept for `limits` at `now` as (stamp in ms, recipients), oldest
+    /// first: what a fleet host pushes into the shared store once it is back (see
+    /// `redis.rs`).
+    pub(crate) fn recent(
+        &mut self,
+        now: SystemTime,
+        limits: &Limits,
+    ) -> Result<Vec<(u64, u32)>, QuotaError> {
+        limits.validate()?;
+        let now_ms = floor_ms(now);
+        self.locked(Some((now_ms, limits)), |l| {
+            Ok(l.entries.iter().map(|e| (e.ms, e.rcpts)).collect())
+        })
     }
 
     // -- locking ------------------------------------------------------------------------

@@ -430,3 +430,274 @@ pub fn eventually(timeout: std::time::Duration, mut f: impl FnMut() -> bool) -> 
     }
     f()
 }
+
+/// A spool whose one account `app` (AUTH LOGIN as [`MAILBOX`]) points at an emulator
+/// that other spools share: one host of a fleet. `top` goes at the top of the config
+/// (`quota_store = ...`), `account_extra` inside the account's table, `secrets_extra`
+/// into the secrets file (`[quota_store]`).
+pub fn spool_for(
+    emu: &emu::Emulator,
+    top: &str,
+    account_extra: &str,
+    secrets_extra: &str,
+) -> Spool {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = dir.path().join("ca.pem");
+    emu.write_ca(&ca).expect("write ca");
+    let secrets = dir.path().join("secrets.toml");
+    std::fs::write(
+        &secrets,
+        format!("[app]\npassword = \"{PASSWORD}\"\n{secrets_extra}"),
+    )
+    .expect("secrets");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&secrets, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    }
+    let aliases = dir.path().join("aliases");
+    std::fs::write(&aliases, "postmaster: root\nroot: ops@contoso.com\n").expect("aliases");
+    let toml = format!(
+        "secrets_file = \"{}\"\naliases = \"{}\"\nadmin = \"admin@contoso.com\"\n{top}\n\n[[account]]\nname = \"app\"\nmailbox = \"{MAILBOX}\"\nhost = \"localhost\"\nport = {}\nca_file = \"{}\"\ntimeout = \"10s\"\nauth = \"login\"\n{account_extra}\n",
+        secrets.display(),
+        aliases.display(),
+        emu.port(),
+        ca.display(),
+    );
+    Spool::new_in(dir, &toml)
+}
+
+/// The TLS files of a Redis server: a CA, and a leaf for localhost and 127.0.0.1 it signed.
+pub struct RedisTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl RedisTls {
+    pub fn new(dir: &std::path::Path) -> RedisTls {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
+        let ca_key = KeyPair::generate().expect("key");
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_cert = ca.self_signed(&ca_key).expect("ca");
+        let mut leaf = CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+        leaf.subject_alt_names
+            .push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
+        leaf.use_authority_key_identifier_extension = true;
+        leaf.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let leaf_key = KeyPair::generate().expect("key");
+        let leaf_cert = leaf.signed_by(&leaf_key, &ca_cert, &ca_key).expect("leaf");
+        let t = RedisTls {
+            ca: dir.join("redis-ca.pem"),
+            cert: dir.join("redis.pem"),
+            key: dir.join("redis.key"),
+        };
+        std::fs::write(&t.ca, ca_cert.pem()).expect("ca");
+        std::fs::write(&t.cert, leaf_cert.pem()).expect("cert");
+        std::fs::write(&t.key, leaf_key.serialize_pem()).expect("key");
+        t
+    }
+}
+
+/// A private `redis-server` on loopback (its own port, config and directory, no
+/// persistence), stopped on drop.
+pub struct Redis {
+    child: Option<std::process::Child>,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    pub password: Option<String>,
+    pub tls: Option<RedisTls>,
+}
+
+impl Redis {
+    /// Starts one, or returns `None` (the caller skips) when `redis-server` is not
+    /// installed; under CI (`CI` set) a missing server fails the test instead.
+    pub fn start(password: Option<&str>, tls: bool) -> Option<Redis> {
+        if Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "redis-server is missing: apt-get install redis-server (.ci/run installs it)"
+            );
+            eprintln!("skipped: redis-server is not installed (apt-get install redis-server)");
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tls = tls.then(|| RedisTls::new(dir.path()));
+        let mut r = Redis {
+            child: None,
+            port,
+            dir,
+            password: password.map(str::to_owned),
+            tls,
+        };
+        r.restart();
+        Some(r)
+    }
+
+    /// The URL for `quota_store`.
+    pub fn url(&self) -> String {
+        match self.tls {
+            Some(_) => format!("rediss://localhost:{}/0", self.port),
+            None => format!("redis://127.0.0.1:{}/0", self.port),
+        }
+    }
+
+    /// The `quota_store` lines for a host named `host` of `fleet_size` hosts.
+    pub fn store_toml(&self, host: &str, fleet_size: u32) -> String {
+        let ca = self
+            .tls
+            .as_ref()
+            .map(|t| format!("quota_store_ca_file = \"{}\"\n", t.ca.display()))
+            .unwrap_or_default();
+        format!(
+            "quota_store = \"{}\"\nfleet_size = {fleet_size}\nfleet_host = \"{host}\"\nquota_store_timeout = \"1s\"\n{ca}",
+            self.url()
+        )
+    }
+
+    /// The secrets file's `[quota_store]` table, if a password is set.
+    pub fn secrets_toml(&self) -> String {
+        self.password
+            .as_ref()
+            .map(|p| format!("[quota_store]\npassword = \"{p}\"\n"))
+            .unwrap_or_default()
+    }
+
+    /// Starts the server (again, on the same port, with no data).
+    pub fn restart(&mut self) {
+        self.kill();
+        let conf = self.dir.path().join("redis.conf");
+        let mut text = format!(
+            "bind 127.0.0.1\nprotected-mode no\ndir {}\nsave \"\"\nappendonly no\ndaemonize no\nlogfile {}\n",
+            self.dir.path().display(),
+            self.dir.path().join("redis.log").display()
+        );
+        match &self.tls {
+            Some(t) => text.push_str(&format!(
+                "port 0\ntls-port {}\ntls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\ntls-auth-clients no\n",
+                self.port,
+                t.cert.display(),
+                t.key.display(),
+                t.ca.display()
+            )),
+            None => text.push_str(&format!("port {}\n", self.port)),
+        }
+        if let Some(p) = &self.password {
+            text.push_str(&format!("requirepass \"{p}\"\n"));
+        }
+        std::fs::write(&conf, text).expect("redis.conf");
+        let child = Command::new("redis-server")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        self.child = Some(child);
+        let up = eventually(std::time::Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+        });
+        assert!(
+            up,
+            "redis-server did not start: {}",
+            std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
+        );
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// `redis-cli` against it (plain servers only).
+    pub fn cli(&self, args: &[&str]) -> String {
+        let mut cmd = Command::new("redis-cli");
+        cmd.args(["-p", &self.port.to_string()]);
+        if let Some(p) = &self.password {
+            cmd.env("REDISCLI_AUTH", p);
+        }
+        let out = cmd.args(args).output().expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A Redis Sentinel (`redis-server --sentinel`) watching a [`Redis`] as `mymaster`.
+pub struct Sentinel {
+    child: std::process::Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Sentinel {
+    pub fn start(master: &Redis) -> Sentinel {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let conf = dir.path().join("sentinel.conf");
+        let mut text = format!(
+            "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {}\nlogfile {}\nsentinel monitor mymaster 127.0.0.1 {} 1\n",
+            dir.path().display(),
+            dir.path().join("sentinel.log").display(),
+            master.port
+        );
+        if let Some(p) = &master.password {
+            text.push_str(&format!("sentinel auth-pass mymaster \"{p}\"\n"));
+        }
+        std::fs::write(&conf, text).expect("sentinel.conf");
+        let child = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server --sentinel");
+        let up = eventually(std::time::Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        assert!(up, "sentinel did not start");
+        Sentinel {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    /// The `quota_store` lines for a host of a fleet found through this sentinel.
+    pub fn store_toml(&self, host: &str, fleet_size: u32) -> String {
+        format!(
+            "quota_store = \"redis+sentinel://127.0.0.1:{}/mymaster/0\"\nfleet_size = {fleet_size}\nfleet_host = \"{host}\"\n",
+            self.port
+        )
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -4,6 +4,7 @@ mod admin;
 mod crash;
 mod delivery;
 mod faults;
+mod fleet;
 mod graph;
 mod harness;
 mod harvest;

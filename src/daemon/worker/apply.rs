@@ -263,7 +263,7 @@ impl AccountWorker {
                         .unwrap_or(now + q.fallback_retry()),
                     Quota::Tenant => now + q.fallback_retry(),
                 };
-                let _ = self.ledger.freeze(until, &v.reason);
+                let _ = self.ledger.freeze(until, &v.reason, &self.account.limits);
                 crate::daemon::metrics::count_freeze(&name);
                 note(&mut locked.entry, &v.reason);
                 locked.entry.set_next_attempt(until);
@@ -289,7 +289,7 @@ impl AccountWorker {
             Action::WaitAccount(wait) => {
                 // The ledger's freeze stops every worker and `relay365 flush` alike.
                 let until = now + *wait;
-                let _ = self.ledger.freeze(until, &v.reason);
+                let _ = self.ledger.freeze(until, &v.reason, &self.account.limits);
                 self.retry_after = Some((until, v.reason.clone()));
                 note(&mut locked.entry, &v.reason);
                 locked.entry.set_next_attempt(until);
@@ -306,7 +306,7 @@ impl AccountWorker {
             Action::PauseAccount => {
                 self.pauses += 1;
                 let until = now + pause_for(self.pauses);
-                let _ = self.ledger.freeze(until, &v.reason);
+                let _ = self.ledger.freeze(until, &v.reason, &self.account.limits);
                 crate::daemon::metrics::count_freeze(&name);
                 note(&mut locked.entry, &v.reason);
                 locked.entry.set_next_attempt(until);

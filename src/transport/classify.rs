@@ -211,6 +211,16 @@ tenant's IPs is not accepted; 5.7.750: mail from unregistered domains): an admin
 ticket with Microsoft 365 support or register the sending domain as an accepted domain, then \
 run relay365 account release <account>";
 
+/// The fix for direct send or a connector refusing this host (`5.7.68`, `5.7.64`): an
+/// account-level setup problem, never one message's.
+pub const DIRECT_SEND_FIX: &str = "Exchange Online refused mail from this host for the tenant \
+(5.7.68 TenantInboundAttribution: direct send is turned off; 5.7.64 TenantAttribution: no inbound \
+connector matches this host): for direct send an admin can run Set-OrganizationConfig \
+-RejectDirectSend $false; for a connector, create or fix the inbound connector (Exchange admin \
+center > Mail flow > Connectors) so it matches this host's public IP or its client certificate; \
+or use SMTP AUTH client submission (smtp.office365.com:587); then run relay365 account release \
+<account>";
+
 const SENDAS_REASON: &str = "Exchange Online does not allow this mailbox to send as the message's \
 sender (SendAs denied): set from = \"rewrite\" in relay365.toml so relay365 rewrites the sender to \
 the mailbox, or have an admin grant Send As for this address (Add-RecipientPermission)";
@@ -470,6 +480,14 @@ pub fn classify(reply: &Reply, stage: Stage) -> Verdict {
         );
     }
 
+    // Account-level at any stage (RCPT and the end of DATA too): never bounce the queue.
+    if reply.mentions((5, 7, 68))
+        || reply.mentions((5, 7, 64))
+        || has("tenantinboundattribution")
+        || has("tenantattribution")
+    {
+        return hold(HoldUntil::Release, DIRECT_SEND_FIX, reply);
+    }
     if reply.mentions((5, 7, 705)) || reply.mentions((5, 7, 708)) || reply.mentions((5, 7, 750)) {
         return hold(HoldUntil::Release, TENANT_BLOCK_FIX, reply);
     }
@@ -647,9 +665,32 @@ mod tests {
             "550 5.7.708 Service unavailable. Access denied, traffic not accepted from this IP.",
             "550 5.7.750 Service unavailable. Client blocked from sending from unregistered domains.",
         ] {
-            let (until, fix) = held(raw, Stage::AfterDot);
-            assert_eq!(until, HoldUntil::Release);
-            assert!(fix.contains("whole tenant"), "{fix}");
+            for stage in [Stage::Mail, Stage::Rcpt, Stage::AfterDot] {
+                let v = verdict(raw, stage);
+                assert!(!v.action.bounces() && v.action.alerts(), "{raw} at {stage}");
+                let (until, fix) = held(raw, stage);
+                assert_eq!(until, HoldUntil::Release);
+                assert!(fix.contains("whole tenant"), "{fix}");
+            }
+        }
+    }
+
+    #[test]
+    fn direct_send_and_connector_refusals_hold_at_any_stage() {
+        for raw in [
+            "550 5.7.68 TenantInboundAttribution; Direct Send not allowed for this organization from unauthorized sources",
+            "550 5.7.64 TenantAttribution; Relay Access Denied",
+        ] {
+            for stage in [Stage::Mail, Stage::Rcpt, Stage::Data, Stage::AfterDot] {
+                let v = verdict(raw, stage);
+                assert!(!v.action.bounces(), "{raw} at {stage}");
+                assert!(v.action.ends_transaction(), "{raw} at {stage}");
+                let (until, fix) = held(raw, stage);
+                assert_eq!(until, HoldUntil::Release);
+                assert!(fix.contains("RejectDirectSend"), "{fix}");
+                assert!(fix.contains("inbound connector"), "{fix}");
+                assert!(v.reason.contains("server said: 550 5.7."), "{}", v.reason);
+            }
         }
     }
 

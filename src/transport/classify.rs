@@ -185,6 +185,12 @@ const SMTP_AUTH_FIX_ANY: &str = "SMTP AUTH is disabled or blocked for this mailb
 admin can run Set-CASMailbox -Identity <mailbox> -SmtpClientAuthenticationDisabled $false (this mailbox) \
 or Set-TransportConfig -SmtpClientAuthenticationDisabled $false (whole tenant); it also can't be used \
 while Security Defaults are on";
+const CONDITIONAL_ACCESS_FIX: &str = "Microsoft Entra ID refused the sign-in: a Conditional \
+Access policy (or MFA, or a sign-in risk policy) blocks this mailbox or app from authenticating \
+(\"did not meet the criteria to be authenticated successfully\"): an admin can find the failed \
+sign-in and the policy that blocked it in the Entra admin center > Monitoring > Sign-in logs, \
+then exclude this account or app from that Conditional Access policy (or allow this host's IP \
+as a named location)";
 const BASIC_AUTH_FIX: &str = "basic authentication (AUTH LOGIN) is turned off for SMTP AUTH: switch \
 relay365 to OAuth2 (XOAUTH2, an app registration with SMTP.SendAsApp), or have an admin re-enable \
 basic auth for SMTP AUTH while Microsoft still allows it";
@@ -445,7 +451,13 @@ pub fn classify(reply: &Reply, stage: Stage) -> Verdict {
 
     // Auth-disabled codes before the generic 535, since 5.7.139 also comes as 535.
     if reply.mentions((5, 7, 139)) {
-        let fix = if has("disabled for the tenant") {
+        if has("credentials were incorrect") {
+            // A wrong password (or a refused token), not SMTP AUTH being off.
+            return auth_failed(reply);
+        }
+        let fix = if has("did not meet the criteria") || has("conditional access") {
+            CONDITIONAL_ACCESS_FIX
+        } else if has("disabled for the tenant") {
             SMTP_AUTH_FIX_TENANT
         } else if has("disabled for the mailbox") {
             SMTP_AUTH_FIX_MAILBOX
@@ -470,14 +482,11 @@ pub fn classify(reply: &Reply, stage: Stage) -> Verdict {
     if reply.mentions((4, 7, 66)) {
         return hold(HoldUntil::Release, TLS_FIX, reply);
     }
-    if code == 535 {
-        return Verdict::new(
-            Action::AuthFailed,
-            format!(
-                "the server rejected the credentials or token ({reply}): refreshing the OAuth2 \
-                 token once; if that fails the account is held"
-            ),
-        );
+    // High Volume Email refuses a token close to its expiry (5.5.127) or for the wrong
+    // user (5.5.124) with 501 5.5.12x: refresh the token once, then hold.
+    if code == 535 || (stage == Stage::Auth && code == 501 && reply.mentions_range(5, 5, 120, 129))
+    {
+        return auth_failed(reply);
     }
 
     // Account-level at any stage (RCPT and the end of DATA too): never bounce the queue.
@@ -585,6 +594,16 @@ pub fn classify_no_reply(stage: Stage, what: &str) -> Verdict {
         format!(
             "no reply in {stage} ({}), retrying later",
             sanitize(what, MAX_REPLY_TEXT)
+        ),
+    )
+}
+
+fn auth_failed(reply: &Reply) -> Verdict {
+    Verdict::new(
+        Action::AuthFailed,
+        format!(
+            "the server rejected the credentials or token ({reply}): refreshing the OAuth2 \
+             token once; if that fails the account is held"
         ),
     )
 }
@@ -1034,7 +1053,7 @@ mod tests {
         );
         assert!(fix.contains("XOAUTH2"));
         let (_, fix) = held(
-            "535 5.7.139 Authentication unsuccessful, the request did not meet the criteria to be authenticated successfully. Contact your administrator.",
+            "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is blocked.",
             Stage::Auth,
         );
         assert!(fix.contains("Set-CASMailbox") && fix.contains("Set-TransportConfig"));
@@ -1058,6 +1077,46 @@ mod tests {
         let v = verdict("504 5.7.4 Unrecognized authentication type", Stage::Auth);
         assert!(v.action.alerts() && !v.action.bounces());
         assert!(v.reason.contains("server said: 504 5.7.4"));
+    }
+
+    #[test]
+    fn wrong_password_5_7_139_is_an_auth_failure_not_smtp_auth_disabled() {
+        let v = verdict(
+            "535 5.7.139 Authentication unsuccessful, the user credentials were incorrect. [BeginDiagnosticData]x[EndDiagnosticData]",
+            Stage::Auth,
+        );
+        assert_eq!(v.action, Action::AuthFailed);
+        assert!(!v.reason.contains("SMTP AUTH is disabled"), "{}", v.reason);
+        assert!(!v.action.bounces());
+    }
+
+    #[test]
+    fn conditional_access_holds_naming_conditional_access() {
+        let (until, fix) = held(
+            "535 5.7.139 Authentication unsuccessful, the request did not meet the criteria to be authenticated successfully. Contact your administrator.",
+            Stage::Auth,
+        );
+        assert_eq!(until, HoldUntil::Release);
+        assert!(fix.contains("Conditional Access"), "{fix}");
+        assert!(fix.contains("Sign-in logs"), "{fix}");
+        assert!(!fix.contains("SMTP AUTH is disabled"), "{fix}");
+    }
+
+    #[test]
+    fn high_volume_email_501_5_5_12x_at_auth_refreshes_the_token() {
+        for raw in [
+            "501 5.5.127 Invalid XOAUTH2 auth data - Token will expire soon",
+            "501 5.5.124 Invalid XOAUTH2 auth data - User address provided is not valid",
+        ] {
+            let v = verdict(raw, Stage::Auth);
+            assert_eq!(v.action, Action::AuthFailed, "{raw}");
+            assert!(v.reason.contains("refreshing the OAuth2 token once"));
+        }
+        // Elsewhere a 501 5.5.12x is an ordinary syntax refusal of that message.
+        assert_eq!(
+            action("501 5.5.124 bad address", Stage::Mail),
+            Action::BounceMessage
+        );
     }
 
     #[test]

@@ -233,6 +233,28 @@ the mailbox, or have an admin grant Send As for this address (Add-RecipientPermi
 const LOGON_HINT: &str = "the mailbox refused the app's logon: if this repeats, give the app's \
 service principal access with Add-MailboxPermission -Identity <mailbox> -User <service principal> \
 -AccessRights FullAccess";
+/// After this many consecutive `430 4.2.0 mailbox logon failure` replies for an account,
+/// the deferral becomes a hold with [`logon_fix`].
+pub const LOGON_REPEATS_HOLD: u32 = 3;
+
+/// Whether `v` is the deferral for `430 4.2.0 mailbox logon failure`, which holds the
+/// account once it repeats [`LOGON_REPEATS_HOLD`] times.
+pub fn is_logon_failure(v: &Verdict) -> bool {
+    matches!(&v.action, Action::Defer { hint: Some(h) } if h == LOGON_HINT)
+}
+
+/// The hold after repeated mailbox logon failures: an app-only token without access to
+/// the mailbox. The exact PowerShell, with the mailbox and app filled in.
+pub fn logon_fix(mailbox: &str, client_id: &str, account: &str) -> String {
+    format!(
+        "the mailbox {mailbox} refused the app's logon {LOGON_REPEATS_HOLD} times in a row (430 \
+         4.2.0 mailbox logon failure): the app's token has no access to the mailbox. An Exchange \
+         admin can run, in Exchange Online PowerShell: New-ServicePrincipal -AppId {client_id} \
+         -ObjectId <object id of the enterprise application> (once), then \
+         Add-MailboxPermission -Identity {mailbox} -User <object id of the enterprise \
+         application> -AccessRights FullAccess; then run relay365 account release {account}"
+    )
+}
 
 /// Longest `Retry-After` honoured as given; a longer one (or a date) is cut to this,
 /// so a broken proxy cannot park an account for days.
@@ -1184,6 +1206,31 @@ mod tests {
             }
             other => panic!("expected a deferral with hint, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn the_logon_failure_deferral_is_recognised_and_its_hold_names_the_powershell() {
+        let v = verdict(
+            "430 4.2.0 STOREDRV; mailbox logon failure; Failed to process message",
+            Stage::AfterDot,
+        );
+        assert!(is_logon_failure(&v));
+        assert!(!is_logon_failure(&verdict(
+            "451 4.7.0 Temporary server error",
+            Stage::AfterDot
+        )));
+        let fix = logon_fix("app@contoso.com", "1111-2222", "app");
+        assert!(
+            fix.contains(
+                "Add-MailboxPermission -Identity app@contoso.com -User <object id of the enterprise application> -AccessRights FullAccess"
+            ),
+            "{fix}"
+        );
+        assert!(
+            fix.contains("New-ServicePrincipal -AppId 1111-2222"),
+            "{fix}"
+        );
+        assert!(fix.contains("relay365 account release app"), "{fix}");
     }
 
     #[test]

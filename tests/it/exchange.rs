@@ -130,3 +130,44 @@ fn a_high_volume_email_501_repeated_after_the_refresh_holds_with_the_fix() {
         assert!(t.emu.messages().is_empty());
     }
 }
+
+/// Issue 15 item 4: `430 4.2.0 STOREDRV; mailbox logon failure` (an app-only token
+/// without access to the mailbox) defers, and the third in a row for the account holds
+/// it and alerts with the exact `Add-MailboxPermission` command; nothing is bounced.
+#[test]
+fn a_repeated_mailbox_logon_failure_defers_twice_then_holds_naming_add_mailboxpermission() {
+    let t = Tenant::new(Auth::Xoauth2);
+    queue_one(&t);
+    t.emu.inject(
+        Fault::reply(
+            Stage::AfterDot,
+            &format!("430 4.2.0 STOREDRV; mailbox logon failure; Failed to process message due to a transient exception with message [BeginDiagnosticData]Cannot open mailbox.[EndDiagnosticData] {TAIL}"),
+        )
+        .forever(),
+    );
+    for attempt in 1..=2 {
+        let out = t.flush();
+        assert_left(&out);
+        let log = stderr(&out);
+        assert!(log.contains("status=deferred"), "attempt {attempt}: {log}");
+        assert!(!log.contains("held until"), "attempt {attempt}: {log}");
+        let quota = stdout(&t.spool.relay365(&["quota"]));
+        assert!(!quota.contains("held"), "attempt {attempt}: {quota}");
+    }
+    let log = assert_held(&t, &t.flush());
+    assert!(
+        log.contains(&format!(
+            "Add-MailboxPermission -Identity {MAILBOX} -User <object id of the enterprise application> -AccessRights FullAccess"
+        )),
+        "{log}"
+    );
+    assert!(log.contains("New-ServicePrincipal -AppId"), "{log}");
+    assert!(log.contains("relay365 account release app"), "{log}");
+    // Released and fixed, the message goes out and the count starts again.
+    t.emu.clear_faults();
+    assert_ok(&t.spool.relay365(&["account", "release", "app"]));
+    let out = t.flush();
+    assert_ok(&out);
+    assert!(t.queued().is_empty(), "{}", stderr(&out));
+    assert!(!dsn_sent(&t));
+}

@@ -171,3 +171,34 @@ fn a_repeated_mailbox_logon_failure_defers_twice_then_holds_naming_add_mailboxpe
     assert!(t.queued().is_empty(), "{}", stderr(&out));
     assert!(!dsn_sent(&t));
 }
+
+/// Issue 15 item 1: the hold for a direct-send or connector refusal at RCPT, and for a
+/// tenant block after the final dot, puts the fix in the log.
+#[test]
+fn direct_send_refused_at_rcpt_and_a_tenant_block_after_data_hold_with_the_fix_in_the_log() {
+    for (stage, reply, fix) in [
+        (
+            Stage::Rcpt(None),
+            "550 5.7.68 TenantInboundAttribution; Direct Send not allowed for this organization from unauthorized sources",
+            "RejectDirectSend",
+        ),
+        (
+            Stage::Rcpt(None),
+            "550 5.7.64 TenantAttribution; Relay Access Denied",
+            "inbound connector",
+        ),
+        (
+            Stage::AfterDot,
+            "550 5.7.708 Service unavailable. Access denied, traffic not accepted from this IP.",
+            "whole tenant",
+        ),
+    ] {
+        let t = Tenant::new(Auth::Login);
+        queue_one(&t);
+        t.emu
+            .inject(Fault::reply(stage, &format!("{reply} {TAIL}")).forever());
+        let log = assert_held(&t, &t.flush());
+        assert!(log.contains(fix), "{reply}: {log}");
+        assert!(log.contains("relay365 account release"), "{reply}: {log}");
+    }
+}

@@ -198,7 +198,8 @@ impl AccountLogin {
         }
     }
 
-    /// Opens and authenticates a session, refreshing an OAuth2 token once on 535.
+    /// Opens and authenticates a session, refreshing an OAuth2 token once on 535 or on
+    /// High Volume Email's `501 5.5.12x` (both classify as [`Action::AuthFailed`]).
     pub fn open_session(&mut self, now: SystemTime) -> Result<Session, Verdict> {
         let helo = helo_name(&self.account);
         let ep = endpoint(&self.account, &helo, self.proxy.as_ref());
@@ -243,7 +244,23 @@ impl Dial for AccountLogin {
 /// fix; this one says what to change and how to resume.
 pub fn auth_rejected(account: &Account, secrets_file: &Path, f: &Failure) -> Verdict {
     let name = &account.name;
+    let hve = |d: u16| f.reply.as_ref().is_some_and(|r| r.mentions((5, 5, d)));
+    let hve_any = f
+        .reply
+        .as_ref()
+        .is_some_and(|r| r.code == 501 && r.mentions_range(5, 5, 120, 129));
     let fix = match account.auth {
+        _ if hve(124) => format!(
+            "the High Volume Email endpoint says the user address {} is not valid (501 5.5.124): \
+             mailbox = must be the HVE account's own SMTP address, and the app needs Mail.Send and \
+             Add-HVEAppAccess for it; then run relay365 account release {name}",
+            account.mailbox
+        ),
+        _ if hve_any => format!(
+            "the High Volume Email endpoint refused even a freshly fetched token (it refuses tokens \
+             about 10 minutes before they expire): check this host's clock (NTP) and the token \
+             lifetime of the app registration, then run relay365 account release {name}"
+        ),
         AuthMode::Xoauth2 => format!(
             "the server refused a freshly fetched OAuth2 token for {}: check that the app \
              registration has SMTP.SendAsApp with admin consent, that its service principal \
@@ -314,6 +331,37 @@ mod tests {
             v.reason
         );
         assert!(v.reason.contains("535 5.7.8"), "{}", v.reason);
+    }
+
+    #[test]
+    fn a_repeated_high_volume_email_501_holds_with_its_own_fix() {
+        for (raw, needle) in [
+            (
+                "501 5.5.127 Invalid XOAUTH2 auth data - Token will expire soon",
+                "clock",
+            ),
+            (
+                "501 5.5.124 Invalid XOAUTH2 auth data - User address provided is not valid",
+                "Add-HVEAppAccess",
+            ),
+        ] {
+            let f = Failure {
+                reply: Reply::parse(raw).ok(),
+                ..refused()
+            };
+            let v = auth_rejected(
+                &account("xoauth2"),
+                std::path::Path::new("/etc/relay365/secrets.toml"),
+                &f,
+            );
+            assert_eq!(v.action, Action::AuthFailed);
+            assert!(v.reason.contains(needle), "{}", v.reason);
+            assert!(
+                v.reason.contains("relay365 account release app"),
+                "{}",
+                v.reason
+            );
+        }
     }
 
     #[test]

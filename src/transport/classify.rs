@@ -185,6 +185,12 @@ const SMTP_AUTH_FIX_ANY: &str = "SMTP AUTH is disabled or blocked for this mailb
 admin can run Set-CASMailbox -Identity <mailbox> -SmtpClientAuthenticationDisabled $false (this mailbox) \
 or Set-TransportConfig -SmtpClientAuthenticationDisabled $false (whole tenant); it also can't be used \
 while Security Defaults are on";
+const CONDITIONAL_ACCESS_FIX: &str = "Microsoft Entra ID refused the sign-in: a Conditional \
+Access policy (or MFA, or a sign-in risk policy) blocks this mailbox or app from authenticating \
+(\"did not meet the criteria to be authenticated successfully\"): an admin can find the failed \
+sign-in and the policy that blocked it in the Entra admin center > Monitoring > Sign-in logs, \
+then exclude this account or app from that Conditional Access policy (or allow this host's IP \
+as a named location)";
 const BASIC_AUTH_FIX: &str = "basic authentication (AUTH LOGIN) is turned off for SMTP AUTH: switch \
 relay365 to OAuth2 (XOAUTH2, an app registration with SMTP.SendAsApp), or have an admin re-enable \
 basic auth for SMTP AUTH while Microsoft still allows it";
@@ -211,12 +217,44 @@ tenant's IPs is not accepted; 5.7.750: mail from unregistered domains): an admin
 ticket with Microsoft 365 support or register the sending domain as an accepted domain, then \
 run relay365 account release <account>";
 
+/// The fix for direct send or a connector refusing this host (`5.7.68`, `5.7.64`): an
+/// account-level setup problem, never one message's.
+pub const DIRECT_SEND_FIX: &str = "Exchange Online refused mail from this host for the tenant \
+(5.7.68 TenantInboundAttribution: direct send is turned off; 5.7.64 TenantAttribution: no inbound \
+connector matches this host): for direct send an admin can run Set-OrganizationConfig \
+-RejectDirectSend $false; for a connector, create or fix the inbound connector (Exchange admin \
+center > Mail flow > Connectors) so it matches this host's public IP or its client certificate; \
+or use SMTP AUTH client submission (smtp.office365.com:587); then run relay365 account release \
+<account>";
+
 const SENDAS_REASON: &str = "Exchange Online does not allow this mailbox to send as the message's \
 sender (SendAs denied): set from = \"rewrite\" in relay365.toml so relay365 rewrites the sender to \
 the mailbox, or have an admin grant Send As for this address (Add-RecipientPermission)";
 const LOGON_HINT: &str = "the mailbox refused the app's logon: if this repeats, give the app's \
 service principal access with Add-MailboxPermission -Identity <mailbox> -User <service principal> \
 -AccessRights FullAccess";
+/// After this many consecutive `430 4.2.0 mailbox logon failure` replies for an account,
+/// the deferral becomes a hold with [`logon_fix`].
+pub const LOGON_REPEATS_HOLD: u32 = 3;
+
+/// Whether `v` is the deferral for `430 4.2.0 mailbox logon failure`, which holds the
+/// account once it repeats [`LOGON_REPEATS_HOLD`] times.
+pub fn is_logon_failure(v: &Verdict) -> bool {
+    matches!(&v.action, Action::Defer { hint: Some(h) } if h == LOGON_HINT)
+}
+
+/// The hold after repeated mailbox logon failures: an app-only token without access to
+/// the mailbox. The exact PowerShell, with the mailbox and app filled in.
+pub fn logon_fix(mailbox: &str, client_id: &str, account: &str) -> String {
+    format!(
+        "the mailbox {mailbox} refused the app's logon {LOGON_REPEATS_HOLD} times in a row (430 \
+         4.2.0 mailbox logon failure): the app's token has no access to the mailbox. An Exchange \
+         admin can run, in Exchange Online PowerShell: New-ServicePrincipal -AppId {client_id} \
+         -ObjectId <object id of the enterprise application> (once), then \
+         Add-MailboxPermission -Identity {mailbox} -User <object id of the enterprise \
+         application> -AccessRights FullAccess; then run relay365 account release {account}"
+    )
+}
 
 /// Longest `Retry-After` honoured as given; a longer one (or a date) is cut to this,
 /// so a broken proxy cannot park an account for days.
@@ -435,7 +473,13 @@ pub fn classify(reply: &Reply, stage: Stage) -> Verdict {
 
     // Auth-disabled codes before the generic 535, since 5.7.139 also comes as 535.
     if reply.mentions((5, 7, 139)) {
-        let fix = if has("disabled for the tenant") {
+        if has("credentials were incorrect") {
+            // A wrong password (or a refused token), not SMTP AUTH being off.
+            return auth_failed(reply);
+        }
+        let fix = if has("did not meet the criteria") || has("conditional access") {
+            CONDITIONAL_ACCESS_FIX
+        } else if has("disabled for the tenant") {
             SMTP_AUTH_FIX_TENANT
         } else if has("disabled for the mailbox") {
             SMTP_AUTH_FIX_MAILBOX
@@ -460,16 +504,21 @@ pub fn classify(reply: &Reply, stage: Stage) -> Verdict {
     if reply.mentions((4, 7, 66)) {
         return hold(HoldUntil::Release, TLS_FIX, reply);
     }
-    if code == 535 {
-        return Verdict::new(
-            Action::AuthFailed,
-            format!(
-                "the server rejected the credentials or token ({reply}): refreshing the OAuth2 \
-                 token once; if that fails the account is held"
-            ),
-        );
+    // High Volume Email refuses a token close to its expiry (5.5.127) or for the wrong
+    // user (5.5.124) with 501 5.5.12x: refresh the token once, then hold.
+    if code == 535 || (stage == Stage::Auth && code == 501 && reply.mentions_range(5, 5, 120, 129))
+    {
+        return auth_failed(reply);
     }
 
+    // Account-level at any stage (RCPT and the end of DATA too): never bounce the queue.
+    if reply.mentions((5, 7, 68))
+        || reply.mentions((5, 7, 64))
+        || has("tenantinboundattribution")
+        || has("tenantattribution")
+    {
+        return hold(HoldUntil::Release, DIRECT_SEND_FIX, reply);
+    }
     if reply.mentions((5, 7, 705)) || reply.mentions((5, 7, 708)) || reply.mentions((5, 7, 750)) {
         return hold(HoldUntil::Release, TENANT_BLOCK_FIX, reply);
     }
@@ -571,6 +620,16 @@ pub fn classify_no_reply(stage: Stage, what: &str) -> Verdict {
     )
 }
 
+fn auth_failed(reply: &Reply) -> Verdict {
+    Verdict::new(
+        Action::AuthFailed,
+        format!(
+            "the server rejected the credentials or token ({reply}): refreshing the OAuth2 \
+             token once; if that fails the account is held"
+        ),
+    )
+}
+
 fn throttled() -> Verdict {
     Verdict::new(
         Action::PauseAccount,
@@ -647,9 +706,32 @@ mod tests {
             "550 5.7.708 Service unavailable. Access denied, traffic not accepted from this IP.",
             "550 5.7.750 Service unavailable. Client blocked from sending from unregistered domains.",
         ] {
-            let (until, fix) = held(raw, Stage::AfterDot);
-            assert_eq!(until, HoldUntil::Release);
-            assert!(fix.contains("whole tenant"), "{fix}");
+            for stage in [Stage::Mail, Stage::Rcpt, Stage::AfterDot] {
+                let v = verdict(raw, stage);
+                assert!(!v.action.bounces() && v.action.alerts(), "{raw} at {stage}");
+                let (until, fix) = held(raw, stage);
+                assert_eq!(until, HoldUntil::Release);
+                assert!(fix.contains("whole tenant"), "{fix}");
+            }
+        }
+    }
+
+    #[test]
+    fn direct_send_and_connector_refusals_hold_at_any_stage() {
+        for raw in [
+            "550 5.7.68 TenantInboundAttribution; Direct Send not allowed for this organization from unauthorized sources",
+            "550 5.7.64 TenantAttribution; Relay Access Denied",
+        ] {
+            for stage in [Stage::Mail, Stage::Rcpt, Stage::Data, Stage::AfterDot] {
+                let v = verdict(raw, stage);
+                assert!(!v.action.bounces(), "{raw} at {stage}");
+                assert!(v.action.ends_transaction(), "{raw} at {stage}");
+                let (until, fix) = held(raw, stage);
+                assert_eq!(until, HoldUntil::Release);
+                assert!(fix.contains("RejectDirectSend"), "{fix}");
+                assert!(fix.contains("inbound connector"), "{fix}");
+                assert!(v.reason.contains("server said: 550 5.7."), "{}", v.reason);
+            }
         }
     }
 
@@ -993,7 +1075,7 @@ mod tests {
         );
         assert!(fix.contains("XOAUTH2"));
         let (_, fix) = held(
-            "535 5.7.139 Authentication unsuccessful, the request did not meet the criteria to be authenticated successfully. Contact your administrator.",
+            "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is blocked.",
             Stage::Auth,
         );
         assert!(fix.contains("Set-CASMailbox") && fix.contains("Set-TransportConfig"));
@@ -1017,6 +1099,46 @@ mod tests {
         let v = verdict("504 5.7.4 Unrecognized authentication type", Stage::Auth);
         assert!(v.action.alerts() && !v.action.bounces());
         assert!(v.reason.contains("server said: 504 5.7.4"));
+    }
+
+    #[test]
+    fn wrong_password_5_7_139_is_an_auth_failure_not_smtp_auth_disabled() {
+        let v = verdict(
+            "535 5.7.139 Authentication unsuccessful, the user credentials were incorrect. [BeginDiagnosticData]x[EndDiagnosticData]",
+            Stage::Auth,
+        );
+        assert_eq!(v.action, Action::AuthFailed);
+        assert!(!v.reason.contains("SMTP AUTH is disabled"), "{}", v.reason);
+        assert!(!v.action.bounces());
+    }
+
+    #[test]
+    fn conditional_access_holds_naming_conditional_access() {
+        let (until, fix) = held(
+            "535 5.7.139 Authentication unsuccessful, the request did not meet the criteria to be authenticated successfully. Contact your administrator.",
+            Stage::Auth,
+        );
+        assert_eq!(until, HoldUntil::Release);
+        assert!(fix.contains("Conditional Access"), "{fix}");
+        assert!(fix.contains("Sign-in logs"), "{fix}");
+        assert!(!fix.contains("SMTP AUTH is disabled"), "{fix}");
+    }
+
+    #[test]
+    fn high_volume_email_501_5_5_12x_at_auth_refreshes_the_token() {
+        for raw in [
+            "501 5.5.127 Invalid XOAUTH2 auth data - Token will expire soon",
+            "501 5.5.124 Invalid XOAUTH2 auth data - User address provided is not valid",
+        ] {
+            let v = verdict(raw, Stage::Auth);
+            assert_eq!(v.action, Action::AuthFailed, "{raw}");
+            assert!(v.reason.contains("refreshing the OAuth2 token once"));
+        }
+        // Elsewhere a 501 5.5.12x is an ordinary syntax refusal of that message.
+        assert_eq!(
+            action("501 5.5.124 bad address", Stage::Mail),
+            Action::BounceMessage
+        );
     }
 
     #[test]
@@ -1084,6 +1206,31 @@ mod tests {
             }
             other => panic!("expected a deferral with hint, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn the_logon_failure_deferral_is_recognised_and_its_hold_names_the_powershell() {
+        let v = verdict(
+            "430 4.2.0 STOREDRV; mailbox logon failure; Failed to process message",
+            Stage::AfterDot,
+        );
+        assert!(is_logon_failure(&v));
+        assert!(!is_logon_failure(&verdict(
+            "451 4.7.0 Temporary server error",
+            Stage::AfterDot
+        )));
+        let fix = logon_fix("app@contoso.com", "1111-2222", "app");
+        assert!(
+            fix.contains(
+                "Add-MailboxPermission -Identity app@contoso.com -User <object id of the enterprise application> -AccessRights FullAccess"
+            ),
+            "{fix}"
+        );
+        assert!(
+            fix.contains("New-ServicePrincipal -AppId 1111-2222"),
+            "{fix}"
+        );
+        assert!(fix.contains("relay365 account release app"), "{fix}");
     }
 
     #[test]

@@ -252,6 +252,24 @@ fn reply_table_account_problems_hold_never_bounce() {
     );
 }
 
+/// Issue 15 item 1: direct send and connector refusals and the tenant blocks are
+/// account-level wherever they come, at RCPT or after the final dot: hold with the fix,
+/// bounce nothing.
+#[test]
+fn direct_send_connector_and_tenant_block_refusals_hold_the_account_at_rcpt_and_after_data() {
+    for reply in [
+        "550 5.7.68 TenantInboundAttribution; Direct Send not allowed for this organization from unauthorized sources [SY5P282CA0097 2025-11-23T11:12:20.123Z 08DE2A6028D26C22]",
+        "550 5.7.64 TenantAttribution; Relay Access Denied [SY5P282CA0097 2025-11-23T11:12:20.123Z 08DE2A6028D26C22]",
+        "550 5.7.705 Access denied, tenant has exceeded threshold. [SY5P282CA0097 2025-11-23T11:12:20.123Z 08DE2A6028D26C22]",
+        "550 5.7.708 Service unavailable. Access denied, traffic not accepted from this IP. [SY5P282CA0097 2025-11-23T11:12:20.123Z 08DE2A6028D26C22]",
+        "550 5.7.750 Service unavailable. Client blocked from sending from unregistered domains. [SY5P282CA0097 2025-11-23T11:12:20.123Z 08DE2A6028D26C22]",
+    ] {
+        for stage in [Stage::Rcpt(None), Stage::AfterDot] {
+            reply_row(stage, reply, Expect::Held);
+        }
+    }
+}
+
 #[test]
 fn reply_table_temporary_replies_defer() {
     reply_row(

@@ -3,6 +3,7 @@
 mod admin;
 mod crash;
 mod delivery;
+mod exchange;
 mod faults;
 mod fleet;
 mod graph;

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::{AccountWorker, Flow};
 use crate::config::Transport as Kind;
-use crate::daemon::hold::write_hold;
+use crate::daemon::hold::{clear_logon_failures, count_logon_failure, write_hold};
 use crate::spool::queue::{Locked, QueueEntry, RcptStatus};
 use crate::transport::classify::{
     self, Action, HOLD_PROBE_INTERVAL, HoldUntil, Quota, Verdict, pause_for,
@@ -84,6 +84,7 @@ impl AccountWorker {
             TxnEnd::All(v) => self.apply(locked, batch, &v, now),
             TxnEnd::NoneAccepted => Flow::Continue,
             TxnEnd::Sent(text) => {
+                clear_logon_failures(&self.spool, &self.account.name);
                 for &i in &accepted {
                     self.mark_sent(locked, i, &relay, &text);
                 }
@@ -219,6 +220,27 @@ impl AccountWorker {
                 e.recipients[i].reply = Some(text.to_string());
             }
         };
+        // `430 4.2.0 mailbox logon failure` looks temporary, but repeated it is a missing
+        // mailbox permission: hold with the PowerShell instead of deferring forever.
+        if classify::is_logon_failure(v)
+            && count_logon_failure(&self.spool, &name) >= classify::LOGON_REPEATS_HOLD
+        {
+            clear_logon_failures(&self.spool, &name);
+            let client_id = self
+                .account
+                .oauth
+                .as_ref()
+                .map_or("<client_id>", |o| o.client_id.as_str());
+            let fix = classify::logon_fix(&self.account.mailbox, client_id, &name);
+            let held = Verdict {
+                action: Action::HoldAccount {
+                    until: HoldUntil::Release,
+                    fix: fix.clone(),
+                },
+                reason: format!("{fix} (server said: {})", v.reason),
+            };
+            return self.apply(locked, indices, &held, now);
+        }
         match &v.action {
             Action::Accepted => Flow::Continue,
             Action::BounceRecipient => {

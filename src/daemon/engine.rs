@@ -74,8 +74,14 @@ impl ExitStatus for EngineError {
     }
 }
 
-/// A job for a worker: a message and whether the run is explicit.
-type Job = (QueueId, bool);
+/// A job for a worker: a message, whether the run is explicit (a flush or `sendmail
+/// -q`: the message's retry time is ignored) and whether it is forced (root's flush:
+/// the account's hold and backoff are ignored too).
+type Job = (QueueId, bool, bool);
+
+/// `sendmail -q`, which any local user may run, starts at most one queue run per this
+/// long; a request within it is coalesced into one run at its end (issue 18 item 1).
+pub const QUEUE_RUN_INTERVAL: Duration = Duration::from_secs(5);
 
 #[derive(Default)]
 struct Jobs {
@@ -135,6 +141,12 @@ pub struct Engine {
     /// attempt ends deferred, they are retried at once, as the request asked, instead
     /// of waiting out the backoff that attempt set.
     rerun: HashSet<QueueId>,
+    /// The run being dispatched is root's (`relay365 flush`, `flush --wake`): it
+    /// overrides account holds and backoff.
+    force: bool,
+    /// When the last `sendmail -q` run started, and whether one waits for the interval.
+    last_queue_run: Option<std::time::Instant>,
+    queue_run_waiting: bool,
     results_tx: mpsc::Sender<(QueueId, Report)>,
     results_rx: mpsc::Receiver<(QueueId, Report)>,
     wake_read: OwnedFd,
@@ -183,6 +195,9 @@ impl Engine {
             due_of: HashMap::new(),
             in_flight: HashSet::new(),
             rerun: HashSet::new(),
+            force: false,
+            last_queue_run: None,
+            queue_run_waiting: false,
             results_tx,
             results_rx,
             wake_read,
@@ -407,7 +422,7 @@ impl Engine {
             };
             let explicit = self.rerun.remove(&id) || explicit;
             if let Ok(mut q) = pool.jobs.queue.lock() {
-                q.push_back((id.clone(), explicit));
+                q.push_back((id.clone(), explicit, explicit && self.force));
                 pool.jobs.cv.notify_one();
             }
             self.schedule.remove(&(at, id.clone()));
@@ -498,6 +513,7 @@ impl Engine {
     pub fn flush(&mut self) {
         // The queue as it stands first, then the new mail, which the pickup schedules
         // itself (in the other order every new entry would be read back once more).
+        self.force = true;
         self.load_schedule();
         self.pickup(true);
         self.dispatch(SystemTime::now(), true);
@@ -559,6 +575,7 @@ impl Engine {
             let now = SystemTime::now();
             self.dispatch(now, explicit);
             explicit = false;
+            self.force = false;
             let next_due = self
                 .schedule
                 .iter()
@@ -566,7 +583,10 @@ impl Engine {
                 .map(|(at, _)| Duration::from_micros(at.saturating_sub(micros(now))));
             let until_scan =
                 SAFETY_SCAN.saturating_sub(now.duration_since(last_scan).unwrap_or_default());
-            let wait = next_due.map_or(until_scan, |d| d.min(until_scan));
+            let mut wait = next_due.map_or(until_scan, |d| d.min(until_scan));
+            if let Some(d) = self.queue_run_wait() {
+                wait = wait.min(d);
+            }
             // Round up so we wake at or just after the due moment, never before it.
             let ms = wait
                 .as_millis()
@@ -603,12 +623,34 @@ impl Engine {
                 self.collect(true, false);
                 self.save_counters(false);
             }
+            let mut run = None;
             if ready.get(3).copied().unwrap_or(false) {
+                let mut forced = false;
                 if let Some(t) = &trigger {
                     let mut buf = [0u8; 64];
-                    let _ = (&*t).read(&mut buf);
+                    let n = (&*t).read(&mut buf).unwrap_or(0);
+                    forced = buf[..n].contains(&crate::spool::trigger::FORCED_RUN);
                 }
-                self.info("queue run requested");
+                if forced {
+                    run = Some(true);
+                } else {
+                    self.queue_run_waiting = true;
+                }
+            }
+            if run.is_none() && self.queue_run_wait() == Some(Duration::ZERO) {
+                run = Some(false);
+            }
+            if let Some(forced) = run {
+                if forced {
+                    self.info(
+                        "queue run requested (relay365 flush --wake: holds and backoff overridden)",
+                    );
+                } else {
+                    self.info("queue run requested");
+                    self.last_queue_run = Some(std::time::Instant::now());
+                }
+                self.queue_run_waiting = false;
+                self.force = forced;
                 // What is in flight now may come back deferred after this run's
                 // dispatch; it is part of the run too.
                 self.rerun.extend(self.in_flight.iter().cloned());
@@ -631,6 +673,18 @@ impl Engine {
         self.save_counters(true);
         self.info("daemon stopped");
         Ok(())
+    }
+
+    /// How long until a waiting `sendmail -q` run may start (zero: now); `None` when
+    /// none waits. At most one per [`QUEUE_RUN_INTERVAL`]: any local user can write the
+    /// trigger in a loop.
+    fn queue_run_wait(&self) -> Option<Duration> {
+        if !self.queue_run_waiting {
+            return None;
+        }
+        Some(self.last_queue_run.map_or(Duration::ZERO, |at| {
+            QUEUE_RUN_INTERVAL.saturating_sub(at.elapsed())
+        }))
     }
 
     /// SIGHUP: re-reads config, aliases and secrets; keeps the old ones on error.
@@ -699,8 +753,10 @@ fn worker(
                 }
             }
         };
-        let Some((id, explicit)) = job else { continue };
-        let report = account_worker.deliver(&id, explicit);
+        let Some((id, explicit, force)) = job else {
+            continue;
+        };
+        let report = account_worker.deliver(&id, explicit, force);
         let _ = tx.send((id, report));
         let _ = nix::unistd::write(wake, b"r");
     }

@@ -447,6 +447,51 @@ fn account_hold_and_release() {
     assert!(!stdout(&t.spool.relay365(&["quota"])).contains("held"));
 }
 
+// Issue 18 item 1: any local user can run `sendmail -q`. It used to override the
+// account's hold, so a loop of it drove an AUTH attempt with a refused password each
+// time (what makes Entra ID lock the mailbox user out). Now only root's flush does.
+#[test]
+fn a_sendmail_q_loop_against_a_held_account_makes_no_extra_auth_attempt() {
+    let t = Tenant::new(Auth::Login);
+    t.emu
+        .inject(Fault::reply(Stage::Auth, "535 5.7.3 Authentication unsuccessful").forever());
+    let d = Daemon::start(&t.spool);
+    send(&t, &["-i", "x@example.org"], b"Subject: s\n\nx\n");
+    assert!(
+        eventually(Duration::from_secs(10), || stdout(
+            &t.spool.relay365(&["quota"])
+        )
+        .contains("held")),
+        "{}",
+        d.log_text()
+    );
+    let auths = t.emu.reply_count(535);
+    let connections = t.emu.connections_opened();
+    assert_eq!(auths, 1, "{}", d.log_text());
+    for _ in 0..30 {
+        assert_ok(&t.spool.sendmail(&["-q"], b""));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Past the rate limit, so that the coalesced run has happened too.
+    std::thread::sleep(relay365::daemon::engine::QUEUE_RUN_INTERVAL + Duration::from_secs(1));
+    assert!(
+        d.log_text().contains("queue run requested"),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(t.emu.reply_count(535), auths, "{}", d.log_text());
+    assert_eq!(t.emu.connections_opened(), connections, "{}", d.log_text());
+    assert_eq!(t.emu.message_count(), 0);
+    // Root's flush --wake still overrides the hold: one more attempt, refused again.
+    assert_ok(&t.spool.relay365(&["flush", "--wake"]));
+    assert!(
+        eventually(Duration::from_secs(10), || t.emu.reply_count(535)
+            == auths + 1),
+        "{}",
+        d.log_text()
+    );
+}
+
 #[test]
 fn daemon_killed_mid_transaction_loses_nothing() {
     let t = Tenant::new(Auth::Login);

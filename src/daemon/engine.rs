@@ -79,9 +79,7 @@ impl ExitStatus for EngineError {
 /// the account's hold and backoff are ignored too).
 type Job = (QueueId, bool, bool);
 
-/// `sendmail -q`, which any local user may run, starts at most one queue run per this
-/// long; a request within it is coalesced into one run at its end (issue 18 item 1).
-pub const QUEUE_RUN_INTERVAL: Duration = Duration::from_secs(5);
+pub use super::queue_run::QUEUE_RUN_INTERVAL;
 
 #[derive(Default)]
 struct Jobs {
@@ -144,9 +142,8 @@ pub struct Engine {
     /// The run being dispatched is root's (`relay365 flush`, `flush --wake`): it
     /// overrides account holds and backoff.
     force: bool,
-    /// When the last `sendmail -q` run started, and whether one waits for the interval.
-    last_queue_run: Option<std::time::Instant>,
-    queue_run_waiting: bool,
+    /// The rate limit of `sendmail -q`.
+    queue_runs: super::queue_run::QueueRuns,
     results_tx: mpsc::Sender<(QueueId, Report)>,
     results_rx: mpsc::Receiver<(QueueId, Report)>,
     wake_read: OwnedFd,
@@ -196,8 +193,7 @@ impl Engine {
             in_flight: HashSet::new(),
             rerun: HashSet::new(),
             force: false,
-            last_queue_run: None,
-            queue_run_waiting: false,
+            queue_runs: Default::default(),
             results_tx,
             results_rx,
             wake_read,
@@ -584,7 +580,7 @@ impl Engine {
             let until_scan =
                 SAFETY_SCAN.saturating_sub(now.duration_since(last_scan).unwrap_or_default());
             let mut wait = next_due.map_or(until_scan, |d| d.min(until_scan));
-            if let Some(d) = self.queue_run_wait() {
+            if let Some(d) = self.queue_runs.wait() {
                 wait = wait.min(d);
             }
             // Round up so we wake at or just after the due moment, never before it.
@@ -633,23 +629,20 @@ impl Engine {
                 }
                 if forced {
                     run = Some(true);
+                    self.queue_runs.forced();
                 } else {
-                    self.queue_run_waiting = true;
+                    self.queue_runs.request();
                 }
             }
-            if run.is_none() && self.queue_run_wait() == Some(Duration::ZERO) {
+            if run.is_none() && self.queue_runs.take_due() {
                 run = Some(false);
             }
             if let Some(forced) = run {
-                if forced {
-                    self.info(
-                        "queue run requested (relay365 flush --wake: holds and backoff overridden)",
-                    );
+                self.info(if forced {
+                    "queue run requested (flush --wake: holds and backoff overridden)"
                 } else {
-                    self.info("queue run requested");
-                    self.last_queue_run = Some(std::time::Instant::now());
-                }
-                self.queue_run_waiting = false;
+                    "queue run requested"
+                });
                 self.force = forced;
                 // What is in flight now may come back deferred after this run's
                 // dispatch; it is part of the run too.
@@ -673,18 +666,6 @@ impl Engine {
         self.save_counters(true);
         self.info("daemon stopped");
         Ok(())
-    }
-
-    /// How long until a waiting `sendmail -q` run may start (zero: now); `None` when
-    /// none waits. At most one per [`QUEUE_RUN_INTERVAL`]: any local user can write the
-    /// trigger in a loop.
-    fn queue_run_wait(&self) -> Option<Duration> {
-        if !self.queue_run_waiting {
-            return None;
-        }
-        Some(self.last_queue_run.map_or(Duration::ZERO, |at| {
-            QUEUE_RUN_INTERVAL.saturating_sub(at.elapsed())
-        }))
     }
 
     /// SIGHUP: re-reads config, aliases and secrets; keeps the old ones on error.

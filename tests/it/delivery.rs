@@ -1157,3 +1157,64 @@ fn delivery_starts_while_a_backlog_is_still_being_picked_up() {
          ({picked_before} before it)"
     );
 }
+
+// Issue 18 item 7: `senders` routes by addresses the caller chooses, so it is not
+// access control; `allowed_uids` is. A caller routed by its sender to an account that
+// does not allow it goes out through the default account instead.
+#[test]
+fn a_caller_not_in_an_accounts_allowed_uids_falls_back_to_the_default_account() {
+    let t = Tenant::with_accounts(
+        tenant_config(),
+        Auth::Login,
+        "",
+        &[ExtraAccount {
+            name: "billing",
+            mailbox: "billing@contoso.com",
+            extra: "senders = [\"*@billing.contoso.com\"]\nallowed_uids = [4242]\n".into(),
+        }],
+    );
+    send(
+        &t,
+        &["-i", "-f", "inv@billing.contoso.com", "x@example.org"],
+        b"Subject: borrow\n\nx\n",
+    );
+    assert_ok(&t.flush());
+    let msgs = t.emu.messages();
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(
+        msgs[0].mailbox.as_deref(),
+        Some(MAILBOX),
+        "not billing's mailbox"
+    );
+    assert_eq!(msgs[0].rcpts, ["x@example.org"]);
+}
+
+// ...and a caller no account allows is refused with a DSN to its sender; nothing
+// reaches the recipient.
+#[test]
+fn a_caller_no_account_allows_is_refused_with_a_dsn_to_the_sender() {
+    let t = Tenant::with(tenant_config(), Auth::Login, "allowed_groups = [4242]\n");
+    send(
+        &t,
+        &["-i", "-f", "shop@contoso.com", "x@example.org"],
+        b"Subject: not yours\n\nx\n",
+    );
+    let out = t.flush();
+    assert_ok(&out);
+    let msgs = t.emu.messages();
+    assert!(
+        msgs.iter()
+            .all(|m| !m.rcpts.contains(&"x@example.org".to_string())),
+        "nothing for the recipient: {}",
+        stderr(&out)
+    );
+    let dsn = msgs
+        .iter()
+        .find(|m| String::from_utf8_lossy(&m.data).contains("multipart/report"))
+        .expect("a bounce");
+    assert_eq!(dsn.rcpts, ["shop@contoso.com"]);
+    let text = String::from_utf8_lossy(&dsn.data);
+    assert!(text.contains("Status: 5.7.1"), "{text}");
+    assert!(text.contains("allowed_uids or allowed_groups"), "{text}");
+    assert!(t.queued().is_empty());
+}

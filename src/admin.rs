@@ -366,7 +366,7 @@ fn daemon(config_path: &Path) -> Exit {
 
 fn wake(spool: &Spool) -> Exit {
     let path = spool.trigger();
-    match trigger::wake(&path) {
+    match trigger::wake(&path, trigger::FORCED_RUN) {
         Ok(()) => Exit::Ok,
         Err(e) => {
             let e = WakeError::from_io(&path, e);

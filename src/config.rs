@@ -4,6 +4,7 @@
 //! Trusts the file as far as its owner (root) goes, but refuses any unknown key or bad
 //! value with the file, line and key named, so a typo never silently changes behaviour.
 
+pub mod access;
 pub mod graph;
 pub mod limits;
 pub mod listener;
@@ -232,6 +233,8 @@ struct RawAccount {
     senders: Vec<String>,
     #[serde(default)]
     uids: Vec<u32>,
+    allowed_uids: Option<Vec<access::IdOrName>>,
+    allowed_groups: Option<Vec<access::IdOrName>>,
     transport: Option<String>,
     timeout: Option<Span>,
     helo_name: Option<String>,
@@ -264,6 +267,9 @@ pub struct Account {
     pub senders: Vec<String>,
     /// Caller uids routed to this account.
     pub uids: Vec<u32>,
+    /// `allowed_uids` / `allowed_groups`: who may send through it (routing by
+    /// `senders` is not access control).
+    pub access: access::Access,
     pub transport: Transport,
     /// Bound on every network wait (connect, each reply, the token endpoint).
     pub timeout: Duration,
@@ -652,6 +658,10 @@ impl Account {
             from: r.from.unwrap_or(FromPolicy::Rewrite),
             senders: r.senders,
             uids: r.uids,
+            access: access::Access {
+                uids: r.allowed_uids,
+                groups: r.allowed_groups,
+            },
             transport,
             timeout: r.timeout.map_or(Duration::from_secs(60), |s| s.0),
             helo_name: r.helo_name,

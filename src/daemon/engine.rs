@@ -74,8 +74,12 @@ impl ExitStatus for EngineError {
     }
 }
 
-/// A job for a worker: a message and whether the run is explicit.
-type Job = (QueueId, bool);
+/// A job for a worker: a message, whether the run is explicit (a flush or `sendmail
+/// -q`: the message's retry time is ignored) and whether it is forced (root's flush:
+/// the account's hold and backoff are ignored too).
+type Job = (QueueId, bool, bool);
+
+pub use super::queue_run::QUEUE_RUN_INTERVAL;
 
 #[derive(Default)]
 struct Jobs {
@@ -136,6 +140,11 @@ pub struct Engine {
     /// attempt ends deferred, they are retried at once, as the request asked, instead
     /// of waiting out the backoff that attempt set.
     rerun: HashSet<QueueId>,
+    /// The run being dispatched is root's (`relay365 flush`, `flush --wake`): it
+    /// overrides account holds and backoff.
+    force: bool,
+    /// The rate limit of `sendmail -q`.
+    queue_runs: super::queue_run::QueueRuns,
     results_tx: mpsc::Sender<(QueueId, Report)>,
     results_rx: mpsc::Receiver<(QueueId, Report)>,
     wake_read: OwnedFd,
@@ -184,6 +193,8 @@ impl Engine {
             due_of: HashMap::new(),
             in_flight: HashSet::new(),
             rerun: HashSet::new(),
+            force: false,
+            queue_runs: Default::default(),
             results_tx,
             results_rx,
             wake_read,
@@ -412,7 +423,7 @@ impl Engine {
             };
             let explicit = self.rerun.remove(&id) || explicit;
             if let Ok(mut q) = pool.jobs.queue.lock() {
-                q.push_back((id.clone(), explicit));
+                q.push_back((id.clone(), explicit, explicit && self.force));
                 pool.jobs.cv.notify_one();
             }
             self.schedule.remove(&(at, id.clone()));
@@ -503,6 +514,7 @@ impl Engine {
     pub fn flush(&mut self) {
         // The queue as it stands first, then the new mail, which the pickup schedules
         // itself (in the other order every new entry would be read back once more).
+        self.force = true;
         self.load_schedule();
         self.pickup(true);
         self.dispatch(SystemTime::now(), true);
@@ -564,6 +576,7 @@ impl Engine {
             let now = SystemTime::now();
             self.dispatch(now, explicit);
             explicit = false;
+            self.force = false;
             let next_due = self
                 .schedule
                 .iter()
@@ -571,7 +584,10 @@ impl Engine {
                 .map(|(at, _)| Duration::from_micros(at.saturating_sub(micros(now))));
             let until_scan =
                 SAFETY_SCAN.saturating_sub(now.duration_since(last_scan).unwrap_or_default());
-            let wait = next_due.map_or(until_scan, |d| d.min(until_scan));
+            let mut wait = next_due.map_or(until_scan, |d| d.min(until_scan));
+            if let Some(d) = self.queue_runs.wait() {
+                wait = wait.min(d);
+            }
             // Round up so we wake at or just after the due moment, never before it.
             let ms = wait
                 .as_millis()
@@ -608,12 +624,31 @@ impl Engine {
                 self.collect(true, false);
                 self.save_counters(false);
             }
+            let mut run = None;
             if ready.get(3).copied().unwrap_or(false) {
+                let mut forced = false;
                 if let Some(t) = &trigger {
                     let mut buf = [0u8; 64];
-                    let _ = (&*t).read(&mut buf);
+                    let n = (&*t).read(&mut buf).unwrap_or(0);
+                    forced = buf[..n].contains(&crate::spool::trigger::FORCED_RUN);
                 }
-                self.info("queue run requested");
+                if forced {
+                    run = Some(true);
+                    self.queue_runs.forced();
+                } else {
+                    self.queue_runs.request();
+                }
+            }
+            if run.is_none() && self.queue_runs.take_due() {
+                run = Some(false);
+            }
+            if let Some(forced) = run {
+                self.info(if forced {
+                    "queue run requested (flush --wake: holds and backoff overridden)"
+                } else {
+                    "queue run requested"
+                });
+                self.force = forced;
                 // What is in flight now may come back deferred after this run's
                 // dispatch; it is part of the run too.
                 self.rerun.extend(self.in_flight.iter().cloned());
@@ -704,8 +739,10 @@ fn worker(
                 }
             }
         };
-        let Some((id, explicit)) = job else { continue };
-        let report = account_worker.deliver(&id, explicit);
+        let Some((id, explicit, force)) = job else {
+            continue;
+        };
+        let report = account_worker.deliver(&id, explicit, force);
         let _ = tx.send((id, report));
         let _ = nix::unistd::write(wake, b"r");
     }

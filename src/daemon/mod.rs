@@ -10,6 +10,7 @@ pub mod harvest;
 pub mod hold;
 pub mod metrics;
 pub mod pickup;
+pub mod queue_run;
 pub mod route;
 pub mod stop;
 pub mod worker;

@@ -197,6 +197,26 @@ pub fn pickup(
                                 config.listener.as_ref().and_then(|l| l.account.clone())
                             }))
                             .filter(|name| config.accounts.iter().any(|a| &a.name == name));
+                    // SECURITY: a local caller no account allows is refused: its
+                    // recipients fail here and the sender gets a DSN (issue 18 item 7).
+                    let refused = env
+                        .client
+                        .is_none()
+                        .then(|| route::refused(config, uid))
+                        .flatten();
+                    if let Some(reply) = refused {
+                        log.warning(&format!(
+                            "{id}: uid={uid} refused: no account allows this caller"
+                        ));
+                        for r in entry
+                            .recipients
+                            .iter_mut()
+                            .filter(|r| r.status == RcptStatus::Pending)
+                        {
+                            r.status = RcptStatus::Failed;
+                            r.reply = Some(reply.clone());
+                        }
+                    }
                     entry.account = listener_account.or_else(|| {
                         route::route(config, env.sender.as_str(), from.as_deref(), uid)
                             .map(|a| a.name.clone())

@@ -1,6 +1,9 @@
 //! Routing: which account a message goes out through. By envelope sender or From
 //! address against each account's `senders` patterns, then by caller uid against
 //! `uids`, else the first account — Microsoft's advice is one mailbox per application.
+//! Only accounts whose `allowed_uids` / `allowed_groups` allow the caller count: a
+//! caller routed to an account it may not use falls back to the default (first)
+//! account, else to any account that allows it, else it has none (issue 18 item 7).
 //!
 //! Inputs: the daemon's queue entry and the message's own headers (caller-written,
 //! used only to choose among the administrator's accounts).
@@ -59,7 +62,8 @@ pub fn from_address(message: &[u8]) -> Option<String> {
         .map(|a| a.to_string())
 }
 
-/// The account for a message, or `None` when no account is configured.
+/// The account for a message, or `None` when no account is configured or none allows
+/// the caller `uid` ([`refused`] tells the two apart).
 pub fn route<'a>(
     config: &'a Config,
     sender: &str,
@@ -72,12 +76,25 @@ pub fn route<'a>(
                 || from.is_some_and(|f| matches(p, f, &config.domain))
         })
     };
-    config
-        .accounts
-        .iter()
+    let allowed = || config.accounts.iter().filter(|a| a.access.allows(uid));
+    allowed()
         .find(|a| by_address(a))
-        .or_else(|| config.accounts.iter().find(|a| a.uids.contains(&uid)))
-        .or_else(|| config.accounts.first())
+        .or_else(|| allowed().find(|a| a.uids.contains(&uid)))
+        .or_else(|| config.accounts.first().filter(|a| a.access.allows(uid)))
+        .or_else(|| allowed().next())
+}
+
+/// Why the caller `uid` has no account although accounts are configured, if so: the
+/// reply its recipients fail with (a DSN goes to the sender).
+pub fn refused(config: &Config, uid: u32) -> Option<String> {
+    (!config.accounts.is_empty() && !config.accounts.iter().any(|a| a.access.allows(uid))).then(
+        || {
+            format!(
+                "550 5.7.1 uid {uid} may not send mail from this host: no account's \
+                 allowed_uids or allowed_groups in relay365.toml names it"
+            )
+        },
+    )
 }
 
 #[cfg(test)]
@@ -125,5 +142,25 @@ mod tests {
             name("root@web1.example", None, 0).as_deref(),
             Some("default")
         );
+    }
+
+    #[test]
+    fn a_caller_not_allowed_falls_back_to_the_default_account_or_is_refused() {
+        let c = Config::from_toml(
+            Path::new("t"),
+            "domain = \"web1.example\"\n[[account]]\nname = \"default\"\nmailbox = \"a@c.com\"\nauth = \"none\"\nhost = \"127.0.0.1\"\ntls = \"none\"\nallowed_uids = [33, 34]\n\
+             [[account]]\nname = \"billing\"\nmailbox = \"b@c.com\"\nauth = \"none\"\nhost = \"127.0.0.1\"\ntls = \"none\"\nsenders = [\"*@billing.c.com\"]\nallowed_uids = [33]\n",
+        )
+        .unwrap();
+        let name = |s: &str, uid| route(&c, s, None, uid).map(|a| a.name.clone());
+        assert_eq!(name("x@billing.c.com", 33).as_deref(), Some("billing"));
+        // 34 names billing's address but may not use it: the default account.
+        assert_eq!(name("x@billing.c.com", 34).as_deref(), Some("default"));
+        assert!(refused(&c, 34).is_none());
+        // 1000 may use neither: refused, with a reason for the DSN.
+        assert_eq!(name("x@billing.c.com", 1000), None);
+        assert!(refused(&c, 1000).is_some_and(|r| r.starts_with("550 5.7.1 uid 1000 ")));
+        // Root is not special: it is named nowhere.
+        assert!(refused(&c, 0).is_some());
     }
 }

@@ -175,8 +175,9 @@ impl AccountWorker {
     }
 
     /// Why the account cannot send now, if it cannot, and until when.
-    fn blocked(&mut self, now: SystemTime, explicit: bool) -> Option<(SystemTime, String)> {
-        if !explicit {
+    /// `force`: root's `relay365 flush` (or `flush --wake`) overrides a hold and backoff.
+    fn blocked(&mut self, now: SystemTime, force: bool) -> Option<(SystemTime, String)> {
+        if !force {
             if let Some((until, why)) = &self.retry_after {
                 if *until > now {
                     return Some((*until, why.clone()));
@@ -216,8 +217,10 @@ impl AccountWorker {
     }
 
     /// Delivers what is pending of message `id`. `explicit`: a flush or `sendmail -q`,
-    /// which ignores backoff and account holds (but never a quota freeze).
-    pub fn deliver(&mut self, id: &QueueId, explicit: bool) -> Report {
+    /// which ignores the message's own retry time; `force`: root's flush, which also
+    /// ignores the account's hold and backoff (never a quota freeze). A `sendmail -q`
+    /// is never `force`: any local user may run it (issue 18 item 1).
+    pub fn deliver(&mut self, id: &QueueId, explicit: bool, force: bool) -> Report {
         let now = SystemTime::now();
         self.gave_way = false;
         let mut spawned = Vec::new();
@@ -277,7 +280,7 @@ impl AccountWorker {
                 ));
                 r.status = RcptStatus::Failed;
             }
-        } else if let Some((until, why)) = self.blocked(now, explicit) {
+        } else if let Some((until, why)) = self.blocked(now, force) {
             let e = &mut locked.entry;
             if e.reason.as_deref() != Some(why.as_str()) || e.next_attempt_us != micros(until) {
                 e.reason = Some(why);

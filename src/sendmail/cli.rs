@@ -116,7 +116,7 @@ pub fn main(argv: Vec<OsString>) -> Exit {
 fn queue_run(spool: &Spool, group: &DropGroup) -> Exit {
     let path = spool.trigger();
     // SECURITY: the group is raised for the open of the existing FIFO only.
-    match group.with(|| trigger::wake(&path)) {
+    match group.with(|| trigger::wake(&path, trigger::QUEUE_RUN)) {
         Ok(()) => Exit::Ok,
         Err(e) => {
             let e = WakeError::from_io(&path, e);

@@ -256,6 +256,15 @@ pub fn argument_recipients(opts: &Options, domain: &str) -> Result<Vec<Address>,
     Ok(out)
 }
 
+/// The `Received:` value of a local submission, as Postfix's pickup writes it:
+/// `by <host> (relay365, from userid <uid>)` then `id <queue id>; <date>`, folded.
+pub fn local_received_value(domain: &str, uid: u32, id: &QueueId, now: SystemTime) -> String {
+    format!(
+        "by {domain} (relay365, from userid {uid})\r\n\tid {id}; {}",
+        complete::rfc5322_date(now)
+    )
+}
+
 /// Turns a raw message and the command line into a submission.
 pub fn build(
     opts: &Options,
@@ -301,11 +310,15 @@ pub fn build(
             full_name: full_name.as_deref(),
         },
     );
-    if let Some(r) = &settings.received {
-        let value = r.header_value(settings.domain, id, recipients.first(), now);
-        msg.headers
-            .insert(0, crate::message::header::Header::new("Received", &value));
-    }
+    // Every message says who queued it: a network client (the listener) or a local
+    // uid. `-f root` or `-F CronDaemon` from any uid stays allowed, but this header,
+    // which the caller cannot choose, shows the truth (issue 18 item 6).
+    let value = match &settings.received {
+        Some(r) => r.header_value(settings.domain, id, recipients.first(), now),
+        None => local_received_value(settings.domain, caller.uid, id, now),
+    };
+    msg.headers
+        .insert(0, crate::message::header::Header::new("Received", &value));
     let message = msg.to_bytes();
     if message.len() as u64 > settings.max_message_size {
         return Err(IntakeError::TooBig {
@@ -428,6 +441,32 @@ mod tests {
         };
         let now = UNIX_EPOCH + std::time::Duration::from_secs(1_795_734_105);
         build(&opts, &settings, &caller, raw, now, &QueueId::generate(now))
+    }
+
+    #[test]
+    fn a_local_submission_says_its_uid_in_received_whatever_f_and_capital_f_claim() {
+        let sub = submit(
+            &["-f", "root", "-F", "CronDaemon", "x@example.org"],
+            b"Subject: s\n\nbody\n",
+        )
+        .unwrap();
+        let text = String::from_utf8(sub.message).unwrap();
+        let first = text.lines().next().unwrap();
+        assert_eq!(
+            first, "Received: by example.com (relay365, from userid 33)",
+            "{text}"
+        );
+        let id = sub.envelope.id.as_str();
+        assert!(
+            text.contains(&format!("\r\n\tid {id}; ")),
+            "folded, with the queue id and a date: {text}"
+        );
+        assert!(
+            text.contains("From: \"CronDaemon\" <root@example.com>"),
+            "{text}"
+        );
+        assert_eq!(text.matches("Received:").count(), 1, "{text}");
+        assert_eq!(sub.envelope.uid, 33);
     }
 
     /// xorshift64*: a reproducible stream for the generated cases below.

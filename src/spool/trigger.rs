@@ -28,15 +28,24 @@ pub enum WakeError {
     },
 }
 
-/// Asks the daemon listening on `path` for a queue run. Call it with whatever
-/// privilege opening the FIFO needs (the setgid `sendmail` raises its group for it).
-pub fn wake(path: &Path) -> io::Result<()> {
+/// The byte `sendmail -q` writes: a queue run that respects account holds and
+/// backoff, and that the daemon rate-limits.
+pub const QUEUE_RUN: u8 = b'q';
+/// The byte `relay365 flush --wake` writes: a queue run that overrides account holds
+/// and backoff. Only the administrator's `relay365` writes it: the setgid `sendmail`,
+/// the only way an ordinary user reaches the FIFO, writes [`QUEUE_RUN`] and nothing else.
+pub const FORCED_RUN: u8 = b'f';
+
+/// Asks the daemon listening on `path` for a queue run (`byte`: [`QUEUE_RUN`] or
+/// [`FORCED_RUN`]). Call it with whatever privilege opening the FIFO needs (the setgid
+/// `sendmail` raises its group for it).
+pub fn wake(path: &Path, byte: u8) -> io::Result<()> {
     // SECURITY: no O_CREAT, no symlinks, non-blocking: see the module doc.
     OpenOptions::new()
         .write(true)
         .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
         .open(path)
-        .and_then(|mut f| f.write_all(b"q"))
+        .and_then(|mut f| f.write_all(&[byte]))
 }
 
 /// Whether a daemon listens on the trigger FIFO at `path`: it holds the read end, so

@@ -465,6 +465,51 @@ fn account_hold_and_release() {
     assert!(!stdout(&t.spool.relay365(&["quota"])).contains("held"));
 }
 
+// Issue 18 item 1: any local user can run `sendmail -q`. It used to override the
+// account's hold, so a loop of it drove an AUTH attempt with a refused password each
+// time (what makes Entra ID lock the mailbox user out). Now only root's flush does.
+#[test]
+fn a_sendmail_q_loop_against_a_held_account_makes_no_extra_auth_attempt() {
+    let t = Tenant::new(Auth::Login);
+    t.emu
+        .inject(Fault::reply(Stage::Auth, "535 5.7.3 Authentication unsuccessful").forever());
+    let d = Daemon::start(&t.spool);
+    send(&t, &["-i", "x@example.org"], b"Subject: s\n\nx\n");
+    assert!(
+        eventually(Duration::from_secs(10), || stdout(
+            &t.spool.relay365(&["quota"])
+        )
+        .contains("held")),
+        "{}",
+        d.log_text()
+    );
+    let auths = t.emu.reply_count(535);
+    let connections = t.emu.connections_opened();
+    assert_eq!(auths, 1, "{}", d.log_text());
+    for _ in 0..30 {
+        assert_ok(&t.spool.sendmail(&["-q"], b""));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Past the rate limit, so that the coalesced run has happened too.
+    std::thread::sleep(relay365::daemon::engine::QUEUE_RUN_INTERVAL + Duration::from_secs(1));
+    assert!(
+        d.log_text().contains("queue run requested"),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(t.emu.reply_count(535), auths, "{}", d.log_text());
+    assert_eq!(t.emu.connections_opened(), connections, "{}", d.log_text());
+    assert_eq!(t.emu.message_count(), 0);
+    // Root's flush --wake still overrides the hold: one more attempt, refused again.
+    assert_ok(&t.spool.relay365(&["flush", "--wake"]));
+    assert!(
+        eventually(Duration::from_secs(10), || t.emu.reply_count(535)
+            == auths + 1),
+        "{}",
+        d.log_text()
+    );
+}
+
 #[test]
 fn daemon_killed_mid_transaction_loses_nothing() {
     let t = Tenant::new(Auth::Login);
@@ -1129,4 +1174,65 @@ fn delivery_starts_while_a_backlog_is_still_being_picked_up() {
         "the first message went out only after the whole backlog was picked up \
          ({picked_before} before it)"
     );
+}
+
+// Issue 18 item 7: `senders` routes by addresses the caller chooses, so it is not
+// access control; `allowed_uids` is. A caller routed by its sender to an account that
+// does not allow it goes out through the default account instead.
+#[test]
+fn a_caller_not_in_an_accounts_allowed_uids_falls_back_to_the_default_account() {
+    let t = Tenant::with_accounts(
+        tenant_config(),
+        Auth::Login,
+        "",
+        &[ExtraAccount {
+            name: "billing",
+            mailbox: "billing@contoso.com",
+            extra: "senders = [\"*@billing.contoso.com\"]\nallowed_uids = [4242]\n".into(),
+        }],
+    );
+    send(
+        &t,
+        &["-i", "-f", "inv@billing.contoso.com", "x@example.org"],
+        b"Subject: borrow\n\nx\n",
+    );
+    assert_ok(&t.flush());
+    let msgs = t.emu.messages();
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(
+        msgs[0].mailbox.as_deref(),
+        Some(MAILBOX),
+        "not billing's mailbox"
+    );
+    assert_eq!(msgs[0].rcpts, ["x@example.org"]);
+}
+
+// ...and a caller no account allows is refused with a DSN to its sender; nothing
+// reaches the recipient.
+#[test]
+fn a_caller_no_account_allows_is_refused_with_a_dsn_to_the_sender() {
+    let t = Tenant::with(tenant_config(), Auth::Login, "allowed_groups = [4242]\n");
+    send(
+        &t,
+        &["-i", "-f", "shop@contoso.com", "x@example.org"],
+        b"Subject: not yours\n\nx\n",
+    );
+    let out = t.flush();
+    assert_ok(&out);
+    let msgs = t.emu.messages();
+    assert!(
+        msgs.iter()
+            .all(|m| !m.rcpts.contains(&"x@example.org".to_string())),
+        "nothing for the recipient: {}",
+        stderr(&out)
+    );
+    let dsn = msgs
+        .iter()
+        .find(|m| String::from_utf8_lossy(&m.data).contains("multipart/report"))
+        .expect("a bounce");
+    assert_eq!(dsn.rcpts, ["shop@contoso.com"]);
+    let text = String::from_utf8_lossy(&dsn.data);
+    assert!(text.contains("Status: 5.7.1"), "{text}");
+    assert!(text.contains("allowed_uids or allowed_groups"), "{text}");
+    assert!(t.queued().is_empty());
 }

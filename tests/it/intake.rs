@@ -157,8 +157,45 @@ fn git_send_email_keeps_complete_headers_byte_for_byte() {
         &["-i", "-f", "dev@example.org", "list@example.org"],
         input.as_bytes(),
     ));
-    let (_, msg) = s.only();
-    assert_eq!(msg, input.replace('\n', "\r\n"));
+    let (env, msg) = s.only();
+    // Only the Received header naming the caller is added in front (issue 18 item 6).
+    let received = format!(
+        "Received: by example.com (relay365, from userid {})\r\n\tid {}; ",
+        nix::unistd::getuid(),
+        env.id
+    );
+    assert!(msg.starts_with(&received), "{msg}");
+    let (_, rest) = msg
+        .split_once(" +0000\r\n")
+        .expect("the date ends the header");
+    assert_eq!(rest, input.replace('\n', "\r\n"));
+}
+
+// Issue 18 item 6: `-f root -F CronDaemon` from any uid is still allowed (programs rely
+// on it), but the queued file's Received header names the uid that really queued it.
+#[test]
+fn a_message_claiming_to_be_from_root_still_names_the_real_uid_in_received() {
+    let s = Spool::new("");
+    assert_ok(&s.sendmail(
+        &["-i", "-f", "root", "-F", "CronDaemon", "x@example.org"],
+        b"Subject: forged\n\nx\n",
+    ));
+    let (env, msg) = s.only();
+    assert_eq!(env.uid, nix::unistd::getuid().as_raw());
+    let received = header(&msg, "Received");
+    assert_eq!(received.len(), 1, "{msg}");
+    assert_eq!(
+        received[0],
+        format!(
+            "Received: by example.com (relay365, from userid {})",
+            nix::unistd::getuid()
+        )
+    );
+    assert!(msg.contains(&format!("\r\n\tid {}; ", env.id)), "{msg}");
+    assert_eq!(
+        header(&msg, "From"),
+        ["From: \"CronDaemon\" <root@example.com>"]
+    );
 }
 
 #[test]

@@ -891,7 +891,11 @@ mod tests {
         assert_eq!(env.uid, 33);
         let msg = String::from_utf8_lossy(msg);
         assert!(
-            msg.starts_with("Subject: hi\r\nFrom: \"www-data\" <app@example.org>\r\nDate: "),
+            msg.starts_with("Received: by example.com (relay365, from userid 33)\r\n\tid "),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("\r\nSubject: hi\r\nFrom: \"www-data\" <app@example.org>\r\nDate: "),
             "{msg}"
         );
         assert!(msg.contains("\r\nMessage-ID: <"), "{msg}");

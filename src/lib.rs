@@ -43,6 +43,7 @@ pub mod admin;
 pub mod aliases;
 pub mod config;
 pub mod daemon;
+pub mod flock;
 pub mod listen;
 pub mod logging;
 pub mod message;

@@ -18,8 +18,6 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
-use fs2::FileExt;
-
 use crate::aliases::Aliases;
 use crate::aliases::Locals;
 use crate::config::{Config, ConfigError};
@@ -758,7 +756,7 @@ pub fn daemon_running(spool: &Spool) -> Option<bool> {
 }
 
 /// Holds the daemon lock (`state/daemon.lock`) for the life of the process.
-pub fn daemon_lock(spool: &Spool) -> Result<File, EngineError> {
+pub fn daemon_lock(spool: &Spool) -> Result<crate::flock::Locked, EngineError> {
     let path = spool.state().join("daemon.lock");
     let f = OpenOptions::new()
         .create(true)
@@ -778,9 +776,10 @@ pub fn daemon_lock(spool: &Spool) -> Result<File, EngineError> {
             };
             EngineError::Setup(format!("cannot open {}: {e}{fix}", path.display()))
         })?;
-    f.try_lock_exclusive()
-        .map_err(|_| EngineError::AlreadyRunning(path))?;
-    Ok(f)
+    match crate::flock::try_exclusive(f) {
+        Ok(Some(locked)) => Ok(locked),
+        _ => Err(EngineError::AlreadyRunning(path)),
+    }
 }
 
 /// Blocks the signals the daemon handles and returns a descriptor that reports them.

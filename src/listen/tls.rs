@@ -9,6 +9,7 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::sync::Arc;
 
+use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ServerConfig, ServerConnection, StreamOwned};
 
@@ -42,16 +43,18 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsEr
         what,
     };
     let cert_pem = read(cert)?;
-    let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut cert_pem.as_slice())
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
         .collect::<Result<_, _>>()
         .map_err(|e| pem_err(cert, e.to_string()))?;
     if chain.is_empty() {
         return Err(pem_err(cert, "no certificate found".into()));
     }
     let key_pem = read(key)?;
-    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut key_pem.as_slice())
-        .map_err(|e| pem_err(key, e.to_string()))?
-        .ok_or_else(|| pem_err(key, "no private key found".into()))?;
+    let key: PrivateKeyDer<'static> =
+        PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| match e {
+            pem::Error::NoItemsFound => pem_err(key, "no private key found".into()),
+            e => pem_err(key, e.to_string()),
+        })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     // SECURITY: TLS 1.2 and 1.3 only; old devices that cannot do them send in plain
     // text from an `allow`ed network, never with a password.

@@ -342,7 +342,8 @@ impl Ledger {
             text.as_bytes(),
         )?;
         let meta = file.metadata().map_err(io_err(&self.path, "stat"))?;
-        // The path names the new file now; our lock on the old one ends with it.
+        // The path names the new file now; our lock on the old one ends when `locked`
+        // drops its guard, just after.
         self.file = file;
         self.id = file_id(&meta);
         self.consumed = u64::try_from(text.len()).unwrap_or(u64::MAX);

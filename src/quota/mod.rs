@@ -572,7 +572,7 @@ impl Ledger {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => break None,
                 Err(e) => return Err(io_err(path, "open")(e)),
             };
-            fs2::FileExt::lock_exclusive(&f).map_err(io_err(path, "lock"))?;
+            let f = crate::flock::exclusive(f).map_err(io_err(path, "lock"))?;
             let locked = f.metadata().map_err(io_err(path, "stat"))?;
             match fs::symlink_metadata(path) {
                 Ok(m) if file_id(&m) == file_id(&locked) => break Some(f),
@@ -595,7 +595,7 @@ impl Ledger {
         }
         replace_file(path, &with_suffix(path, ".tmp"), text.as_bytes())?;
         sync_dir(path)?;
-        // Dropping `old` closes it, which releases its lock.
+        // Dropping `old` releases its lock and closes it.
         drop(old);
         Ok(kept)
     }
@@ -624,17 +624,23 @@ impl Ledger {
         maintain: Option<(u64, &Limits)>,
         op: impl FnOnce(&mut Ledger) -> Result<T, QuotaError>,
     ) -> Result<T, QuotaError> {
-        loop {
-            fs2::FileExt::lock_exclusive(&self.file).map_err(io_err(&self.path, "lock"))?;
+        // The lock is taken through a duplicate of `self.file`'s descriptor, which
+        // shares its open file description and so its lock; dropping `held` unlocks.
+        let held = loop {
+            let dup = self
+                .file
+                .try_clone()
+                .map_err(io_err(&self.path, "duplicate the descriptor of"))?;
+            let held = crate::flock::exclusive(dup).map_err(io_err(&self.path, "lock"))?;
             match fs::symlink_metadata(&self.path) {
-                Ok(m) if file_id(&m) == self.id => break,
+                Ok(m) if file_id(&m) == self.id => break held,
                 Ok(_) => {
                     // Another process compacted or reset it: follow the path.
-                    let _ = fs2::FileExt::unlock(&self.file);
+                    drop(held);
                     self.reopen()?;
                 }
                 Err(e) => {
-                    let _ = fs2::FileExt::unlock(&self.file);
+                    drop(held);
                     return Err(if e.kind() == io::ErrorKind::NotFound {
                         QuotaError::Vanished {
                             path: self.path.clone(),
@@ -644,7 +650,7 @@ impl Ledger {
                     });
                 }
             }
-        }
+        };
         let result = self.refresh().and_then(|()| {
             if let Some((now_ms, limits)) = maintain {
                 self.prune(now_ms, limits)?;
@@ -654,8 +660,8 @@ impl Ledger {
         if result.is_ok() && maintain.is_some() {
             self.maybe_compact();
         }
-        // Closing would release the lock too; an unlock error changes nothing we wrote.
-        let _ = fs2::FileExt::unlock(&self.file);
+        // Unlocks (closing `self.file` would release the lock too).
+        drop(held);
         result
     }
 

@@ -143,7 +143,8 @@ pub fn save(spool: &Spool) -> io::Result<()> {
             .truncate(false)
             .write(true)
             .open(spool.state().join("counters.lock"))?;
-        fs2::FileExt::lock_exclusive(&lock)?;
+        // Held until the closure returns.
+        let _held = crate::flock::exclusive(lock)?;
         let mut c = read(spool);
         c.merge(&delta);
         let text = serde_json::to_vec(&c).map_err(io::Error::other)?;

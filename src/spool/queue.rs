@@ -14,7 +14,6 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use fs2::FileExt;
 use serde::{Deserialize, Serialize};
 
 use super::QueueId;
@@ -235,7 +234,7 @@ pub struct Queue {
 /// A message locked for delivery; the lock goes with the value.
 #[derive(Debug)]
 pub struct Locked {
-    file: File,
+    file: crate::flock::Locked,
     pub entry: QueueEntry,
 }
 
@@ -399,11 +398,11 @@ impl Queue {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err(&msg)(e)),
         };
-        match FileExt::try_lock_exclusive(&file) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(nix::libc::EWOULDBLOCK) => return Ok(None),
+        let file = match crate::flock::try_exclusive(file) {
+            Ok(Some(locked)) => locked,
+            Ok(None) => return Ok(None),
             Err(e) => return Err(io_err(&msg)(e)),
-        }
+        };
         // Another flusher may have finished it between our listing and the lock.
         match self.read(id) {
             Ok(entry) => Ok(Some(Locked { file, entry })),
@@ -459,13 +458,8 @@ impl Queue {
     /// Whether another process holds the delivery lock (for `mailq`'s `*`).
     pub fn is_locked(&self, id: &QueueId) -> bool {
         match File::open(self.msg_path(id)) {
-            Ok(f) => match FileExt::try_lock_shared(&f) {
-                Ok(()) => {
-                    let _ = FileExt::unlock(&f);
-                    false
-                }
-                Err(_) => true,
-            },
+            // The probe's lock goes when its guard drops, at once.
+            Ok(f) => !matches!(crate::flock::try_shared(f), Ok(Some(_))),
             Err(_) => false,
         }
     }

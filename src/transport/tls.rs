@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use rustls::ClientConfig;
 use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 
 /// Largest certificate or CA file read.
 pub const MAX_PEM_FILE: u64 = 1024 * 1024;
@@ -46,8 +47,7 @@ pub fn read_pem_file(path: &Path) -> Result<Vec<u8>, String> {
 
 /// Every `CERTIFICATE` block of a PEM file.
 pub fn pem_certificates(data: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
-    let mut reader = data;
-    rustls_pemfile::certs(&mut reader)
+    CertificateDer::pem_slice_iter(data)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|_| "is not valid PEM".to_owned())
 }

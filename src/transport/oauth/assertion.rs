@@ -14,6 +14,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ring::rand::SystemRandom;
 use ring::signature::{RSA_PKCS1_SHA256, RsaKeyPair};
 use rustls::pki_types::PrivateKeyDer;
+use rustls::pki_types::pem::{self, PemObject};
 
 use super::OAuthError;
 use crate::secrets::Secret;
@@ -25,13 +26,13 @@ pub(super) const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-
 
 /// Parses a PKCS#8 or PKCS#1 RSA private key from PEM.
 pub(super) fn load_rsa_key(pem: &Secret) -> Result<RsaKeyPair, String> {
-    let mut reader = pem.expose().as_bytes();
-    let key = rustls_pemfile::private_key(&mut reader)
-        .map_err(|_| "is not valid PEM".to_owned())?
-        .ok_or_else(|| {
+    let key = PrivateKeyDer::from_pem_slice(pem.expose().as_bytes()).map_err(|e| match e {
+        pem::Error::NoItemsFound => {
             "holds no private key: expected -----BEGIN PRIVATE KEY----- or -----BEGIN RSA PRIVATE KEY-----"
                 .to_owned()
-        })?;
+        }
+        _ => "is not valid PEM".to_owned(),
+    })?;
     let parsed = match &key {
         PrivateKeyDer::Pkcs8(k) => RsaKeyPair::from_pkcs8(k.secret_pkcs8_der()),
         PrivateKeyDer::Pkcs1(k) => RsaKeyPair::from_der(k.secret_pkcs1_der()),

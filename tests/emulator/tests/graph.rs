@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use base64::Engine;
 use relay365_emulator::{App, Config, Emulator, GRAPH_SCOPE, GraphFault, Mailbox, SCOPE, Via};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 
 const MB: &str = "app@contoso.com";
 const TENANT: &str = "contoso.onmicrosoft.com";
@@ -23,9 +25,10 @@ fn start(cfg: Config) -> Emulator {
 
 fn agent(emu: &Emulator) -> ureq::Agent {
     let pem = emu.ca_pem();
-    let roots: Vec<ureq::tls::Certificate<'static>> = rustls_pemfile::certs(&mut pem.as_bytes())
-        .map(|c| ureq::tls::Certificate::from_der(c.unwrap().as_ref()).to_owned())
-        .collect();
+    let roots: Vec<ureq::tls::Certificate<'static>> =
+        CertificateDer::pem_slice_iter(pem.as_bytes())
+            .map(|c| ureq::tls::Certificate::from_der(c.unwrap().as_ref()).to_owned())
+            .collect();
     let tls = ureq::tls::TlsConfig::builder()
         .provider(ureq::tls::TlsProvider::Rustls)
         .root_certs(ureq::tls::RootCerts::Specific(Arc::new(roots)))

@@ -25,7 +25,7 @@
 //! | [`secrets`] | `relay365` | `relay365` (the only module that reads secrets) | the secrets file's owner and mode |
 //! | [`aliases`] | both | the caller's uid (`sendmail -bv`), `relay365` | `/etc/aliases`: intent yes, syntax no |
 //! | [`config`] ([`config::limits`], [`config::oauth`]) | both | any | the world-readable config, written by root; validated strictly |
-//! | [`spool`] (paths, envelope, queue, listing, durable, trigger, init) | both | any; writes only as the daemon or through the deposit | every file it reads |
+//! | [`spool`] (paths, envelope, queue, listing, durable, flock, trigger, init) | both | any; writes only as the daemon or through the deposit | every file it reads |
 //! | [`message`] (header, address, qualify, complete, rewrite, text) | both | any | nothing: pure parsing of caller-written text |
 //! | [`logging`], [`sysexits`] | both | any | — |
 //!
@@ -43,7 +43,6 @@ pub mod admin;
 pub mod aliases;
 pub mod config;
 pub mod daemon;
-pub mod flock;
 pub mod listen;
 pub mod logging;
 pub mod message;

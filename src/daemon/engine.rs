@@ -756,7 +756,7 @@ pub fn daemon_running(spool: &Spool) -> Option<bool> {
 }
 
 /// Holds the daemon lock (`state/daemon.lock`) for the life of the process.
-pub fn daemon_lock(spool: &Spool) -> Result<crate::flock::Locked, EngineError> {
+pub fn daemon_lock(spool: &Spool) -> Result<crate::spool::flock::Locked, EngineError> {
     let path = spool.state().join("daemon.lock");
     let f = OpenOptions::new()
         .create(true)
@@ -776,7 +776,7 @@ pub fn daemon_lock(spool: &Spool) -> Result<crate::flock::Locked, EngineError> {
             };
             EngineError::Setup(format!("cannot open {}: {e}{fix}", path.display()))
         })?;
-    match crate::flock::try_exclusive(f) {
+    match crate::spool::flock::try_exclusive(f) {
         Ok(Some(locked)) => Ok(locked),
         _ => Err(EngineError::AlreadyRunning(path)),
     }

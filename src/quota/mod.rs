@@ -572,7 +572,7 @@ impl Ledger {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => break None,
                 Err(e) => return Err(io_err(path, "open")(e)),
             };
-            let f = crate::flock::exclusive(f).map_err(io_err(path, "lock"))?;
+            let f = crate::spool::flock::exclusive(f).map_err(io_err(path, "lock"))?;
             let locked = f.metadata().map_err(io_err(path, "stat"))?;
             match fs::symlink_metadata(path) {
                 Ok(m) if file_id(&m) == file_id(&locked) => break Some(f),
@@ -631,7 +631,7 @@ impl Ledger {
                 .file
                 .try_clone()
                 .map_err(io_err(&self.path, "duplicate the descriptor of"))?;
-            let held = crate::flock::exclusive(dup).map_err(io_err(&self.path, "lock"))?;
+            let held = crate::spool::flock::exclusive(dup).map_err(io_err(&self.path, "lock"))?;
             match fs::symlink_metadata(&self.path) {
                 Ok(m) if file_id(&m) == self.id => break held,
                 Ok(_) => {

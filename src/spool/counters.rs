@@ -144,7 +144,7 @@ pub fn save(spool: &Spool) -> io::Result<()> {
             .write(true)
             .open(spool.state().join("counters.lock"))?;
         // Held until the closure returns.
-        let _held = crate::flock::exclusive(lock)?;
+        let _held = crate::spool::flock::exclusive(lock)?;
         let mut c = read(spool);
         c.merge(&delta);
         let text = serde_json::to_vec(&c).map_err(io::Error::other)?;

@@ -3,6 +3,7 @@
 pub mod counters;
 pub mod durable;
 pub mod envelope;
+pub mod flock;
 pub mod init;
 pub mod listing;
 pub mod paths;

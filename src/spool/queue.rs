@@ -234,7 +234,7 @@ pub struct Queue {
 /// A message locked for delivery; the lock goes with the value.
 #[derive(Debug)]
 pub struct Locked {
-    file: crate::flock::Locked,
+    file: crate::spool::flock::Locked,
     pub entry: QueueEntry,
 }
 
@@ -398,7 +398,7 @@ impl Queue {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err(&msg)(e)),
         };
-        let file = match crate::flock::try_exclusive(file) {
+        let file = match crate::spool::flock::try_exclusive(file) {
             Ok(Some(locked)) => locked,
             Ok(None) => return Ok(None),
             Err(e) => return Err(io_err(&msg)(e)),
@@ -459,7 +459,7 @@ impl Queue {
     pub fn is_locked(&self, id: &QueueId) -> bool {
         match File::open(self.msg_path(id)) {
             // The probe's lock goes when its guard drops, at once.
-            Ok(f) => !matches!(crate::flock::try_shared(f), Ok(Some(_))),
+            Ok(f) => !matches!(crate::spool::flock::try_shared(f), Ok(Some(_))),
             Err(_) => false,
         }
     }

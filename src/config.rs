@@ -90,9 +90,9 @@ impl ByteSize {
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.0;
-        if n >= 1_000_000 && n % 1_000_000 == 0 {
+        if n >= 1_000_000 && n.is_multiple_of(1_000_000) {
             write!(f, "{}M", n / 1_000_000)
-        } else if n >= 1_000 && n % 1_000 == 0 {
+        } else if n >= 1_000 && n.is_multiple_of(1_000) {
             write!(f, "{}K", n / 1_000)
         } else {
             write!(f, "{n} bytes")
@@ -640,10 +640,10 @@ impl Account {
         limits
             .validate()
             .map_err(|e| ("account limits", e.to_string()))?;
-        if transport == Transport::Graph {
-            if let Some(m) = limits.graph_problem() {
-                return Err(("account limits", m));
-            }
+        if transport == Transport::Graph
+            && let Some(m) = limits.graph_problem()
+        {
+            return Err(("account limits", m));
         }
         Ok(Account {
             name: r.name,
@@ -725,16 +725,14 @@ fn validate_domain(d: &str) -> Result<String, String> {
 
 /// `/etc/mailname`, then the host's fully qualified name: what Debian's MTAs use.
 fn default_domain() -> Option<String> {
-    if let Ok(s) = fs::read_to_string(paths::MAILNAME_FILE) {
-        if let Some(line) = s
+    if let Ok(s) = fs::read_to_string(paths::MAILNAME_FILE)
+        && let Some(line) = s
             .lines()
             .map(str::trim)
             .find(|l| !l.is_empty() && !l.starts_with('#'))
-        {
-            if let Ok(d) = validate_domain(line) {
-                return Some(d);
-            }
-        }
+        && let Ok(d) = validate_domain(line)
+    {
+        return Some(d);
     }
     host_fqdn()
 }
@@ -750,10 +748,10 @@ pub fn host_fqdn() -> Option<String> {
     for line in hosts.lines() {
         let line = line.split('#').next().unwrap_or("");
         let names: Vec<&str> = line.split_whitespace().skip(1).collect();
-        if names.iter().any(|n| n.eq_ignore_ascii_case(&name)) {
-            if let Some(fq) = names.iter().find(|n| n.contains('.')) {
-                return validate_domain(fq).ok();
-            }
+        if names.iter().any(|n| n.eq_ignore_ascii_case(&name))
+            && let Some(fq) = names.iter().find(|n| n.contains('.'))
+        {
+            return validate_domain(fq).ok();
         }
     }
     validate_domain(&name).ok()

@@ -181,10 +181,10 @@ impl Log {
     }
 
     pub fn log(&mut self, level: Level, line: &str) {
-        if level == Level::Error {
-            if let Some(p) = self.problems.as_mut() {
-                p.push(line.to_string());
-            }
+        if level == Level::Error
+            && let Some(p) = self.problems.as_mut()
+        {
+            p.push(line.to_string());
         }
         if let Some(s) = self.syslog.as_mut() {
             let r = match level {

@@ -672,15 +672,15 @@ fn finish(name: &str, pending: Pending, euid: u32) -> Result<AccountSecrets, Sec
             "no secret: add password, client_secret, or certificate_key with certificate",
         ));
     }
-    if secrets.certificate_key.is_none() {
-        if let Some(path) = &secrets.certificate_key_path {
-            secrets.certificate_key = Some(read_protected(
-                "certificate key",
-                path,
-                Policy::OwnerOnly,
-                euid,
-            )?);
-        }
+    if secrets.certificate_key.is_none()
+        && let Some(path) = &secrets.certificate_key_path
+    {
+        secrets.certificate_key = Some(read_protected(
+            "certificate key",
+            path,
+            Policy::OwnerOnly,
+            euid,
+        )?);
     }
     Ok(secrets)
 }
@@ -710,10 +710,10 @@ impl Secrets {
         if let Some(dir) = credentials_dir {
             merge_credentials(dir, euid, &mut pending)?;
         }
-        if let Some(e) = missing {
-            if pending.is_empty() {
-                return Err(e);
-            }
+        if let Some(e) = missing
+            && pending.is_empty()
+        {
+            return Err(e);
         }
         let mut accounts = BTreeMap::new();
         for (name, p) in pending {

@@ -387,12 +387,12 @@ fn parse_target(item: &str) -> Result<Target, String> {
             "target {item:?} contains a tab or other control character; use spaces or remove it"
         ));
     }
-    if let Some((local, domain)) = addr.rsplit_once('@') {
-        if local.is_empty() || domain.is_empty() || domain.contains(char::is_whitespace) {
-            return Err(format!(
-                "target {item:?} is not a valid address; write user@example.org"
-            ));
-        }
+    if let Some((local, domain)) = addr.rsplit_once('@')
+        && (local.is_empty() || domain.is_empty() || domain.contains(char::is_whitespace))
+    {
+        return Err(format!(
+            "target {item:?} is not a valid address; write user@example.org"
+        ));
     }
     Ok(Target::Address {
         address: addr.to_owned(),

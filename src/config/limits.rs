@@ -106,11 +106,11 @@ impl Rate {
     /// The window as written in a rate (`1m`, `24h`, `2d`, `90s`).
     pub fn window_text(&self) -> String {
         let s = self.window.as_secs();
-        if s % 86_400 == 0 && s >= 2 * 86_400 {
+        if s.is_multiple_of(86_400) && s >= 2 * 86_400 {
             format!("{}d", s / 86_400)
-        } else if s % 3600 == 0 && s > 0 {
+        } else if s.is_multiple_of(3600) && s > 0 {
             format!("{}h", s / 3600)
-        } else if s % 60 == 0 && s > 0 {
+        } else if s.is_multiple_of(60) && s > 0 {
             format!("{}m", s / 60)
         } else {
             format!("{s}s")

@@ -103,13 +103,13 @@ pub fn parse(
             format!("{host:?}: use 1 to 64 letters, digits, '-', '_' and '.'"),
         ));
     }
-    if let Some(ca) = &ca_file {
-        if !ca.is_absolute() {
-            return Err((
-                "quota_store_ca_file",
-                format!("{} is not an absolute path", ca.display()),
-            ));
-        }
+    if let Some(ca) = &ca_file
+        && !ca.is_absolute()
+    {
+        return Err((
+            "quota_store_ca_file",
+            format!("{} is not an absolute path", ca.display()),
+        ));
     }
     let timeout = timeout.unwrap_or(DEFAULT_STORE_TIMEOUT);
     if timeout.is_zero() || timeout > Duration::from_secs(60) {

@@ -162,13 +162,13 @@ impl Engine {
             return Err(EngineError::Setup(p.clone()));
         }
         let mut log = log;
-        if let Some(path) = &loaded.config.log_file {
-            if let Err(e) = log.add_file(path) {
-                log.warning(&format!(
-                    "cannot open the log_file {}: {e}; logging to syslog only",
-                    path.display()
-                ));
-            }
+        if let Some(path) = &loaded.config.log_file
+            && let Err(e) = log.add_file(path)
+        {
+            log.warning(&format!(
+                "cannot open the log_file {}: {e}; logging to syslog only",
+                path.display()
+            ));
         }
         for p in &problems {
             // Wrong modes still work for the daemon, but may let others in or keep
@@ -329,10 +329,10 @@ impl Engine {
             // Queued by an earlier pass that did not get to remove the incoming copy.
             // Also when no recipient is pending (all refused at pickup): the delivery
             // run settles it, which bounces and removes it.
-            if let Ok(e) = self.queue.read(id) {
-                if !e.held {
-                    due.push((id.clone(), e.next_attempt_us));
-                }
+            if let Ok(e) = self.queue.read(id)
+                && !e.held
+            {
+                due.push((id.clone(), e.next_attempt_us));
             }
         }
         for (id, at) in picked.due.into_iter().chain(due) {

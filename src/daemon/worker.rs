@@ -178,10 +178,10 @@ impl AccountWorker {
     /// `force`: root's `relay365 flush` (or `flush --wake`) overrides a hold and backoff.
     fn blocked(&mut self, now: SystemTime, force: bool) -> Option<(SystemTime, String)> {
         if !force {
-            if let Some((until, why)) = &self.retry_after {
-                if *until > now {
-                    return Some((*until, why.clone()));
-                }
+            if let Some((until, why)) = &self.retry_after
+                && *until > now
+            {
+                return Some((*until, why.clone()));
             }
             if let Some(h) = read_hold(&self.spool, &self.account.name) {
                 let until = UNIX_EPOCH + Duration::from_micros(h.until_us);
@@ -523,10 +523,11 @@ impl AccountWorker {
         // A kept connection the server closed while idle shows up as MAIL failing
         // without a reply (`Stale`): then reconnect once rather than defer the message.
         for _ in 0..2 {
-            if self.transport.connects() && !self.checked {
-                if let Err(v) = self.ready(now) {
-                    return self.apply(locked, batch, &v, now);
-                }
+            if self.transport.connects()
+                && !self.checked
+                && let Err(v) = self.ready(now)
+            {
+                return self.apply(locked, batch, &v, now);
             }
             self.checked = false;
             let dsn = locked.entry.dsn();

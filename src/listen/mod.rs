@@ -177,12 +177,13 @@ fn run(config_path: &Path) -> Result<(), ListenError> {
 /// 1024 bounds the listener.
 fn raise_file_limit(log: &mut Log) {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {
-            log.warning(&format!(
-                "cannot raise the open files limit from {soft} to {hard}"
-            ));
-        }
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err()
+    {
+        log.warning(&format!(
+            "cannot raise the open files limit from {soft} to {hard}"
+        ));
     }
 }
 

@@ -96,15 +96,15 @@ fn save(path: &Path, users: &[User]) -> Result<(), UsersError> {
         &durable::options(paths::LISTENER_USERS_MODE),
     )
     .map_err(err)?;
-    if nix::unistd::Uid::effective().is_root() {
-        if let Ok(Some(g)) = nix::unistd::Group::from_name(paths::LISTEN_USER) {
-            nix::unistd::fchown(
-                std::os::fd::AsRawFd::as_raw_fd(&file),
-                Some(nix::unistd::Uid::from_raw(0)),
-                Some(g.gid),
-            )
-            .map_err(|e| err(e.into()))?;
-        }
+    if nix::unistd::Uid::effective().is_root()
+        && let Ok(Some(g)) = nix::unistd::Group::from_name(paths::LISTEN_USER)
+    {
+        nix::unistd::fchown(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            Some(nix::unistd::Uid::from_raw(0)),
+            Some(g.gid),
+        )
+        .map_err(|e| err(e.into()))?;
     }
     Ok(())
 }
@@ -120,10 +120,10 @@ pub fn add(
     if !access::valid_name(name) {
         return Err(UsersError::Name(name.to_string()));
     }
-    if let Some(a) = &account {
-        if !config.accounts.iter().any(|x| &x.name == a) {
-            return Err(UsersError::Account(a.clone()));
-        }
+    if let Some(a) = &account
+        && !config.accounts.iter().any(|x| &x.name == a)
+    {
+        return Err(UsersError::Account(a.clone()));
     }
     let mut line = zeroize::Zeroizing::new(String::new());
     let mut stdin = stdin;

@@ -58,10 +58,10 @@ impl Address {
         if quoted {
             return Err(AddressError::Syntax(s.to_string()));
         }
-        if let Some((local, domain)) = s.rsplit_once('@') {
-            if local.is_empty() || domain.is_empty() {
-                return Err(AddressError::EmptyPart(s.to_string()));
-            }
+        if let Some((local, domain)) = s.rsplit_once('@')
+            && (local.is_empty() || domain.is_empty())
+        {
+            return Err(AddressError::EmptyPart(s.to_string()));
         }
         Ok(Address(s.to_string()))
     }

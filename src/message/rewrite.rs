@@ -28,28 +28,28 @@ pub enum FromPolicy {
 fn original_from(h: &Header) -> (Vec<String>, Option<String>) {
     let mut addrs = Vec::new();
     let mut name = None;
-    if let Ok((parsed, _)) = mailparse::parse_header(h.raw()) {
-        if let Ok(list) = mailparse::addrparse_header(&parsed) {
-            for item in list.iter() {
-                let singles: Vec<&mailparse::SingleInfo> = match item {
-                    mailparse::MailAddr::Single(info) => vec![info],
-                    mailparse::MailAddr::Group(g) => g.addrs.iter().collect(),
-                };
-                for info in singles {
-                    if name.is_none() {
-                        name = info.display_name.clone().filter(|n| !n.trim().is_empty());
-                    }
-                    if !info.addr.is_empty() {
-                        addrs.push(info.addr.clone());
-                    }
+    if let Ok((parsed, _)) = mailparse::parse_header(h.raw())
+        && let Ok(list) = mailparse::addrparse_header(&parsed)
+    {
+        for item in list.iter() {
+            let singles: Vec<&mailparse::SingleInfo> = match item {
+                mailparse::MailAddr::Single(info) => vec![info],
+                mailparse::MailAddr::Group(g) => g.addrs.iter().collect(),
+            };
+            for info in singles {
+                if name.is_none() {
+                    name = info.display_name.clone().filter(|n| !n.trim().is_empty());
+                }
+                if !info.addr.is_empty() {
+                    addrs.push(info.addr.clone());
                 }
             }
         }
     }
-    if addrs.is_empty() {
-        if let Ok(list) = address::parse_list(h.raw()) {
-            addrs = list.into_iter().map(|a| a.to_string()).collect();
-        }
+    if addrs.is_empty()
+        && let Ok(list) = address::parse_list(h.raw())
+    {
+        addrs = list.into_iter().map(|a| a.to_string()).collect();
     }
     if name.is_none() {
         name = comment_name(&h.raw()[h.value_offset()..]);

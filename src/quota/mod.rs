@@ -513,10 +513,10 @@ impl Ledger {
             reason: clean_reason(reason),
         };
         self.locked(None, |l| {
-            if let Some(old) = read_freeze(&l.freeze_path)? {
-                if old.until >= wanted.until {
-                    return Ok(old);
-                }
+            if let Some(old) = read_freeze(&l.freeze_path)?
+                && old.until >= wanted.until
+            {
+                return Ok(old);
             }
             write_freeze(&l.freeze_path, &wanted)?;
             Ok(wanted)

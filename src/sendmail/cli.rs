@@ -71,11 +71,11 @@ pub fn main(argv: Vec<OsString>) -> Exit {
     // config or /etc/aliases is read; so does a caller's own config (-C), which may
     // name any spool, unless the caller is root.
     let own_config = opts.config.is_some() && uid != 0;
-    if !opts.mode.needs_group() || own_config {
-        if let Err(e) = group.drop_permanently() {
-            say(e);
-            return Exit::OsErr;
-        }
+    if (!opts.mode.needs_group() || own_config)
+        && let Err(e) = group.drop_permanently()
+    {
+        say(e);
+        return Exit::OsErr;
     }
     for w in &opts.warnings {
         say(format_args!("warning: {w}"));

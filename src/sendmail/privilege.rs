@@ -121,13 +121,12 @@ pub fn sanitise_process() {
 
     // SECURITY: a closed 0-2 would let our spool file become the caller's stdout.
     for fd in 0..3 {
-        if fcntl(fd, FcntlArg::F_GETFD).is_err() {
-            if let Ok(n) = open("/dev/null", OFlag::O_RDWR, Mode::empty()) {
-                if n != fd {
-                    let _ = nix::unistd::dup2(n, fd);
-                    let _ = nix::unistd::close(n);
-                }
-            }
+        if fcntl(fd, FcntlArg::F_GETFD).is_err()
+            && let Ok(n) = open("/dev/null", OFlag::O_RDWR, Mode::empty())
+            && n != fd
+        {
+            let _ = nix::unistd::dup2(n, fd);
+            let _ = nix::unistd::close(n);
         }
     }
     // SECURITY: files we create get exactly the modes of the path table.

@@ -240,14 +240,14 @@ pub fn format(entries: &[Listed]) -> String {
         }
         let mut last_reason: Option<&str> = None;
         for r in &e.recipients {
-            if let Some(reason) = r.reason.as_deref() {
-                if last_reason != Some(reason) {
-                    out.push_str(INDENT);
-                    out.push('(');
-                    out.push_str(reason);
-                    out.push_str(")\n");
-                    last_reason = Some(reason);
-                }
+            if let Some(reason) = r.reason.as_deref()
+                && last_reason != Some(reason)
+            {
+                out.push_str(INDENT);
+                out.push('(');
+                out.push_str(reason);
+                out.push_str(")\n");
+                last_reason = Some(reason);
             }
             out.push_str(INDENT);
             out.push_str(&r.address);

@@ -32,14 +32,13 @@ pub fn size(name: &str, ci: u64, full_size: u64) -> u64 {
 pub fn report(test: &str, key: &str, value: impl std::fmt::Display) {
     let line = format!("[reliability] {test}: {key}={value}");
     println!("{line}");
-    if let Some(path) = std::env::var_os("RELAY365_RELIABILITY_OUT") {
-        if let Ok(mut f) = std::fs::OpenOptions::new()
+    if let Some(path) = std::env::var_os("RELAY365_RELIABILITY_OUT")
+        && let Ok(mut f) = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
-        {
-            let _ = writeln!(f, "{line}");
-        }
+    {
+        let _ = writeln!(f, "{line}");
     }
 }
 

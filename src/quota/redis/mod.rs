@@ -318,11 +318,9 @@ impl Fleet {
         if !due {
             return None;
         }
-        if must_push {
-            if let Err(e) = self.reconcile(limits) {
-                self.fall_back(limits, &e);
-                return None;
-            }
+        if must_push && let Err(e) = self.reconcile(limits) {
+            self.fall_back(limits, &e);
+            return None;
         }
         match self.remote.call(mode, limits, args) {
             Ok(a) => {
@@ -636,10 +634,10 @@ impl Fleet {
             extra: Some((self.to_server(until).to_string(), local.reason.clone())),
             ..Args::default()
         };
-        if self.remote("freeze", limits, &args).is_some() {
-            if let Some(f) = &self.freeze {
-                return Ok(f.clone());
-            }
+        if self.remote("freeze", limits, &args).is_some()
+            && let Some(f) = &self.freeze
+        {
+            return Ok(f.clone());
         }
         Ok(local)
     }

@@ -434,10 +434,10 @@ impl<'a, S: Spooler> Session<'a, S> {
                 );
             }
         };
-        if let Some(net) = self.net.as_mut() {
-            if let Err(refusal) = net.gate.mail(&net.client, &tx.sender) {
-                return reply(out, &refusal);
-            }
+        if let Some(net) = self.net.as_mut()
+            && let Err(refusal) = net.gate.mail(&net.client, &tx.sender)
+        {
+            return reply(out, &refusal);
         }
         self.tx = Some(tx);
         reply(out, "250 2.1.0 Ok")

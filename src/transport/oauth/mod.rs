@@ -573,10 +573,10 @@ fn parse_response(
         let raw: RawToken =
             serde_json::from_str(body).map_err(|_| bad("the body is not the token JSON"))?;
         let access_token = raw.access_token.map(Secret::new);
-        if let Some(kind) = &raw.token_type {
-            if !kind.eq_ignore_ascii_case("bearer") {
-                return Err(bad("token_type is not Bearer"));
-            }
+        if let Some(kind) = &raw.token_type
+            && !kind.eq_ignore_ascii_case("bearer")
+        {
+            return Err(bad("token_type is not Bearer"));
         }
         let access_token = access_token.ok_or_else(|| bad("it has no access_token"))?;
         // SECURITY: the token goes into an SMTP command line: printable ASCII only.

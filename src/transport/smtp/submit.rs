@@ -51,10 +51,10 @@ impl Transport for Submission {
     }
 
     fn send(&mut self, txn: &Transaction, now: SystemTime) -> TxnResult {
-        if self.session.is_none() {
-            if let Err(v) = self.open(now) {
-                return TxnResult::ended(String::new(), TxnEnd::All(v));
-            }
+        if self.session.is_none()
+            && let Err(v) = self.open(now)
+        {
+            return TxnResult::ended(String::new(), TxnEnd::All(v));
         }
         let Some(mut session) = self.session.take() else {
             return TxnResult::ended(String::new(), TxnEnd::Stale);
@@ -79,11 +79,11 @@ impl Transport for Submission {
 /// carry another transaction. A reused connection found dead ends it as `Stale`.
 fn converse(session: &mut Session, txn: &Transaction) -> (TxnResult, bool) {
     let relay = session.relay.clone();
-    if let Some(limit) = session.offer.size {
-        if txn.message.len() as u64 > limit {
-            let v = classify::too_big(txn.message.len(), limit);
-            return (TxnResult::ended(relay, TxnEnd::All(v)), true);
-        }
+    if let Some(limit) = session.offer.size
+        && txn.message.len() as u64 > limit
+    {
+        let v = classify::too_big(txn.message.len(), limit);
+        return (TxnResult::ended(relay, TxnEnd::All(v)), true);
     }
     let params = mail_params(txn, &session.offer);
     // Each recipient's RCPT parameters, built once for either path.

@@ -64,6 +64,7 @@ fuzz_target!(|data: &[u8]| {
     let settings = IntakeSettings {
         domain: "example.com",
         max_message_size: max,
+        received: None,
     };
     let caller = Caller {
         uid: 1000,

@@ -857,7 +857,9 @@ mod tests {
     fn the_reserver_that_waited_first_gets_the_room_first() {
         let Some(r) = redis() else { return };
         let (mut a, mut b) = (remote(&r, "h:1:0"), remote(&r, "h:1:1"));
-        let l = limits("1/1s", "off");
+        // A window of seconds, not one: the calls below must land inside it even when
+        // the test machine is busy (with 1/1s a loaded CI run saw the room free already).
+        let l = limits("1/5s", "off");
         let args = Args {
             wanted: 1,
             ..Args::default()

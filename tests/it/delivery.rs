@@ -1131,9 +1131,6 @@ fn delivery_starts_while_a_backlog_is_still_being_picked_up() {
     // The pickup takes a backlog in chunks and hands each to the workers at once; the
     // workers must not wait for the rest (nor for the log lock the pickup uses). The
     // capture transport keeps the first delivery quick, so the order is telling.
-    use relay365::message::address::{Address, Sender};
-    use relay365::spool::QueueId;
-    use relay365::spool::envelope::Envelope;
     let dir = tempfile::tempdir().expect("tempdir");
     let s = Spool::new(&format!(
         "[[account]]\nname = \"staging\"\nmailbox = \"app@contoso.com\"\nauth = \"none\"\n\
@@ -1141,27 +1138,7 @@ fn delivery_starts_while_a_backlog_is_still_being_picked_up() {
         dir.path().join("Maildir").display()
     ));
     let n = 700; // three chunks
-    for i in 0..n {
-        let now = std::time::SystemTime::now();
-        let id = QueueId::generate(now);
-        let msg = format!("Subject: backlog {i}\r\n\r\nx\r\n").into_bytes();
-        let address = |s: &str| Address::parse(s).expect("valid address");
-        let env = Envelope {
-            id: id.clone(),
-            sender: Sender::Address(address("shop@contoso.com")),
-            recipients: vec![address(&format!("r{i}@example.org"))],
-            uid: 0,
-            arrival_us: relay365::spool::queue::micros(now),
-            size: msg.len() as u64,
-            dsn: Default::default(),
-            queue_only: false,
-            client: None,
-            sasl_username: None,
-            account: None,
-        };
-        std::fs::write(s.new_dir().join(id.as_str()), env.to_file_bytes(&msg))
-            .expect("write an incoming file");
-    }
+    plant_incoming(&s, n);
     let out = s.relay365(&["flush", "-v"]);
     assert_ok(&out);
     let log = stderr(&out);

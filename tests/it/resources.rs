@@ -358,34 +358,6 @@ fn a_message_refused_at_pickup_for_every_recipient_is_bounced_not_kept_forever()
     assert_eq!(s.count_files("queue"), 0, "{}", stderr(&out));
 }
 
-/// Plants `n` valid incoming files, as `sendmail` would have left them.
-fn plant_incoming(s: &Spool, n: usize) {
-    use relay365::message::address::{Address, Sender};
-    use relay365::spool::QueueId;
-    use relay365::spool::envelope::Envelope;
-    let address = |a: &str| Address::parse(a).expect("valid address");
-    for i in 0..n {
-        let now = std::time::SystemTime::now();
-        let id = QueueId::generate(now);
-        let msg = format!("Subject: backlog {i}\r\n\r\nx\r\n").into_bytes();
-        let env = Envelope {
-            id: id.clone(),
-            sender: Sender::Address(address("shop@contoso.com")),
-            recipients: vec![address(&format!("r{i}@example.org"))],
-            uid: 0,
-            arrival_us: relay365::spool::queue::micros(now),
-            size: msg.len() as u64,
-            dsn: Default::default(),
-            queue_only: false,
-            client: None,
-            sasl_username: None,
-            account: None,
-        };
-        std::fs::write(s.new_dir().join(id.as_str()), env.to_file_bytes(&msg))
-            .expect("write an incoming file");
-    }
-}
-
 #[test]
 fn a_full_spool_with_a_long_backlog_stops_the_pickup_and_the_daemon_still_answers() {
     // Regression: with more than one chunk (256) waiting and the queue unwritable, the
